@@ -1,0 +1,139 @@
+"""A generic, typed plugin registry: decorator registration plus entry points.
+
+One :class:`Registry` exists per plugin kind (methods, quantizers, datasets).
+Built-in plugins register with a decorator when their module is imported;
+plugins from other installed packages are found through an entry-point group
+and imported lazily, the first time a registry is queried.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import fnmatch
+import importlib
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Callable, Generic, Iterable, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """Raised for a name no registry entry has; the message suggests close matches."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want plain text
+        return str(self.args[0])
+
+
+@dataclass
+class Registry(Generic[T]):
+    """Maps names to plugin factories of one kind.
+
+    Args:
+        kind: what the plugins are, used in messages ("method", "quantizer").
+        entry_point_group: optional entry-point group scanned for outside plugins.
+        builtin_modules: modules imported before the first lookup, so that their
+            decorators have run (keeps ``--help`` fast: nothing heavy at import).
+    """
+
+    kind: str
+    entry_point_group: str | None = None
+    builtin_modules: tuple[str, ...] = ()
+    _entries: dict[str, T] = field(default_factory=dict)
+    _descriptions: dict[str, str] = field(default_factory=dict)
+    _patterns: dict[str, tuple[str, Callable]] = field(default_factory=dict)
+    _loaded: bool = False
+    load_errors: dict[str, str] = field(default_factory=dict)
+
+    def register(self, name: str, description: str = "") -> Callable[[T], T]:
+        """Decorator that registers ``obj`` under ``name``; a duplicate is an error."""
+
+        def decorator(obj: T) -> T:
+            if name in self._entries and self._entries[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = obj
+            doc = description or (getattr(obj, "__doc__", None) or "").strip()
+            self._descriptions[name] = doc.splitlines()[0] if doc else ""
+            return obj
+
+        return decorator
+
+    def register_pattern(
+        self, display: str, regex: str, description: str = ""
+    ) -> Callable[[Callable], Callable]:
+        """Register a family of names, e.g. ``fake-wNaM`` for ``fake-w4a8``.
+
+        ``get`` on a matching name returns the factory with the regex's named
+        groups bound as keyword arguments (as strings).
+        """
+
+        def decorator(factory: Callable) -> Callable:
+            if display in self._patterns or display in self._entries:
+                raise ValueError(f"{self.kind} {display!r} is registered twice")
+            self._patterns[display] = (regex, factory)
+            doc = description or (factory.__doc__ or "").strip()
+            self._descriptions[display] = doc.splitlines()[0] if doc else ""
+            return factory
+
+        return decorator
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self.builtin_modules:
+            importlib.import_module(module)
+        if self.entry_point_group:
+            for ep in entry_points(group=self.entry_point_group):
+                try:
+                    obj = ep.load()
+                except Exception as exc:  # a broken plugin must not stop the others
+                    self.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if ep.name not in self._entries:
+                    self.register(ep.name)(obj)
+
+    def get(self, name: str) -> T:
+        """Return the entry registered as ``name``.
+
+        Raises:
+            UnknownNameError: with the closest names and the full list.
+        """
+        self._load()
+        if name in self._entries:
+            return self._entries[name]
+        for display, (regex, factory) in self._patterns.items():
+            match = re.fullmatch(regex, name)
+            if match:
+                return functools.partial(factory, **match.groupdict())  # type: ignore[return-value]
+        if name in self.load_errors:
+            raise UnknownNameError(
+                f"{self.kind} {name!r} failed to load: {self.load_errors[name]}"
+            )
+        raise UnknownNameError(self._unknown_message(name))
+
+    def _unknown_message(self, name: str) -> str:
+        known = self.names()
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(known)}"
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Registered names matching a shell-style ``pattern``, sorted."""
+        self._load()
+        names = list(self._entries) + list(self._patterns)
+        return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+    def describe(self) -> list[tuple[str, str]]:
+        """``(name, one-line description)`` for every entry, sorted by name."""
+        return [(n, self._descriptions.get(n, "")) for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._entries
+
+    def __iter__(self) -> Iterable[str]:
+        return iter(self.names())
+

@@ -1,0 +1,303 @@
+"""Backbones: open_clip models whose vision tower can be run block by block.
+
+``create_backbone("ViT-B-32", pretrained="openai")`` loads any open_clip model
+by name; ``pretrained`` is an open_clip tag, ``"none"`` (seeded random init)
+or a local checkpoint path (safetensors, or ``torch.load(weights_only=True)``).
+The model name ``embedded`` is the small Fashion-MNIST CLIP shipped in
+``harness/embedded``.
+
+A :class:`Backbone` splits the vision tower into the three pieces an
+early-exit driver needs: :meth:`Backbone.embed` (patchify, CLS, positions,
+``ln_pre``), :attr:`Backbone.blocks`, and :meth:`Backbone.head` (``ln_post``,
+CLS pooling, projection).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from harness import embedded
+
+EMBEDDED = "embedded"
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model (one-line message)."""
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A CLIP model with its vision tower exposed block by block.
+
+    Attributes:
+        name: the model name as requested (``embedded``, ``ViT-B-32``, ...).
+        pretrained: tag, checkpoint path, or ``none``.
+        weights_sha256: hash of the loaded weights (state-dict bytes), for cache keys.
+        clip: the open_clip model (text tower, logit scale).
+        visual: the vision tower; a quantizer replaces it with a quantized copy.
+        tokenizer: open_clip tokenizer for the text tower.
+        preprocess: open_clip's eval image transform (PIL -> tensor).
+        quantizer: name of the quantizer applied to ``visual`` (``fp32`` if none).
+    """
+
+    name: str
+    pretrained: str
+    weights_sha256: str
+    clip: nn.Module
+    visual: nn.Module
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    preprocess: Callable
+    quantizer: str = "fp32"
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.output_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.class_embedding.device
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> tokens [B, 1 + N, width] entering block 1."""
+        return self.visual._embeds(images)
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block -> image embedding [B, embed_dim] (not normalised)."""
+        pooled, _ = self.visual._pool(tokens)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return pooled
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """The full-depth forward, assembled from the three pieces."""
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def with_visual(self, visual: nn.Module, quantizer: str) -> "Backbone":
+        """A copy that shares the text tower but runs ``visual``."""
+        return dataclasses.replace(self, visual=visual, quantizer=quantizer)
+
+    @torch.no_grad()
+    def zero_shot_classifier(
+        self,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        text_precision: str = "fp32",
+        cache_dir: Path | None = None,
+    ) -> torch.Tensor:
+        """Class embeddings [C, embed_dim] from the template ensemble, cached on disk.
+
+        Args:
+            text_precision: ``fp32`` or ``fp16`` for the text tower.
+            cache_dir: where to keep the result; ``None`` disables the cache.
+        """
+        from harness.zeroshot import class_text_embeddings
+
+        if text_precision not in ("fp32", "fp16"):
+            raise ValueError(f"text precision must be fp32 or fp16, not {text_precision!r}")
+        key = hashlib.sha256(
+            repr((self.weights_sha256, list(classnames), list(templates), text_precision)).encode()
+        ).hexdigest()[:24]
+        path = cache_dir / "classifiers" / f"{key}.pt" if cache_dir else None
+        if path is not None and path.is_file():
+            try:
+                return torch.load(path, weights_only=True).to(self.device)
+            except Exception:  # a damaged cache file is rebuilt below
+                path.unlink(missing_ok=True)
+        text_model = self.clip
+        if text_precision == "fp16":
+            text_model = copy.deepcopy(self.clip).half()
+        weights = class_text_embeddings(text_model, self.tokenizer, classnames, templates).float()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(weights.cpu(), tmp)
+            tmp.replace(path)
+        return weights
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.clip.logit_scale.detach().exp())
+
+
+def list_backbones() -> list[str]:
+    """The embedded default plus every open_clip model config with a ViT vision tower."""
+    import open_clip
+
+    return [EMBEDDED] + sorted(
+        name for name, cfg in open_clip.factory._MODEL_CONFIGS.items()
+        if "timm_model_name" not in cfg.get("vision_cfg", {})
+        and isinstance(cfg.get("vision_cfg", {}).get("layers"), int)
+    )
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Hash of every tensor in a state dict, in key order (names, shapes, dtypes, bytes)."""
+    digest = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    from open_clip.factory import load_state_dict
+
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    return state
+
+
+def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+    return "; ".join(parts)
+
+
+def load_local_checkpoint(model: nn.Module, path: Path, model_name: str) -> None:
+    """Load a local checkpoint into ``model`` strictly.
+
+    Raises:
+        CheckpointError: one line naming the file and what does not match.
+    """
+    from open_clip.factory import convert_state_dict
+
+    state = convert_state_dict(model, _read_checkpoint(path))
+    problem = _mismatch(model, state)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} does not match model {model_name}: {problem}")
+    model.load_state_dict(state, strict=True)
+
+
+def _resolve(name: str, pretrained: str | None) -> tuple[str, str]:
+    """Map (model, pretrained) to (open_clip model name, pretrained spec)."""
+    if name == EMBEDDED:
+        return f"local-dir:{embedded.EMBEDDED_DIR}", pretrained or str(embedded.WEIGHTS_PATH)
+    return name, pretrained or "none"
+
+
+def create_backbone(
+    name: str = EMBEDDED,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Backbone:
+    """Build a :class:`Backbone`.
+
+    Args:
+        name: ``embedded`` or an open_clip model name (see :func:`list_backbones`).
+        pretrained: open_clip tag, local checkpoint path, or ``none`` for a
+            seeded random init. Defaults to the shipped weights for
+            ``embedded`` and to ``none`` otherwise.
+        device: torch device for the model.
+        seed: seed for a random init.
+
+    Raises:
+        ValueError: unknown model name or tag (lists the known ones).
+        CheckpointError: unreadable or mismatched checkpoint.
+        FileNotFoundError: a checkpoint path that does not exist.
+    """
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip logs via root
+    model_name, spec = _resolve(name, pretrained)
+    if name != EMBEDDED and name not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(name, list_backbones(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"Unknown backbone {name!r}.{hint} See 'python -m harness list'.")
+
+    torch.manual_seed(seed)
+    looks_like_path = Path(spec).suffix in _CHECKPOINT_SUFFIXES or "/" in spec or Path(spec).exists()
+    if spec == "none" or looks_like_path:
+        model = open_clip.create_model(model_name, load_weights=False)
+        if spec != "none":
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint {path} not found (--pretrained takes a tag, 'none' or a file)")
+            load_local_checkpoint(model, path, name)
+    else:
+        tags = [t for m, t in open_clip.list_pretrained() if m == model_name]
+        if spec not in tags:
+            raise ValueError(
+                f"Unknown pretrained tag {spec!r} for {name}. Known tags: {', '.join(tags) or 'none'}; "
+                f"or pass a local checkpoint path or 'none'."
+            )
+        try:
+            model = open_clip.create_model(model_name, pretrained=spec)
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not fetch open_clip weights {name}/{spec} ({str(exc).splitlines()[0][:160]}); "
+                f"without network access, download them elsewhere and pass the file with --pretrained PATH"
+            ) from None
+    visual = model.visual
+    if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
+        raise ValueError(f"backbone {name}: only ViT vision towers with token pooling are supported")
+    model = model.to(device).eval().requires_grad_(False)  # frozen: methods train their own heads
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    return Backbone(
+        name=name,
+        pretrained=spec if spec == "none" or not looks_like_path else str(Path(spec).resolve()),
+        weights_sha256=state_dict_sha256(model),
+        clip=model,
+        visual=model.visual,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        preprocess=preprocess,
+    )
+
+
+def backbone_config(backbone: Backbone) -> dict[str, Any]:
+    """What identifies a backbone in results and cache keys."""
+    return {
+        "model": backbone.name,
+        "pretrained": backbone.pretrained,
+        "weights_sha256": backbone.weights_sha256,
+        "blocks": backbone.num_blocks,
+        "width": backbone.width,
+        "quantizer": backbone.quantizer,
+    }

@@ -1,0 +1,152 @@
+"""``python -m harness``: one entry point, one small function per subcommand.
+
+Heavy imports (torch, open_clip) happen inside the commands, so ``--help``
+and ``list`` stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+
+EPILOG = """examples:
+  python -m harness list
+  python -m harness profile --quant int8-dynamic
+  python -m harness zeroshot --quant fp32,int8-dynamic,fake-w4a4
+  python -m harness profile --model ViT-B-32 --pretrained /path/to/weights.safetensors \\
+         --data imagenet --data-root /data/imagenet/val --quant int8-dynamic --limit 2000
+"""
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per HarnessConfig field, help text taken from the field."""
+    from harness.context import HarnessConfig
+
+    group = parser.add_argument_group("backbone, data and quantizer")
+    hints = typing.get_type_hints(HarnessConfig)
+    for f in dataclasses.fields(HarnessConfig):
+        if f.name in skip:
+            continue
+        kind = int if hints[f.name] in (int, typing.Optional[int]) else str
+        group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
+                           help=f.metadata["help"])
+
+
+def _config(args: argparse.Namespace, **overrides):
+    from harness.context import HarnessConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(HarnessConfig) if hasattr(args, f.name)}
+    return HarnessConfig(**{**values, **overrides})
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from harness.backbones import list_backbones
+    from harness.datasets import list_datasets
+    from harness.quantizers import QUANTIZERS
+
+    print(tabulate(QUANTIZERS.describe(), headers=["quantizer", "description"]))
+    print()
+    print(tabulate(list_datasets(), headers=["dataset", "description"]))
+    print()
+    names = list_backbones()
+    print(f"backbones ({len(names)}): " + ", ".join(names))
+    for kind, errors in (("quantizer", QUANTIZERS.load_errors),):
+        for name, error in errors.items():
+            print(f"warning: {kind} plugin {name!r} failed to load: {error}", file=sys.stderr)
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from harness import profile
+    from harness.context import Context
+
+    ctx = Context(_config(args))
+    result = profile.noise_profile(ctx, split=args.split)
+    print(profile.format_table(result))
+    c = ctx.config
+    out = Path(args.out or f"results/profile/{c.model}-{c.data}-{c.quant}")
+    paths = profile.save(result, out)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from harness.context import Context
+    from harness.evaluate import zero_shot_top1
+
+    ctx = Context(_config(args, quant=None))
+    rows = [(q, zero_shot_top1(ctx, q, args.split)) for q in args.quant.split(",")]
+    print(tabulate(rows, headers=["quantizer", f"top-1 % ({args.split})"], floatfmt=".2f"))
+    return 0
+
+
+def _cmd_train_embedded(args: argparse.Namespace) -> int:
+    from harness.train_embedded import TrainConfig, record_accuracies, train
+
+    if not args.evaluate_only:
+        card = train(TrainConfig(epochs=args.epochs, seed=args.seed, max_steps=args.max_steps), Path(args.data_root))
+        print(f"wrote weights and card ({card['wall_time_s']} s)")
+    for quant, top1 in record_accuracies().items():
+        print(f"zero-shot test top-1 {quant}: {top1:.2f}%")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness",
+        description="Benchmark early-exit methods on quantized CLIP vision encoders.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list quantizers, datasets and backbones")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("profile", help="QIRC noise profile: fp32 vs quantized, block by block",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_arguments(p)
+    p.add_argument("--split", default="gate", choices=("heads", "gate", "test"), help="split to profile")
+    p.add_argument("--out", default=None, help="output folder (default: results/profile/MODEL-DATA-QUANT)")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("zeroshot", help="full-depth zero-shot top-1 under one or more quantizers")
+    _add_config_arguments(p, skip=("quant",))
+    p.add_argument("--quant", default="fp32,int8-dynamic", help="comma-separated quantizers")
+    p.add_argument("--split", default="test", choices=("heads", "gate", "test"))
+    p.set_defaults(func=_cmd_zeroshot)
+
+    p = sub.add_parser("train-embedded", help="train the embedded default CLIP on Fashion-MNIST")
+    p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist",
+                   help="folder with the Fashion-MNIST IDX .gz files (Debian: dataset-fashion-mnist)")
+    p.add_argument("--epochs", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke test)")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="only re-measure the card's zero-shot accuracies of the shipped weights")
+    p.set_defaults(func=_cmd_train_embedded)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+        # User errors (unknown names, bad paths, mismatched checkpoints) end in
+        # one line, not a traceback; EXITBENCH_DEBUG=1 shows the traceback.
+        if os.environ.get("EXITBENCH_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""QIRC noise profile: how far a quantized vision tower drifts from fp32, block by block.
+
+For every block L the fp32 and the quantized towers run side by side on the
+same images and we accumulate, over samples:
+- ``nat_update``: ||z_L - z_{L-1}|| in fp32 (the block's natural update),
+- ``quant_error``: ||z_L^q - z_L^fp32|| (error accumulated up to block L),
+- ``ratio`` = mean quant_error / mean nat_update,
+- MSE and cosine between fp32 and quantized CLS token and patch-token mean,
+where z_L is the full token tensor [1 + N, D] after block L and norms are
+Frobenius norms per sample. Zero-shot top-1 of both towers on the same images
+closes the table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.context import Context
+from harness.datasets import ImageBatches
+from harness.trace import layer_features
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    nat_update: float
+    quant_error: float
+    ratio: float
+    cls_mse: float
+    cls_cosine: float
+    patch_mean_mse: float
+    patch_mean_cosine: float
+
+
+@dataclass
+class Profile:
+    quant: str
+    split: str
+    samples: int
+    batch_size: int
+    layers: list[LayerStats]
+    top1_fp32: float
+    top1_quant: float
+    config: dict = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        return [asdict(layer) for layer in self.layers]
+
+
+@torch.inference_mode()
+def noise_profile(ctx: Context, quant: str | None = None, split: str = "gate") -> Profile:
+    """Run fp32 and ``quant`` side by side on ``split`` and collect per-block statistics."""
+    from tqdm import tqdm
+
+    quant = quant or ctx.config.quant
+    fp32 = ctx.backbone
+    quantized, _ = ctx.quantized(quant)
+    classifier = ctx.classifier
+    n_blocks = fp32.num_blocks
+    sums = {k: np.zeros(n_blocks) for k in ("nat", "err", "cls_se", "cls_cos", "pm_se", "pm_cos")}
+    correct = np.zeros(2)
+    samples = 0
+    batches = ImageBatches(ctx.dataset, ctx.splits[split], fp32.preprocess, ctx.config.batch_size,
+                           on_bad_image=ctx.config.on_bad_image)
+    for images, labels, _ in tqdm(batches, desc=f"profile {quant}", unit="batch", disable=not ctx.progress):
+        images = images.to(fp32.device)
+        z, zq = fp32.embed(images), quantized.embed(images)
+        for i in range(n_blocks):
+            z_next, zq = fp32.blocks[i](z), quantized.blocks[i](zq)
+            sums["nat"][i] += (z_next - z).flatten(1).norm(dim=1).sum().item()
+            sums["err"][i] += (zq - z_next).flatten(1).norm(dim=1).sum().item()
+            z = z_next
+            for (ref, q), se, cos in zip(
+                zip(layer_features(z)[:2], layer_features(zq)[:2]), ("cls_se", "pm_se"), ("cls_cos", "pm_cos")
+            ):
+                sums[se][i] += (q - ref).square().mean(dim=1).sum().item()
+                sums[cos][i] += F.cosine_similarity(q, ref, dim=1).sum().item()
+        for j, tokens in enumerate((z, zq)):
+            emb = F.normalize(fp32.head(tokens) if j == 0 else quantized.head(tokens), dim=-1)
+            correct[j] += (emb @ classifier.T).argmax(dim=1).eq(labels.to(emb.device)).sum().item()
+        samples += len(images)
+    if samples == 0:
+        raise ValueError(f"split {split!r} has no images to profile")
+    mean = {k: v / samples for k, v in sums.items()}
+    layers = [
+        LayerStats(
+            layer=i + 1, nat_update=mean["nat"][i], quant_error=mean["err"][i],
+            ratio=mean["err"][i] / max(mean["nat"][i], 1e-12),
+            cls_mse=mean["cls_se"][i], cls_cosine=mean["cls_cos"][i],
+            patch_mean_mse=mean["pm_se"][i], patch_mean_cosine=mean["pm_cos"][i],
+        )
+        for i in range(n_blocks)
+    ]
+    return Profile(
+        quant=quant, split=split, samples=samples, batch_size=ctx.config.batch_size, layers=layers,
+        top1_fp32=100 * correct[0] / samples, top1_quant=100 * correct[1] / samples,
+        config=ctx.describe(),
+    )
+
+
+def format_table(profile: Profile) -> str:
+    from tabulate import tabulate
+
+    headers = ["block", "||z_L - z_L-1|| fp32", "||z_L^q - z_L||", "ratio",
+               "CLS MSE", "CLS cos", "patch-mean MSE", "patch-mean cos"]
+    rows = [[s.layer, s.nat_update, s.quant_error, s.ratio, s.cls_mse, s.cls_cosine,
+             s.patch_mean_mse, s.patch_mean_cosine] for s in profile.layers]
+    table = tabulate(rows, headers=headers, floatfmt=(".0f", ".4g", ".4g", ".4f", ".4g", ".6f", ".4g", ".6f"))
+    return (f"{table}\n\nzero-shot top-1 on {profile.samples} '{profile.split}' images: "
+            f"fp32 {profile.top1_fp32:.2f}%, {profile.quant} {profile.top1_quant:.2f}% "
+            f"(delta {profile.top1_quant - profile.top1_fp32:+.2f} points)")
+
+
+def plot(profile: Profile, out_dir: Path) -> list[Path]:
+    """Write the noise-profile figure as PNG and SVG; return the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [s.layer for s in profile.layers]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(layers, [s.nat_update for s in profile.layers], "o-", label="natural update (fp32)")
+    ax1.plot(layers, [s.quant_error for s in profile.layers], "s-", label=f"quantization error ({profile.quant})")
+    ax1.set_xlabel("block")
+    ax1.set_ylabel("mean Frobenius norm")
+    ratio_ax = ax1.twinx()
+    ratio_ax.plot(layers, [s.ratio for s in profile.layers], "^--", color="tab:red", label="ratio")
+    ratio_ax.set_ylabel("error / update", color="tab:red")
+    ax1.legend(loc="upper left", fontsize=8)
+    ax2.plot(layers, [s.cls_cosine for s in profile.layers], "o-", label="CLS")
+    ax2.plot(layers, [s.patch_mean_cosine for s in profile.layers], "s-", label="patch mean")
+    ax2.set_xlabel("block")
+    ax2.set_ylabel(f"cosine(fp32, {profile.quant})")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{profile.config.get('backbone', {}).get('model', '')}: noise profile, "
+                 f"{profile.samples} '{profile.split}' images")
+    fig.tight_layout()
+    paths = [out_dir / "noise_profile.png", out_dir / "noise_profile.svg"]
+    for path in paths:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def save(profile: Profile, out_dir: Path) -> list[Path]:
+    """Write profile.json, profile.md and the figure into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "profile.json").write_text(json.dumps(asdict(profile), indent=2) + "\n")
+    (out_dir / "profile.md").write_text(format_table(profile) + "\n")
+    return [out_dir / "profile.json", out_dir / "profile.md", *plot(profile, out_dir)]

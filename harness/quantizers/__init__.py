@@ -1,0 +1,87 @@
+"""Quantizers: a registry of schemes applied to a backbone's vision tower.
+
+Each quantizer returns a quantized *copy* of the vision tower (the fp32 tower
+stays usable, e.g. for the noise profile), names the Linear layers it
+changes, and declares whether it is batch-invariant: whether a sample's output
+is independent of the other samples in its batch (per-tensor dynamic
+activation scales are not; per-token scales are).
+
+Built-ins: ``fp32``, ``int8-dynamic`` (PyTorch's deprecated
+``torch.ao.quantization.quantize_dynamic``, as in the reference paper; its
+deprecation warning is silenced in our output), ``int8-torchao`` (torchao int8
+weights + per-token dynamic int8 activations) and ``fake-wNaM[-tensor]``
+(fake quantization of every Linear, attention projections included, for a
+precision sweep). More can come from other packages through the entry-point
+group ``harness.quantizers``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from torch import nn
+
+from harness._registry import Registry
+
+
+class QuantizerUnavailable(RuntimeError):
+    """This quantizer cannot run here; the message says why."""
+
+
+class Quantizer(abc.ABC):
+    """A quantization scheme for a ViT vision tower."""
+
+    name: str
+    batch_invariant: bool
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+    def config(self) -> dict[str, Any]:
+        """Scheme and parameters, recorded in every result and cache key."""
+        return {"name": self.name, "batch_invariant": self.batch_invariant}
+
+    @abc.abstractmethod
+    def targets(self, visual: nn.Module) -> list[str]:
+        """Qualified names of the Linear layers (or attention modules) this scheme changes."""
+
+    @abc.abstractmethod
+    def quantize(self, visual: nn.Module) -> nn.Module:
+        """Return a quantized copy of ``visual``; ``visual`` itself is not modified."""
+
+    def check_device(self, device: str) -> None:
+        kind = str(device).split(":")[0]
+        if kind not in self.devices:
+            raise QuantizerUnavailable(
+                f"quantizer {self.name!r} runs on {', '.join(self.devices)}, not {kind}"
+            )
+
+
+QUANTIZERS: Registry = Registry(
+    "quantizer",
+    entry_point_group="harness.quantizers",
+    builtin_modules=("harness.quantizers._builtin", "harness.quantizers._fake"),
+)
+register_quantizer = QUANTIZERS.register
+register_quantizer_family = QUANTIZERS.register_pattern
+
+
+def create_quantizer(name: str) -> Quantizer:
+    """Instantiate a registered quantizer by name (``fp32``, ``int8-dynamic``, ``fake-w4a8`` ...)."""
+    quantizer = QUANTIZERS.get(name)()
+    quantizer.name = name
+    return quantizer
+
+
+def list_quantizers() -> list[tuple[str, str]]:
+    """(name, one-line description) for every registered quantizer."""
+    return QUANTIZERS.describe()
+
+
+def mlp_linear_names(visual: nn.Module) -> list[str]:
+    """Names of plain ``nn.Linear`` modules (the MLPs in open_clip's ViT blocks).
+
+    Attention's ``out_proj`` is a ``NonDynamicallyQuantizableLinear`` and its
+    ``in_proj`` a bare parameter, so both fall outside this list, which is
+    exactly what ``quantize_dynamic`` and torchao's default filter convert.
+    """
+    return [name for name, mod in visual.named_modules() if type(mod) is nn.Linear]

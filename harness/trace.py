@@ -1,0 +1,250 @@
+"""Trace driver and on-disk cache: one backbone pass, per-layer features for every sample.
+
+For each sample and each layer L = 0 (after the token embedding) .. num_blocks
+the trace keeps the CLS token, the patch-token mean and the spatial-activation
+variance SAV = mean_i ||z_i - mean(z)||^2 over patch tokens, plus the final
+image embedding and zero-shot logits. Policies are fitted and swept on
+traces with no further backbone forward.
+
+Cache layout: ``<cache_dir>/traces/<key>/`` holds one ``.npy`` file per array
+and ``meta.json`` (key fields, shapes, a blake2b digest per file, skipped
+images). Arrays are filled batch by batch through memory maps, so memory
+stays bounded, in a temporary directory that is renamed into place only when
+complete (atomic). A missing, truncated or corrupt entry is rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import harness
+from harness.backbones import Backbone
+from harness.datasets import Dataset, ImageBatches, Split
+from harness.quantizers import Quantizer
+
+TRACE_FORMAT = 1
+# CLS and patch-mean are stored in fp16 (both drivers read features through
+# `as_stored`, so replay and real early exit see the same numbers).
+FEATURE_DTYPE = np.float16
+_ARRAYS = ("cls", "patch_mean", "sav", "embedding", "logits", "labels", "indices")
+
+
+def default_cache_dir() -> Path:
+    """``$EXITBENCH_CACHE`` if set, else the user cache dir (e.g. ``~/.cache/exitbench``)."""
+    if os.environ.get("EXITBENCH_CACHE"):
+        return Path(os.environ["EXITBENCH_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("exitbench"))
+
+
+def as_stored(features: torch.Tensor) -> torch.Tensor:
+    """Round features as the trace stores them (fp16), returned as fp32."""
+    return features.to(torch.float16).to(torch.float32)
+
+
+def layer_features(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CLS [B, D], patch mean [B, D], SAV [B]) of tokens [B, 1 + N, D]."""
+    patches = tokens[:, 1:]
+    mean = patches.mean(dim=1)
+    sav = (patches - mean[:, None]).square().sum(dim=-1).mean(dim=1)
+    return tokens[:, 0], mean, sav
+
+
+@dataclasses.dataclass
+class Trace:
+    """Per-layer features of one split, memory-mapped from the cache.
+
+    Arrays (N = samples traced, bad images excluded; L = num_blocks + 1 layers):
+    ``cls`` and ``patch_mean`` [N, L, D] fp16, ``sav`` [N, L] fp32,
+    ``embedding`` [N, E] fp32, ``logits`` [N, C] fp32, ``labels`` and
+    ``indices`` (into the dataset part) [N] int64.
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    cls: np.ndarray
+    patch_mean: np.ndarray
+    sav: np.ndarray
+    embedding: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def bad_images(self) -> list[dict]:
+        return self.meta["bad_images"]
+
+
+def trace_key(
+    backbone: Backbone, quantizer: Quantizer, dataset: Dataset, split: Split,
+    classifier: torch.Tensor, batch_size: int,
+) -> dict[str, Any]:
+    """Everything that changes the traced numbers (the cache key's fields)."""
+    return {
+        "format": TRACE_FORMAT,
+        "harness": harness.__version__,
+        "torch": torch.__version__,
+        "device": backbone.device.type,
+        "model": backbone.name,
+        "weights_sha256": backbone.weights_sha256,
+        "quantizer": quantizer.config(),
+        "dataset": dataset.name,
+        "part": split.part,
+        "dataset_fingerprint": dataset.fingerprint(split.part),
+        "indices_sha256": hashlib.sha256(np.ascontiguousarray(split.indices, dtype=np.int64).tobytes()).hexdigest(),
+        "preprocess": repr(backbone.preprocess),
+        "classifier_sha256": hashlib.sha256(classifier.detach().cpu().float().numpy().tobytes()).hexdigest(),
+        # A batch-dependent quantizer gives other numbers at another batch size.
+        "batch_size": None if quantizer.batch_invariant else batch_size,
+    }
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_trace(path: Path, verify: bool = True) -> Trace | None:
+    """Open a cache entry; ``None`` if it is missing, incomplete, truncated or corrupt."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        arrays = {}
+        for name in _ARRAYS:
+            file = path / f"{name}.npy"
+            info = meta["files"][name]
+            if file.stat().st_size != info["bytes"] or (verify and _digest(file) != info["blake2b"]):
+                return None
+            arrays[name] = np.load(file, mmap_mode="r")
+    except (OSError, ValueError, KeyError):
+        return None
+    return Trace(path=path, meta=meta, **arrays)
+
+
+@torch.inference_mode()
+def _run_backbone(
+    backbone: Backbone, batches: ImageBatches, classifier: torch.Tensor, tmp: Path, n: int, progress: bool
+) -> dict[str, np.ndarray]:
+    from tqdm import tqdm
+
+    layers, width = backbone.num_blocks + 1, backbone.width
+    out = {
+        "cls": np.lib.format.open_memmap(tmp / "cls.npy", "w+", FEATURE_DTYPE, (n, layers, width)),
+        "patch_mean": np.lib.format.open_memmap(tmp / "patch_mean.npy", "w+", FEATURE_DTYPE, (n, layers, width)),
+        "sav": np.lib.format.open_memmap(tmp / "sav.npy", "w+", np.float32, (n, layers)),
+        "embedding": np.lib.format.open_memmap(tmp / "embedding.npy", "w+", np.float32, (n, backbone.embed_dim)),
+        "logits": np.lib.format.open_memmap(tmp / "logits.npy", "w+", np.float32, (n, classifier.shape[0])),
+    }
+    labels, indices = [], []
+    row = 0
+    scale = backbone.logit_scale
+    for images, batch_labels, batch_indices in tqdm(batches, desc="trace", unit="batch", disable=not progress):
+        x = backbone.embed(images.to(backbone.device))
+        stop = row + len(x)
+        for layer in range(layers):
+            if layer:
+                x = backbone.blocks[layer - 1](x)
+            cls, mean, sav = layer_features(x)
+            out["cls"][row:stop, layer] = cls.to(torch.float16).cpu().numpy()
+            out["patch_mean"][row:stop, layer] = mean.to(torch.float16).cpu().numpy()
+            out["sav"][row:stop, layer] = sav.float().cpu().numpy()
+        embedding = backbone.head(x).float()
+        out["embedding"][row:stop] = embedding.cpu().numpy()
+        normed = torch.nn.functional.normalize(embedding, dim=-1)
+        out["logits"][row:stop] = (scale * normed @ classifier.T).cpu().numpy()
+        labels.append(np.asarray(batch_labels, dtype=np.int64))
+        indices.append(np.asarray(batch_indices, dtype=np.int64))
+        row = stop
+    for array in out.values():
+        array.flush()
+    out["labels"] = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    out["indices"] = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    out["rows"] = row  # fewer than n when bad images were skipped
+    return out
+
+
+def _keep_rows(file: Path, rows: int, chunk: int = 4096) -> None:
+    """Rewrite an .npy file with only its first ``rows`` rows, chunk by chunk."""
+    full = np.load(file, mmap_mode="r")
+    kept_file = file.with_suffix(".kept.npy")
+    kept = np.lib.format.open_memmap(kept_file, "w+", full.dtype, (rows,) + full.shape[1:])
+    for start in range(0, rows, chunk):
+        kept[start:start + chunk] = full[start:min(rows, start + chunk)]
+    kept.flush()
+    del full, kept
+    os.replace(kept_file, file)
+
+
+def trace_split(
+    backbone: Backbone,
+    quantizer: Quantizer,
+    dataset: Dataset,
+    split: Split,
+    classifier: torch.Tensor,
+    batch_size: int = 256,
+    cache_dir: Path | None = None,
+    on_bad_image: str = "skip",
+    progress: bool = True,
+) -> Trace:
+    """Trace ``split`` through ``backbone`` (already quantized by ``quantizer``), cached.
+
+    Args:
+        classifier: zero-shot class embeddings [C, E] for the stored logits.
+        cache_dir: cache root (default :func:`default_cache_dir`).
+        on_bad_image: ``skip`` (listed in ``Trace.bad_images``) or ``fail``.
+    """
+    if backbone.quantizer != quantizer.name:
+        raise ValueError(f"backbone runs {backbone.quantizer!r} but quantizer is {quantizer.name!r}")
+    key = trace_key(backbone, quantizer, dataset, split, classifier, batch_size)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    root = (cache_dir or default_cache_dir()) / "traces"
+    path = root / digest
+    cached = load_trace(path)
+    if cached is not None:
+        return cached
+    shutil.rmtree(path, ignore_errors=True)  # incomplete or corrupt: rebuild
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{digest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        batches = ImageBatches(dataset, split, backbone.preprocess, batch_size, on_bad_image=on_bad_image)
+        arrays = _run_backbone(backbone, batches, classifier, tmp, len(split.indices), progress)
+        rows = arrays.pop("rows")
+        for name in ("labels", "indices"):
+            np.save(tmp / f"{name}.npy", arrays[name])
+        if rows < len(split.indices):  # drop the rows reserved for skipped images
+            for name in ("cls", "patch_mean", "sav", "embedding", "logits"):
+                _keep_rows(tmp / f"{name}.npy", rows)
+        meta = {
+            "key": key,
+            "rows": int(rows),
+            "bad_images": batches.bad_images,
+            "files": {
+                name: {"bytes": (tmp / f"{name}.npy").stat().st_size, "blake2b": _digest(tmp / f"{name}.npy")}
+                for name in _ARRAYS
+            },
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trace = load_trace(path, verify=False)
+    assert trace is not None
+    return trace

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.backbones import Backbone
+from harness.context import Context, HarnessConfig
+from harness.datasets import Split, create_dataset
+from harness.quantizers import create_quantizer
+from harness.trace import layer_features, load_trace, trace_split
+
+
+@pytest.fixture
+def ctx(cache_dir):
+    return Context(HarnessConfig(limit=40, batch_size=16, cache_dir=str(cache_dir), quant="fp32"), progress=False)
+
+
+def test_trace_matches_a_direct_forward(ctx, embedded_dataset):
+    trace = ctx.trace("fp32", "gate")
+    split = ctx.splits["gate"]
+    assert len(trace) == 40 and np.array_equal(trace.indices, split.indices)
+    assert trace.cls.shape == (40, 13, 128) and trace.sav.shape == (40, 13) and trace.logits.shape == (40, 10)
+    assert np.array_equal(trace.labels, embedded_dataset.labels("holdout")[split.indices])
+
+    backbone = ctx.backbone
+    images = torch.stack([backbone.preprocess(embedded_dataset.read_image("holdout", int(i))) for i in split.indices[:5]])
+    with torch.no_grad():
+        tokens = backbone.embed(images)
+        for _ in range(6):
+            tokens = backbone.blocks[_](tokens)
+        cls, mean, sav = layer_features(tokens)
+        embedding = backbone.encode_image(images)
+    np.testing.assert_allclose(trace.cls[:5, 6], cls.numpy(), rtol=2e-3, atol=2e-3)  # stored in fp16
+    np.testing.assert_allclose(trace.patch_mean[:5, 6], mean.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(trace.sav[:5, 6], sav.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(trace.embedding[:5], embedding.numpy(), rtol=1e-4, atol=1e-5)
+    logits = backbone.logit_scale * torch.nn.functional.normalize(embedding, dim=-1) @ ctx.classifier.T
+    np.testing.assert_allclose(trace.logits[:5], logits.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_features_against_numpy():
+    tokens = torch.randn(3, 50, 8, dtype=torch.float64)
+    cls, mean, sav = layer_features(tokens)
+    t = tokens.numpy()
+    patches = t[:, 1:]
+    expected_sav = np.mean(np.sum((patches - patches.mean(axis=1, keepdims=True)) ** 2, axis=-1), axis=1)
+    np.testing.assert_allclose(cls.numpy(), t[:, 0])
+    np.testing.assert_allclose(mean.numpy(), patches.mean(axis=1))
+    np.testing.assert_allclose(sav.numpy(), expected_sav)
+
+
+def _forbid_forward(monkeypatch):
+    def fail(self, images):
+        raise AssertionError("backbone forward ran although the trace is cached")
+
+    monkeypatch.setattr(Backbone, "embed", fail)
+
+
+def test_second_run_hits_the_cache(ctx, cache_dir, monkeypatch):
+    first = ctx.trace("fp32", "test")
+    again = Context(ctx.config, progress=False)
+    _forbid_forward(monkeypatch)
+    second = again.trace("fp32", "test")
+    assert second.path == first.path
+    for name in ("cls", "patch_mean", "sav", "embedding", "logits", "labels", "indices"):
+        assert np.array_equal(getattr(first, name), getattr(second, name))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "meta"])
+def test_damaged_entry_is_detected_and_rebuilt(ctx, damage):
+    trace = ctx.trace("fp32", "test")
+    path, original = trace.path, np.array(trace.patch_mean)
+    victim = path / "patch_mean.npy"
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        victim.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    else:
+        (path / "meta.json").write_text("{")
+    assert load_trace(path) is None
+    rebuilt = Context(ctx.config, progress=False).trace("fp32", "test")
+    assert load_trace(path) is not None
+    assert np.array_equal(np.array(rebuilt.patch_mean), original)
+
+
+def test_cache_key_separates_quantizers_and_batch_size_only_when_it_matters(ctx, cache_dir):
+    fp32 = ctx.trace("fp32", "test")
+    dyn = ctx.trace("int8-dynamic", "test")
+    assert fp32.path != dyn.path
+    bigger = Context(HarnessConfig(**{**ctx.config.__dict__, "batch_size": 32}), progress=False)
+    assert bigger.trace("fp32", "test").path == fp32.path  # batch-invariant: same entry
+    assert bigger.trace("int8-dynamic", "test").path != dyn.path  # batch-dependent: its own entry
+
+
+def test_bad_images_are_skipped_and_reported(tmp_path, embedded_backbone, cache_dir):
+    root = tmp_path / "folder"
+    for cls in ("shoe", "bag"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(root / cls / f"{i}.png")
+    (root / "bag" / "broken.png").write_bytes(b"")
+    dataset = create_dataset("imagefolder", str(root))
+    # trace every sample so the broken file is certainly included
+    everything = Split("all", np.arange(dataset.parts()["all"]))
+    quantizer = create_quantizer("fp32")
+    classifier = embedded_backbone.zero_shot_classifier(dataset.classnames, dataset.templates)
+    trace = trace_split(embedded_backbone, quantizer, dataset, everything, classifier,
+                        batch_size=4, cache_dir=cache_dir, progress=False)
+    assert len(trace) == 6 and len(trace.bad_images) == 1
+    assert trace.bad_images[0]["sample"].endswith("broken.png")
+    assert trace.bad_images[0]["index"] not in set(trace.indices.tolist())
