@@ -144,14 +144,20 @@ class Backbone:
 
 
 def list_backbones() -> list[str]:
-    """The embedded default plus every open_clip model config with a ViT vision tower."""
+    """The embedded default plus open_clip configs with a plain ViT vision tower.
+
+    Left out: timm or ResNet towers, attention pooling (CoCa), and text
+    towers from Hugging Face (their tokenizers need a download).
+    """
     import open_clip
 
-    return [EMBEDDED] + sorted(
-        name for name, cfg in open_clip.factory._MODEL_CONFIGS.items()
-        if "timm_model_name" not in cfg.get("vision_cfg", {})
-        and isinstance(cfg.get("vision_cfg", {}).get("layers"), int)
-    )
+    def supported(cfg: dict) -> bool:
+        vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+        return (isinstance(vision.get("layers"), int) and "timm_model_name" not in vision
+                and not vision.get("attentional_pool") and "multimodal_cfg" not in cfg
+                and "hf_model_name" not in text and "hf_tokenizer_name" not in text)
+
+    return [EMBEDDED] + sorted(name for name, cfg in open_clip.factory._MODEL_CONFIGS.items() if supported(cfg))
 
 
 def state_dict_sha256(module: nn.Module) -> str:

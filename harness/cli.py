@@ -88,6 +88,32 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from tabulate import tabulate
+
+    from harness import bench
+    from harness.context import Context
+    from harness.provenance import environment
+
+    ctx = Context(_config(args))
+    if args.suite == "trace":
+        result = bench.trace_overhead(ctx, rounds=args.rounds)
+        print(f"{ctx.config.model} / {result['quant']}, batch {result['batch_size']}: "
+              f"trace overhead {result['trace_overhead_percent']:+.1f}%")
+    else:
+        result = bench.quantizer_throughput(ctx, args.quants.split(","), rounds=args.rounds)
+    rows = [(name, t["seconds_per_batch"] * 1e3, t["images_per_s"]) for name, t in result["timings"].items()]
+    print(tabulate(rows, headers=["contender", "ms / batch (median)", "images / s"], floatfmt=".1f"))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**result, **ctx.describe(), "environment": environment()}, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
 def _cmd_train_embedded(args: argparse.Namespace) -> int:
     from harness.train_embedded import TrainConfig, record_accuracies, train
 
@@ -122,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="fp32,int8-dynamic", help="comma-separated quantizers")
     p.add_argument("--split", default="test", choices=("heads", "gate", "test"))
     p.set_defaults(func=_cmd_zeroshot)
+
+    p = sub.add_parser("bench", help="throughput ratios: trace driver overhead, or quantizers side by side",
+                       epilog="examples:\n  python -m harness bench --suite trace\n"
+                              "  python -m harness bench --suite quant --model ViT-B-32 --batch-size 32",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_arguments(p)
+    p.add_argument("--suite", choices=("trace", "quant"), default="trace",
+                   help="trace: trace driver vs plain encode_image; quant: --quants side by side")
+    p.add_argument("--quants", default="fp32,int8-dynamic,int8-torchao", help="quantizers for --suite quant")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (medians reported)")
+    p.add_argument("--out", default=None, help="also write the result as JSON here")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("train-embedded", help="train the embedded default CLIP on Fashion-MNIST")
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist",

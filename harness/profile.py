@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from harness.context import Context
 from harness.datasets import ImageBatches
+from harness.provenance import environment
 from harness.trace import layer_features
 
 
@@ -48,6 +49,7 @@ class Profile:
     top1_fp32: float
     top1_quant: float
     config: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
         return [asdict(layer) for layer in self.layers]
@@ -100,7 +102,7 @@ def noise_profile(ctx: Context, quant: str | None = None, split: str = "gate") -
     return Profile(
         quant=quant, split=split, samples=samples, batch_size=ctx.config.batch_size, layers=layers,
         top1_fp32=100 * correct[0] / samples, top1_quant=100 * correct[1] / samples,
-        config=ctx.describe(),
+        config=ctx.describe(), environment=environment(),
     )
 
 

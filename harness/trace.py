@@ -55,9 +55,9 @@ def as_stored(features: torch.Tensor) -> torch.Tensor:
 def layer_features(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CLS [B, D], patch mean [B, D], SAV [B]) of tokens [B, 1 + N, D]."""
     patches = tokens[:, 1:]
-    mean = patches.mean(dim=1)
-    sav = (patches - mean[:, None]).square().sum(dim=-1).mean(dim=1)
-    return tokens[:, 0], mean, sav
+    # mean_i ||z_i - mean||^2 is the per-dimension population variance summed over dimensions
+    var, mean = torch.var_mean(patches, dim=1, correction=0)
+    return tokens[:, 0], mean, var.sum(dim=-1)
 
 
 @dataclasses.dataclass
@@ -137,9 +137,25 @@ def load_trace(path: Path, verify: bool = True) -> Trace | None:
 
 
 @torch.inference_mode()
+def trace_batch(backbone: Backbone, images: torch.Tensor, classifier: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One traced forward: per-layer features (in their stored dtypes), embedding and logits."""
+    x = backbone.embed(images)
+    per_layer = [layer_features(x)]
+    for block in backbone.blocks:
+        x = block(x)
+        per_layer.append(layer_features(x))
+    cls, mean, sav = (torch.stack(f, dim=1) for f in zip(*per_layer))
+    embedding = backbone.head(x).float()
+    logits = backbone.logit_scale * torch.nn.functional.normalize(embedding, dim=-1) @ classifier.T
+    return {"cls": cls.to(torch.float16), "patch_mean": mean.to(torch.float16), "sav": sav.float(),
+            "embedding": embedding, "logits": logits}
+
+
+@torch.inference_mode()
 def _run_backbone(
-    backbone: Backbone, batches: ImageBatches, classifier: torch.Tensor, tmp: Path, n: int, progress: bool
+    backbone: Backbone, batches: ImageBatches, classifier: torch.Tensor, tmp: Path, n: int, desc: str | None
 ) -> dict[str, np.ndarray]:
+    """Fill the memory-mapped arrays in ``tmp`` batch by batch; ``desc=None`` hides progress."""
     from tqdm import tqdm
 
     layers, width = backbone.num_blocks + 1, backbone.width
@@ -152,21 +168,11 @@ def _run_backbone(
     }
     labels, indices = [], []
     row = 0
-    scale = backbone.logit_scale
-    for images, batch_labels, batch_indices in tqdm(batches, desc="trace", unit="batch", disable=not progress):
-        x = backbone.embed(images.to(backbone.device))
-        stop = row + len(x)
-        for layer in range(layers):
-            if layer:
-                x = backbone.blocks[layer - 1](x)
-            cls, mean, sav = layer_features(x)
-            out["cls"][row:stop, layer] = cls.to(torch.float16).cpu().numpy()
-            out["patch_mean"][row:stop, layer] = mean.to(torch.float16).cpu().numpy()
-            out["sav"][row:stop, layer] = sav.float().cpu().numpy()
-        embedding = backbone.head(x).float()
-        out["embedding"][row:stop] = embedding.cpu().numpy()
-        normed = torch.nn.functional.normalize(embedding, dim=-1)
-        out["logits"][row:stop] = (scale * normed @ classifier.T).cpu().numpy()
+    for images, batch_labels, batch_indices in tqdm(batches, desc=desc, unit="batch", disable=desc is None):
+        features = trace_batch(backbone, images.to(backbone.device), classifier)
+        stop = row + len(images)
+        for name, value in features.items():
+            out[name][row:stop] = value.cpu().numpy()
         labels.append(np.asarray(batch_labels, dtype=np.int64))
         indices.append(np.asarray(batch_indices, dtype=np.int64))
         row = stop
@@ -225,7 +231,8 @@ def trace_split(
     tmp.mkdir()
     try:
         batches = ImageBatches(dataset, split, backbone.preprocess, batch_size, on_bad_image=on_bad_image)
-        arrays = _run_backbone(backbone, batches, classifier, tmp, len(split.indices), progress)
+        desc = f"trace {backbone.name}/{quantizer.name} {dataset.name}:{split.part}" if progress else None
+        arrays = _run_backbone(backbone, batches, classifier, tmp, len(split.indices), desc)
         rows = arrays.pop("rows")
         for name in ("labels", "indices"):
             np.save(tmp / f"{name}.npy", arrays[name])

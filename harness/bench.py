@@ -1,0 +1,77 @@
+"""``python -m harness bench``: throughput ratios measured in one run.
+
+- ``trace``: the trace driver's per-batch work (all blocks + per-layer
+  features + embedding + logits) versus open_clip's plain vision forward, on
+  the same images, backbone and quantizer. The goal is <= 5% overhead.
+- ``quant``: vision-tower throughput of several quantizers on one backbone
+  (default: random-init ViT-B-32 at batch 32, as in SPEC section 8).
+
+Timings use ``torch.utils.benchmark`` (warm-up excluded), alternating the
+contenders over several rounds and reporting medians, because the machines
+are noisy; compare ratios, not absolute numbers, across machines.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import torch
+import torch.utils.benchmark as benchmark
+
+from harness.backbones import Backbone
+from harness.context import Context
+
+
+def _images(ctx: Context, backbone: Backbone, batch_size: int) -> torch.Tensor:
+    """``batch_size`` real test images through the backbone's own preprocessing."""
+    split = ctx.splits["test"]
+    count = min(batch_size, len(split))
+    images = [backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in split.indices[:count]]
+    batch = torch.stack(images)
+    repeats = -(-batch_size // count)
+    return batch.repeat(repeats, 1, 1, 1)[:batch_size].to(backbone.device)
+
+
+def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds: int = 3,
+            min_run_time: float = 1.0) -> dict[str, dict[str, float]]:
+    """Median seconds per call and images/s for each contender, rounds interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    with torch.inference_mode():
+        for fn in contenders.values():  # warm-up, excluded from timing
+            fn()
+        for _ in range(rounds):
+            for name, fn in contenders.items():
+                m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+                times[name].append(m.median)
+    return {
+        name: {"seconds_per_batch": statistics.median(t), "images_per_s": batch_size / statistics.median(t)}
+        for name, t in times.items()
+    }
+
+
+def trace_overhead(ctx: Context, quant: str | None = None, rounds: int = 3) -> dict:
+    """Trace driver vs plain ``visual(images)`` on the same quantized backbone."""
+    from harness.trace import trace_batch
+
+    backbone, _ = ctx.quantized(quant)
+    images = _images(ctx, backbone, ctx.config.batch_size)
+    classifier = ctx.classifier
+    result = compare({
+        "encode_image": lambda: backbone.visual(images),
+        "trace": lambda: trace_batch(backbone, images, classifier),
+    }, len(images), rounds)
+    overhead = result["trace"]["seconds_per_batch"] / result["encode_image"]["seconds_per_batch"] - 1
+    return {"quant": backbone.quantizer, "batch_size": len(images), "timings": result,
+            "trace_overhead_percent": 100 * overhead}
+
+
+def quantizer_throughput(ctx: Context, quants: list[str], rounds: int = 3) -> dict:
+    """Vision-tower images/s per quantizer on the same images."""
+    backbones = {q: ctx.quantized(q)[0] for q in quants}
+    images = _images(ctx, ctx.backbone, ctx.config.batch_size)
+    result = compare({q: (lambda b=b: b.visual(images)) for q, b in backbones.items()}, len(images), rounds)
+    base = result[quants[0]]["images_per_s"]
+    for timing in result.values():
+        timing[f"speedup_vs_{quants[0]}"] = timing["images_per_s"] / base
+    return {"batch_size": len(images), "timings": result}

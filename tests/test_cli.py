@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from harness.cli import main
+
+
+def test_list_shows_every_plugin_kind(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("int8-dynamic", "int8-torchao", "fake-wNaM[-tensor]", "fp32",
+                 "embedded", "fashion-mnist", "imagefolder", "imagenet", "ViT-B-32"):
+        assert name in out
+
+
+def test_unknown_quantizer_is_one_line_error(capsys, cache_dir):
+    code = main(["profile", "--quant", "int8-dynamc", "--limit", "8", "--cache-dir", str(cache_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "Did you mean 'int8-dynamic'" in err
+
+
+def test_missing_data_root_is_one_line_error(capsys, tmp_path):
+    code = main(["profile", "--data", "imagefolder", "--data-root", str(tmp_path / "nowhere"), "--limit", "8"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "nowhere" in err
+
+
+def test_profile_command_prints_12_rows_and_writes_figures(tmp_path, cache_dir):
+    out = tmp_path / "profile"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "profile", "--quant", "int8-dynamic", "--limit", "32",
+         "--batch-size", "16", "--cache-dir", str(cache_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.strip()[:2].strip().isdigit()]
+    assert [int(r.split()[0]) for r in rows] == list(range(1, 13))
+    assert (out / "noise_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "noise_profile.svg").read_text().lstrip().startswith("<?xml")
+    data = json.loads((out / "profile.json").read_text())
+    assert data["samples"] == 32 and len(data["layers"]) == 12
+    assert data["config"]["config"]["quant"] == "int8-dynamic"
+    assert data["environment"]["packages"]["torch"]

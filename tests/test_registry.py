@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+from harness._registry import Registry, UnknownNameError
+
+
+def test_register_get_and_duplicates():
+    reg: Registry = Registry("widget")
+
+    @reg.register("alpha")
+    class Alpha:
+        """First widget.
+
+        More text that is not part of the one-line description."""
+
+    assert reg.get("alpha") is Alpha
+    assert reg.describe() == [("alpha", "First widget.")]
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register("alpha")(type("Other", (), {}))
+
+
+def test_unknown_name_suggests_and_lists():
+    reg: Registry = Registry("widget")
+    for name in ("int8-dynamic", "int8-torchao", "fp32"):
+        reg.register(name)(type(name, (), {}))
+    with pytest.raises(UnknownNameError) as err:
+        reg.get("int8-dinamic")
+    assert str(err.value) == (
+        "Unknown widget 'int8-dinamic'. Did you mean 'int8-dynamic', 'int8-torchao'? "
+        "Available: fp32, int8-dynamic, int8-torchao"
+    )
+
+
+def test_pattern_binds_named_groups():
+    reg: Registry = Registry("widget")
+
+    @reg.register_pattern("w-N", r"w-(?P<n>\d+)")
+    def make(n: str) -> int:
+        """Numbered widgets."""
+        return int(n) * 2
+
+    assert reg.get("w-21")() == 42
+    assert reg.names() == ["w-N"]
+    with pytest.raises(UnknownNameError):
+        reg.get("w-x")
+
+
+class _FakeEntryPoint:
+    def __init__(self, name, obj=None, error=None):
+        self.name, self._obj, self._error = name, obj, error
+
+    def load(self):
+        if self._error:
+            raise self._error
+        return self._obj
+
+
+def test_entry_points_load_and_broken_plugins_are_reported(monkeypatch):
+    class Good:
+        """An outside plugin."""
+
+    eps = [_FakeEntryPoint("good", Good), _FakeEntryPoint("broken", error=ImportError("no module named zzz"))]
+    monkeypatch.setattr("harness._registry.entry_points", lambda group: eps if group == "test.group" else [])
+    reg: Registry = Registry("widget", entry_point_group="test.group")
+    assert reg.get("good") is Good
+    assert reg.load_errors == {"broken": "ImportError: no module named zzz"}
+    with pytest.raises(UnknownNameError, match="'broken' failed to load: ImportError"):
+        reg.get("broken")
+    assert "broken" not in reg.names()
+    assert importlib.metadata  # the real API is what the registry calls by default
