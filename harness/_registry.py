@@ -13,18 +13,28 @@ import functools
 import fnmatch
 import importlib
 import re
+import types
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
+
+from harness.errors import UserError
 
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """Raised for a name no registry entry has; the message suggests close matches."""
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want plain text
         return str(self.args[0])
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    """"Unknown X 'y'. Did you mean ...? Available: ..." (the closest names first)."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"Unknown {kind} {name!r}.{hint} Available: {', '.join(known)}"
 
 
 @dataclass
@@ -92,8 +102,14 @@ class Registry(Generic[T]):
                 except Exception as exc:  # a broken plugin must not stop the others
                     self.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
                     continue
-                if ep.name not in self._entries:
-                    self.register(ep.name)(obj)
+                # An entry point may name a module whose decorators register its
+                # plugins (so names live in one place), or one plugin object.
+                if isinstance(obj, types.ModuleType):
+                    continue
+                if ep.name in self._entries and self._entries[ep.name] is not obj:
+                    self.load_errors[ep.name] = f"name already taken by {self._entries[ep.name]!r}"
+                    continue
+                self.register(ep.name)(obj)
 
     def get(self, name: str) -> T:
         """Return the entry registered as ``name``.
@@ -115,10 +131,7 @@ class Registry(Generic[T]):
         raise UnknownNameError(self._unknown_message(name))
 
     def _unknown_message(self, name: str) -> str:
-        known = self.names()
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        return f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(known)}"
+        return unknown_name_message(self.kind, name, self.names())
 
     def names(self, pattern: str = "*") -> list[str]:
         """Registered names matching a shell-style ``pattern``, sorted."""
@@ -132,8 +145,8 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         self._load()
-        return name in self._entries
+        return name in self._entries or any(re.fullmatch(r, name) for r, _ in self._patterns.values())
 
-    def __iter__(self) -> Iterable[str]:
+    def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 

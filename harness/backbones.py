@@ -18,19 +18,24 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from harness import embedded
+from harness._io import atomic_path
+from harness._registry import UnknownNameError, unknown_name_message
+from harness.errors import ConfigError, UserError
 
-EMBEDDED = "embedded"
+EMBEDDED = embedded.NAME
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not match the model (one-line message)."""
 
 
@@ -117,7 +122,7 @@ class Backbone:
         from harness.zeroshot import class_text_embeddings
 
         if text_precision not in ("fp32", "fp16"):
-            raise ValueError(f"text precision must be fp32 or fp16, not {text_precision!r}")
+            raise ConfigError(f"text precision must be fp32 or fp16, not {text_precision!r}")
         key = hashlib.sha256(
             repr((self.weights_sha256, list(classnames), list(templates), text_precision)).encode()
         ).hexdigest()[:24]
@@ -129,18 +134,29 @@ class Backbone:
                 path.unlink(missing_ok=True)
         text_model = self.clip
         if text_precision == "fp16":
-            text_model = copy.deepcopy(self.clip).half()
+            # copy the text side only: the vision tower is left out of the copy
+            text_model = copy.deepcopy(self.clip, memo={id(self.clip.visual): None}).half()
         weights = class_text_embeddings(text_model, self.tokenizer, classnames, templates).float()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(weights.cpu(), tmp)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                torch.save(weights.cpu(), tmp)
         return weights
 
     @property
     def logit_scale(self) -> float:
         return float(self.clip.logit_scale.detach().exp())
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Hide open_clip's info/warning logs (it logs through the root logger) for a moment."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def list_backbones() -> list[str]:
@@ -242,57 +258,61 @@ def create_backbone(
         seed: seed for a random init.
 
     Raises:
-        ValueError: unknown model name or tag (lists the known ones).
+        UnknownNameError: unknown model name (suggests the closest).
+        ConfigError: unknown tag (lists the known ones), weights that cannot be fetched.
         CheckpointError: unreadable or mismatched checkpoint.
         FileNotFoundError: a checkpoint path that does not exist.
     """
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip logs via root
     model_name, spec = _resolve(name, pretrained)
-    if name != EMBEDDED and name not in open_clip.list_models():
-        import difflib
+    known = list_backbones()
+    if name not in known:
+        raise UnknownNameError(unknown_name_message("backbone", name, known))
+    if spec == "none" and name != EMBEDDED:
+        print(f"note: {name} has random weights (--pretrained none); pass a tag or a checkpoint "
+              "for meaningful accuracies", file=sys.stderr)
 
-        close = difflib.get_close_matches(name, list_backbones(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"Unknown backbone {name!r}.{hint} See 'python -m harness list'.")
-
-    torch.manual_seed(seed)
     looks_like_path = Path(spec).suffix in _CHECKPOINT_SUFFIXES or "/" in spec or Path(spec).exists()
-    if spec == "none" or looks_like_path:
-        model = open_clip.create_model(model_name, load_weights=False)
-        if spec != "none":
-            path = Path(spec).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"checkpoint {path} not found (--pretrained takes a tag, 'none' or a file)")
-            load_local_checkpoint(model, path, name)
-    else:
-        tags = [t for m, t in open_clip.list_pretrained() if m == model_name]
-        if spec not in tags:
-            raise ValueError(
-                f"Unknown pretrained tag {spec!r} for {name}. Known tags: {', '.join(tags) or 'none'}; "
-                f"or pass a local checkpoint path or 'none'."
-            )
-        try:
-            model = open_clip.create_model(model_name, pretrained=spec)
-        except Exception as exc:
-            raise RuntimeError(
-                f"could not fetch open_clip weights {name}/{spec} ({str(exc).splitlines()[0][:160]}); "
-                f"without network access, download them elsewhere and pass the file with --pretrained PATH"
-            ) from None
+    with _quiet_root_logger(), torch.random.fork_rng():  # open_clip logs to the root logger
+        torch.manual_seed(seed)
+        if spec == "none" or looks_like_path:
+            model = open_clip.create_model(model_name, load_weights=False)
+            if spec != "none":
+                path = Path(spec).expanduser().resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"checkpoint {path} not found (--pretrained takes a tag, 'none' or a file)")
+                load_local_checkpoint(model, path, name)
+                spec = str(path)
+        else:
+            tags = [t for m, t in open_clip.list_pretrained() if m == model_name]
+            if spec not in tags:
+                raise ConfigError(
+                    f"Unknown pretrained tag {spec!r} for {name}. Known tags: {', '.join(tags) or 'none'}; "
+                    f"or pass a local checkpoint path or 'none'."
+                )
+            try:
+                model = open_clip.create_model(model_name, pretrained=spec)
+            except Exception as exc:
+                raise ConfigError(
+                    f"could not fetch open_clip weights {name}/{spec} ({str(exc).splitlines()[0][:160]}); "
+                    f"without network access, download them elsewhere and pass the file with --pretrained PATH"
+                ) from None
+        tokenizer = open_clip.get_tokenizer(model_name)
     visual = model.visual
     if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
-        raise ValueError(f"backbone {name}: only ViT vision towers with token pooling are supported")
+        raise ConfigError(f"backbone {name}: only ViT vision towers with token pooling are supported")
     model = model.to(device).eval().requires_grad_(False)  # frozen: methods train their own heads
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     return Backbone(
         name=name,
-        pretrained=spec if spec == "none" or not looks_like_path else str(Path(spec).resolve()),
+        pretrained=spec,
         weights_sha256=state_dict_sha256(model),
         clip=model,
         visual=model.visual,
-        tokenizer=open_clip.get_tokenizer(model_name),
+        tokenizer=tokenizer,
         preprocess=preprocess,
     )
 
@@ -305,5 +325,4 @@ def backbone_config(backbone: Backbone) -> dict[str, Any]:
         "weights_sha256": backbone.weights_sha256,
         "blocks": backbone.num_blocks,
         "width": backbone.width,
-        "quantizer": backbone.quantizer,
     }

@@ -6,7 +6,8 @@
 - ``quant``: vision-tower throughput of several quantizers on one backbone
   (default: random-init ViT-B-32 at batch 32, as in SPEC section 8).
 
-Timings use ``torch.utils.benchmark`` (warm-up excluded), alternating the
+Both contenders get the same preprocessed images, so image decoding is
+outside the comparison. Timings use ``torch.utils.benchmark`` (warm-up excluded), alternating the
 contenders over several rounds and reporting medians, because the machines
 are noisy; compare ratios, not absolute numbers, across machines.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.utils.benchmark as benchmark
 
@@ -52,14 +54,17 @@ def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds
 
 def trace_overhead(ctx: Context, quant: str | None = None, rounds: int = 3) -> dict:
     """Trace driver vs plain ``visual(images)`` on the same quantized backbone."""
-    from harness.trace import trace_batch
+    from harness.trace import store_batch, trace_batch
 
     backbone, _ = ctx.quantized(quant)
     images = _images(ctx, backbone, ctx.config.batch_size)
     classifier = ctx.classifier
+    # the trace contender also copies its output to host arrays, as the driver does
+    buffers = {name: np.empty(tuple(t.shape), dtype=t.cpu().numpy().dtype)
+               for name, t in trace_batch(backbone, images, classifier).items()}
     result = compare({
         "encode_image": lambda: backbone.visual(images),
-        "trace": lambda: trace_batch(backbone, images, classifier),
+        "trace": lambda: store_batch(buffers, 0, trace_batch(backbone, images, classifier)),
     }, len(images), rounds)
     overhead = result["trace"]["seconds_per_batch"] / result["encode_image"]["seconds_per_batch"] - 1
     return {"quant": backbone.quantizer, "batch_size": len(images), "timings": result,

@@ -12,6 +12,10 @@ import os
 import sys
 import typing
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.config import HarnessConfig
 
 EPILOG = """examples:
   python -m harness list
@@ -24,7 +28,7 @@ EPILOG = """examples:
 
 def _add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per HarnessConfig field, help text taken from the field."""
-    from harness.context import HarnessConfig
+    from harness.config import HarnessConfig
 
     group = parser.add_argument_group("backbone, data and quantizer")
     hints = typing.get_type_hints(HarnessConfig)
@@ -33,11 +37,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...]
             continue
         kind = int if hints[f.name] in (int, typing.Optional[int]) else str
         group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
-                           help=f.metadata["help"])
+                           choices=f.metadata["choices"], help=f.metadata["help"])
 
 
-def _config(args: argparse.Namespace, **overrides):
-    from harness.context import HarnessConfig
+def _config(args: argparse.Namespace, **overrides: object) -> "HarnessConfig":
+    from harness.config import HarnessConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(HarnessConfig) if hasattr(args, f.name)}
     return HarnessConfig(**{**values, **overrides})
@@ -174,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.errors import UserError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         # User errors (unknown names, bad paths, mismatched checkpoints) end in
         # one line, not a traceback; EXITBENCH_DEBUG=1 shows the traceback.
         if os.environ.get("EXITBENCH_DEBUG"):

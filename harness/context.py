@@ -15,54 +15,11 @@ from typing import Any
 
 import torch
 
-from harness import embedded
-from harness.backbones import EMBEDDED, Backbone, backbone_config, create_backbone
+from harness.backbones import Backbone, backbone_config, create_backbone
+from harness.config import HarnessConfig
 from harness.datasets import Dataset, Split, create_dataset
 from harness.quantizers import Quantizer, create_quantizer
-from harness.trace import Trace, default_cache_dir, trace_split
-
-# The quantizer used when none is given: the paper's scheme for real CLIP
-# models; for the embedded model the mildest scheme that shows collapse there
-# (see harness/embedded/__init__.py for the measurement behind it).
-DEFAULT_QUANT = "int8-dynamic"
-
-
-def default_quantizer(model: str) -> str:
-    return embedded.DEFAULT_QUANT if model == EMBEDDED else DEFAULT_QUANT
-
-
-def _opt(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-@dataclasses.dataclass
-class HarnessConfig:
-    """Options shared by the commands; every field is recorded with results."""
-
-    model: str = _opt(EMBEDDED, "backbone: 'embedded' or an open_clip model name")
-    pretrained: str | None = _opt(None, "open_clip tag, local checkpoint path, or 'none' "
-                                        "(default: the shipped weights for 'embedded', else 'none')")
-    data: str = _opt("embedded", "dataset name (see `python -m harness list`)")
-    data_root: str | None = _opt(None, "dataset folder (default: the dataset's own)")
-    quant: str | None = _opt(None, "quantizer (default: int8-dynamic; for 'embedded' "
-                                   f"{embedded.DEFAULT_QUANT}, see README)")
-    seed: int = _opt(0, "split seed, and the seed of a random init")
-    limit: int | None = _opt(None, "cap every split at N samples (quick runs)")
-    batch_size: int = _opt(256, "batch size (matters for batch-dependent quantizers)")
-    device: str = _opt("cpu", "torch device: cpu or cuda")
-    text_precision: str = _opt("fp32", "text tower precision for the zero-shot classifier: fp32 or fp16")
-    cache_dir: str | None = _opt(None, "trace cache folder (default: $EXITBENCH_CACHE or the user cache dir)")
-    on_bad_image: str = _opt("skip", "bad image files: 'skip' (and list them) or 'fail'")
-    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
-
-    def resolved(self) -> "HarnessConfig":
-        """A copy with defaults filled in (quantizer, cache dir)."""
-        return dataclasses.replace(
-            self,
-            quant=self.quant or default_quantizer(self.model),
-            cache_dir=str(Path(self.cache_dir) if self.cache_dir else default_cache_dir()),
-        )
-
+from harness.trace import Trace, trace_split
 
 class Context:
     """Lazily built, cached objects for one :class:`HarnessConfig`."""
@@ -121,6 +78,13 @@ class Context:
             )
         return self._traces[quant, split]
 
-    def describe(self) -> dict[str, Any]:
-        """The resolved config plus backbone identity, for results files."""
-        return {"config": dataclasses.asdict(self.config), "backbone": backbone_config(self.backbone)}
+    def describe(self, quant: str | None = None) -> dict[str, Any]:
+        """Resolved config, backbone identity, quantizer parameters and data fingerprints, for results."""
+        _, quantizer = self.quantized(quant)
+        return {
+            "config": dataclasses.asdict(self.config),
+            "backbone": backbone_config(self.backbone),
+            "quantizer": quantizer.config(),
+            "dataset": {"name": self.dataset.name,
+                        "fingerprints": {part: self.dataset.fingerprint(part) for part in self.dataset.parts()}},
+        }

@@ -6,6 +6,9 @@ same images and we accumulate, over samples:
 - ``quant_error``: ||z_L^q - z_L^fp32|| (error accumulated up to block L),
 - ``ratio`` = mean quant_error / mean nat_update,
 - MSE and cosine between fp32 and quantized CLS token and patch-token mean,
+- ``inr``: the information-to-noise ratio ||E_x[p_L]||^2 / Var_x[eps_L] of
+  the patch-token mean p_L (the feature LRA-EE exits from), with
+  eps_L = p_L^q - p_L^fp32 and Var the total variance over samples,
 where z_L is the full token tensor [1 + N, D] after block L and norms are
 Frobenius norms per sample. Zero-shot top-1 of both towers on the same images
 closes the table.
@@ -14,6 +17,7 @@ closes the table.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,8 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness._io import atomic_write_text
 from harness.context import Context
 from harness.datasets import ImageBatches
+from harness.errors import DataError
 from harness.provenance import environment
 from harness.trace import layer_features
 
@@ -37,6 +43,7 @@ class LayerStats:
     cls_cosine: float
     patch_mean_mse: float
     patch_mean_cosine: float
+    inr: float
 
 
 @dataclass
@@ -48,6 +55,8 @@ class Profile:
     layers: list[LayerStats]
     top1_fp32: float
     top1_quant: float
+    wall_time_s: float
+    bad_images: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
 
@@ -60,12 +69,15 @@ def noise_profile(ctx: Context, quant: str | None = None, split: str = "gate") -
     """Run fp32 and ``quant`` side by side on ``split`` and collect per-block statistics."""
     from tqdm import tqdm
 
+    started = time.perf_counter()
     quant = quant or ctx.config.quant
     fp32 = ctx.backbone
     quantized, _ = ctx.quantized(quant)
     classifier = ctx.classifier
     n_blocks = fp32.num_blocks
-    sums = {k: np.zeros(n_blocks) for k in ("nat", "err", "cls_se", "cls_cos", "pm_se", "pm_cos")}
+    sums = {k: np.zeros(n_blocks) for k in ("nat", "err", "cls_se", "cls_cos", "pm_se", "pm_cos", "eps_sq")}
+    pm_sum = np.zeros((n_blocks, fp32.width))
+    eps_sum = np.zeros((n_blocks, fp32.width))
     correct = np.zeros(2)
     samples = 0
     batches = ImageBatches(ctx.dataset, ctx.splits[split], fp32.preprocess, ctx.config.batch_size,
@@ -78,31 +90,39 @@ def noise_profile(ctx: Context, quant: str | None = None, split: str = "gate") -
             sums["nat"][i] += (z_next - z).flatten(1).norm(dim=1).sum().item()
             sums["err"][i] += (zq - z_next).flatten(1).norm(dim=1).sum().item()
             z = z_next
-            for (ref, q), se, cos in zip(
-                zip(layer_features(z)[:2], layer_features(zq)[:2]), ("cls_se", "pm_se"), ("cls_cos", "pm_cos")
-            ):
+            (cls, mean, _), (cls_q, mean_q, _) = layer_features(z), layer_features(zq)
+            for ref, q, se, cos in ((cls, cls_q, "cls_se", "cls_cos"), (mean, mean_q, "pm_se", "pm_cos")):
                 sums[se][i] += (q - ref).square().mean(dim=1).sum().item()
                 sums[cos][i] += F.cosine_similarity(q, ref, dim=1).sum().item()
-        for j, tokens in enumerate((z, zq)):
-            emb = F.normalize(fp32.head(tokens) if j == 0 else quantized.head(tokens), dim=-1)
+            eps = (mean_q - mean).double()
+            pm_sum[i] += mean.double().sum(dim=0).cpu().numpy()
+            eps_sum[i] += eps.sum(dim=0).cpu().numpy()
+            sums["eps_sq"][i] += eps.square().sum().item()
+        for j, (backbone, tokens) in enumerate(((fp32, z), (quantized, zq))):
+            emb = F.normalize(backbone.head(tokens), dim=-1)
             correct[j] += (emb @ classifier.T).argmax(dim=1).eq(labels.to(emb.device)).sum().item()
         samples += len(images)
     if samples == 0:
-        raise ValueError(f"split {split!r} has no images to profile")
+        raise DataError(f"split {split!r} has no images to profile")
     mean = {k: v / samples for k, v in sums.items()}
+    # total variance of eps over samples: E||eps||^2 - ||E eps||^2
+    eps_var = mean["eps_sq"] - np.square(eps_sum / samples).sum(axis=1)
+    signal = np.square(pm_sum / samples).sum(axis=1)
     layers = [
         LayerStats(
             layer=i + 1, nat_update=mean["nat"][i], quant_error=mean["err"][i],
             ratio=mean["err"][i] / max(mean["nat"][i], 1e-12),
             cls_mse=mean["cls_se"][i], cls_cosine=mean["cls_cos"][i],
             patch_mean_mse=mean["pm_se"][i], patch_mean_cosine=mean["pm_cos"][i],
+            inr=float(signal[i] / eps_var[i]) if eps_var[i] > 0 else float("inf"),
         )
         for i in range(n_blocks)
     ]
     return Profile(
         quant=quant, split=split, samples=samples, batch_size=ctx.config.batch_size, layers=layers,
         top1_fp32=100 * correct[0] / samples, top1_quant=100 * correct[1] / samples,
-        config=ctx.describe(), environment=environment(),
+        wall_time_s=round(time.perf_counter() - started, 2),
+        bad_images=batches.bad_images, config=ctx.describe(quant), environment=environment(),
     )
 
 
@@ -110,11 +130,13 @@ def format_table(profile: Profile) -> str:
     from tabulate import tabulate
 
     headers = ["block", "||z_L - z_L-1|| fp32", "||z_L^q - z_L||", "ratio",
-               "CLS MSE", "CLS cos", "patch-mean MSE", "patch-mean cos"]
+               "CLS MSE", "CLS cos", "patch-mean MSE", "patch-mean cos", "INR"]
     rows = [[s.layer, s.nat_update, s.quant_error, s.ratio, s.cls_mse, s.cls_cosine,
-             s.patch_mean_mse, s.patch_mean_cosine] for s in profile.layers]
-    table = tabulate(rows, headers=headers, floatfmt=(".0f", ".4g", ".4g", ".4f", ".4g", ".6f", ".4g", ".6f"))
-    return (f"{table}\n\nzero-shot top-1 on {profile.samples} '{profile.split}' images: "
+             s.patch_mean_mse, s.patch_mean_cosine, s.inr] for s in profile.layers]
+    table = tabulate(rows, headers=headers,
+                     floatfmt=(".0f", ".4g", ".4g", ".4f", ".4g", ".6f", ".4g", ".6f", ".4g"))
+    skipped = "".join(f"\nskipped bad image {b['sample']}: {b['reason']}" for b in profile.bad_images)
+    return (f"{table}{skipped}\n\nzero-shot top-1 on {profile.samples} '{profile.split}' images: "
             f"fp32 {profile.top1_fp32:.2f}%, {profile.quant} {profile.top1_quant:.2f}% "
             f"(delta {profile.top1_quant - profile.top1_fp32:+.2f} points)")
 
@@ -153,7 +175,6 @@ def plot(profile: Profile, out_dir: Path) -> list[Path]:
 
 def save(profile: Profile, out_dir: Path) -> list[Path]:
     """Write profile.json, profile.md and the figure into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "profile.json").write_text(json.dumps(asdict(profile), indent=2) + "\n")
-    (out_dir / "profile.md").write_text(format_table(profile) + "\n")
+    atomic_write_text(out_dir / "profile.json", json.dumps(asdict(profile), indent=2) + "\n")
+    atomic_write_text(out_dir / "profile.md", format_table(profile) + "\n")
     return [out_dir / "profile.json", out_dir / "profile.md", *plot(profile, out_dir)]

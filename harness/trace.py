@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import harness
+from harness._io import file_digest
+from harness.config import default_cache_dir
 from harness.backbones import Backbone
 from harness.datasets import Dataset, ImageBatches, Split
 from harness.quantizers import Quantizer
@@ -35,16 +36,8 @@ TRACE_FORMAT = 1
 # CLS and patch-mean are stored in fp16 (both drivers read features through
 # `as_stored`, so replay and real early exit see the same numbers).
 FEATURE_DTYPE = np.float16
-_ARRAYS = ("cls", "patch_mean", "sav", "embedding", "logits", "labels", "indices")
-
-
-def default_cache_dir() -> Path:
-    """``$EXITBENCH_CACHE`` if set, else the user cache dir (e.g. ``~/.cache/exitbench``)."""
-    if os.environ.get("EXITBENCH_CACHE"):
-        return Path(os.environ["EXITBENCH_CACHE"])
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("exitbench"))
+_PER_SAMPLE = ("cls", "patch_mean", "sav", "embedding", "logits")  # filled batch by batch
+_ARRAYS = _PER_SAMPLE + ("labels", "indices")
 
 
 def as_stored(features: torch.Tensor) -> torch.Tensor:
@@ -88,16 +81,32 @@ class Trace:
         return self.meta["bad_images"]
 
 
+def _code_sha256() -> str:
+    """Hash of the source that computes traced numbers, so a code change invalidates old entries."""
+    from harness import backbones, quantizers
+
+    files = [Path(__file__), Path(backbones.__file__), *sorted(Path(quantizers.__file__).parent.glob("*.py"))]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def trace_key(
     backbone: Backbone, quantizer: Quantizer, dataset: Dataset, split: Split,
     classifier: torch.Tensor, batch_size: int,
 ) -> dict[str, Any]:
     """Everything that changes the traced numbers (the cache key's fields)."""
+    from importlib.metadata import version
+
+    device = backbone.device
     return {
         "format": TRACE_FORMAT,
-        "harness": harness.__version__,
-        "torch": torch.__version__,
-        "device": backbone.device.type,
+        "code_sha256": _code_sha256(),
+        "versions": {pkg: version(pkg) for pkg in ("torch", "torchvision", "open_clip_torch", "pillow", "numpy")},
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
         "model": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "quantizer": quantizer.config(),
@@ -112,14 +121,6 @@ def trace_key(
     }
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_trace(path: Path, verify: bool = True) -> Trace | None:
     """Open a cache entry; ``None`` if it is missing, incomplete, truncated or corrupt."""
     try:
@@ -128,10 +129,10 @@ def load_trace(path: Path, verify: bool = True) -> Trace | None:
         for name in _ARRAYS:
             file = path / f"{name}.npy"
             info = meta["files"][name]
-            if file.stat().st_size != info["bytes"] or (verify and _digest(file) != info["blake2b"]):
+            if file.stat().st_size != info["bytes"] or (verify and file_digest(file, "blake2b") != info["blake2b"]):
                 return None
             arrays[name] = np.load(file, mmap_mode="r")
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return Trace(path=path, meta=meta, **arrays)
 
@@ -151,37 +152,61 @@ def trace_batch(backbone: Backbone, images: torch.Tensor, classifier: torch.Tens
             "embedding": embedding, "logits": logits}
 
 
+def store_batch(out: dict[str, np.ndarray], row: int, features: dict[str, torch.Tensor]) -> int:
+    """Copy one batch of :func:`trace_batch` output into ``out`` at ``row``; return the next row."""
+    stop = row
+    for name, value in features.items():
+        stop = row + len(value)
+        out[name][row:stop] = value.cpu().numpy()
+    return stop
+
+
+def _allocate(tmp: Path, n: int, backbone: Backbone, num_classes: int) -> dict[str, np.memmap]:
+    """The per-sample arrays of a trace, as writable memory maps in ``tmp``."""
+    layers, width = backbone.num_blocks + 1, backbone.width
+    specs = {
+        "cls": (FEATURE_DTYPE, (n, layers, width)),
+        "patch_mean": (FEATURE_DTYPE, (n, layers, width)),
+        "sav": (np.float32, (n, layers)),
+        "embedding": (np.float32, (n, backbone.embed_dim)),
+        "logits": (np.float32, (n, num_classes)),
+    }
+    return {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, shape)
+            for name, (dtype, shape) in specs.items()}
+
+
 @torch.inference_mode()
 def _run_backbone(
     backbone: Backbone, batches: ImageBatches, classifier: torch.Tensor, tmp: Path, n: int, desc: str | None
-) -> dict[str, np.ndarray]:
-    """Fill the memory-mapped arrays in ``tmp`` batch by batch; ``desc=None`` hides progress."""
+) -> int:
+    """Write every array of a trace into ``tmp``; return the rows filled (fewer than ``n``
+    when bad images were skipped). ``desc=None`` hides the progress bar."""
     from tqdm import tqdm
 
-    layers, width = backbone.num_blocks + 1, backbone.width
-    out = {
-        "cls": np.lib.format.open_memmap(tmp / "cls.npy", "w+", FEATURE_DTYPE, (n, layers, width)),
-        "patch_mean": np.lib.format.open_memmap(tmp / "patch_mean.npy", "w+", FEATURE_DTYPE, (n, layers, width)),
-        "sav": np.lib.format.open_memmap(tmp / "sav.npy", "w+", np.float32, (n, layers)),
-        "embedding": np.lib.format.open_memmap(tmp / "embedding.npy", "w+", np.float32, (n, backbone.embed_dim)),
-        "logits": np.lib.format.open_memmap(tmp / "logits.npy", "w+", np.float32, (n, classifier.shape[0])),
-    }
+    out = _allocate(tmp, n, backbone, classifier.shape[0])
     labels, indices = [], []
     row = 0
     for images, batch_labels, batch_indices in tqdm(batches, desc=desc, unit="batch", disable=desc is None):
-        features = trace_batch(backbone, images.to(backbone.device), classifier)
-        stop = row + len(images)
-        for name, value in features.items():
-            out[name][row:stop] = value.cpu().numpy()
+        row = store_batch(out, row, trace_batch(backbone, images.to(backbone.device), classifier))
         labels.append(np.asarray(batch_labels, dtype=np.int64))
         indices.append(np.asarray(batch_indices, dtype=np.int64))
-        row = stop
     for array in out.values():
         array.flush()
-    out["labels"] = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-    out["indices"] = np.concatenate(indices) if indices else np.zeros(0, np.int64)
-    out["rows"] = row  # fewer than n when bad images were skipped
-    return out
+    del out  # unmap before any file is rewritten below
+    np.save(tmp / "labels.npy", np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    np.save(tmp / "indices.npy", np.concatenate(indices) if indices else np.zeros(0, np.int64))
+    if row < n:  # drop the rows reserved for skipped images
+        for name in _PER_SAMPLE:
+            _keep_rows(tmp / f"{name}.npy", row)
+    return row
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Delete temporary entries left by processes that died mid-trace."""
+    for tmp in root.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _keep_rows(file: Path, rows: int, chunk: int = 4096) -> None:
@@ -226,30 +251,23 @@ def trace_split(
     shutil.rmtree(path, ignore_errors=True)  # incomplete or corrupt: rebuild
 
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
     tmp = root / f".{digest}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         batches = ImageBatches(dataset, split, backbone.preprocess, batch_size, on_bad_image=on_bad_image)
         desc = f"trace {backbone.name}/{quantizer.name} {dataset.name}:{split.part}" if progress else None
-        arrays = _run_backbone(backbone, batches, classifier, tmp, len(split.indices), desc)
-        rows = arrays.pop("rows")
-        for name in ("labels", "indices"):
-            np.save(tmp / f"{name}.npy", arrays[name])
-        if rows < len(split.indices):  # drop the rows reserved for skipped images
-            for name in ("cls", "patch_mean", "sav", "embedding", "logits"):
-                _keep_rows(tmp / f"{name}.npy", rows)
-        meta = {
-            "key": key,
-            "rows": int(rows),
-            "bad_images": batches.bad_images,
-            "files": {
-                name: {"bytes": (tmp / f"{name}.npy").stat().st_size, "blake2b": _digest(tmp / f"{name}.npy")}
-                for name in _ARRAYS
-            },
-        }
+        rows = _run_backbone(backbone, batches, classifier, tmp, len(split.indices), desc)
+        files = {name: {"bytes": (tmp / f"{name}.npy").stat().st_size,
+                        "blake2b": file_digest(tmp / f"{name}.npy", "blake2b")} for name in _ARRAYS}
+        meta = {"key": key, "rows": rows, "bad_images": batches.bad_images, "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process finished the same entry first
+            if load_trace(path) is None:
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     trace = load_trace(path, verify=False)

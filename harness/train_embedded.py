@@ -9,7 +9,6 @@ for the harness's ``heads``/``gate`` splits are never used here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from harness import embedded
+from harness._io import atomic_path, atomic_write_text, file_digest
 from harness.datasets import fashion_mnist
 from harness.zeroshot import class_text_embeddings
 
@@ -40,28 +40,19 @@ class TrainConfig:
     max_steps: int | None = None  # stop early; for smoke tests of the script
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_embedded_data(root: Path, out: Path = embedded.DATA_PATH) -> dict[str, str]:
     """Write the compact copy of the data the embedded runs need; return IDX hashes."""
     train_x, train_y = fashion_mnist.load_split(root, "train")
     test_x, test_y = fashion_mnist.load_split(root, "t10k")
     held = fashion_mnist.holdout_indices(len(train_y))
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp,
-        holdout_images=train_x[held], holdout_labels=train_y[held].astype(np.uint8),
-        holdout_train_index=held.astype(np.int32),
-        test_images=test_x, test_labels=test_y.astype(np.uint8),
-    )
-    tmp.replace(out)
-    return {name: file_sha256(root / name) for pair in fashion_mnist.FILES.values() for name in pair}
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(
+            fh,
+            holdout_images=train_x[held], holdout_labels=train_y[held].astype(np.uint8),
+            holdout_train_index=held.astype(np.int32),
+            test_images=test_x, test_labels=test_y.astype(np.uint8),
+        )
+    return {name: file_digest(root / name) for pair in fashion_mnist.FILES.values() for name in pair}
 
 
 def _augment(images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -141,9 +132,8 @@ def train(cfg: TrainConfig, data_root: Path, out_dir: Path = embedded.EMBEDDED_D
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / embedded.WEIGHTS_PATH.name
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
+    with atomic_path(weights) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     card = {
         "model": "embedded",
         "architecture": json.loads(embedded.CONFIG_PATH.read_text())["model_cfg"],
@@ -152,13 +142,13 @@ def train(cfg: TrainConfig, data_root: Path, out_dir: Path = embedded.EMBEDDED_D
         "holdout": {"seed": embedded.HOLDOUT_SEED, "size": embedded.HOLDOUT_SIZE},
         "data": "Fashion-MNIST (MIT license), Debian package dataset-fashion-mnist",
         "data_sha256": data_hashes,
-        "weights_sha256": file_sha256(weights),
+        "weights_sha256": file_digest(weights),
         "command": f"python -m harness train-embedded --epochs {cfg.epochs} --seed {cfg.seed}",
         "wall_time_s": round(time.time() - started, 1),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
     }
-    (out_dir / embedded.CARD_PATH.name).write_text(json.dumps(card, indent=2) + "\n")
+    atomic_write_text(out_dir / embedded.CARD_PATH.name, json.dumps(card, indent=2) + "\n")
     return card
 
 
@@ -179,5 +169,5 @@ def record_accuracies(quantizers: tuple[str, ...] = CARD_QUANTIZERS) -> dict[str
         "text_precision": ctx.config.text_precision,
         "percent": accuracies,
     }
-    embedded.CARD_PATH.write_text(json.dumps(card, indent=2) + "\n")
+    atomic_write_text(embedded.CARD_PATH, json.dumps(card, indent=2) + "\n")
     return accuracies

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from harness._registry import UnknownNameError
 from harness.backbones import CheckpointError, create_backbone, state_dict_sha256
 
 
@@ -76,10 +77,21 @@ def test_unreadable_checkpoint(tmp_path, content):
         create_backbone("embedded", pretrained=str(path))
 
 
+def test_weights_only_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": _Pickled()}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*evil.pt"):
+        create_backbone("embedded", pretrained=str(path))
+
+
+class _Pickled:
+    """An arbitrary object: torch.load(weights_only=True) must refuse to build it."""
+
+
 def test_missing_checkpoint_and_unknown_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         create_backbone("embedded", pretrained=str(tmp_path / "nope.safetensors"))
-    with pytest.raises(ValueError, match="Did you mean.*ViT-B-32"):
+    with pytest.raises(UnknownNameError, match="Did you mean.*ViT-B-32"):
         create_backbone("ViT-B-23")
     with pytest.raises(ValueError, match="Known tags: .*openai"):
         create_backbone("ViT-B-32", pretrained="no-such-tag")

@@ -44,3 +44,20 @@ def test_profile_command_prints_12_rows_and_writes_figures(tmp_path, cache_dir):
     assert data["samples"] == 32 and len(data["layers"]) == 12
     assert data["config"]["config"]["quant"] == "int8-dynamic"
     assert data["environment"]["packages"]["torch"]
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from harness.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_second_process_reuses_the_trace_cache(cache_dir):
+    cmd = [sys.executable, "-m", "harness", "zeroshot", "--quant", "fp32", "--limit", "16",
+           "--batch-size", "8", "--cache-dir", str(cache_dir)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "trace embedded/fp32" in first.stderr  # the progress bar of a real pass
+    assert "trace embedded/fp32" not in second.stderr  # cache hit: no pass at all
+    assert first.stdout == second.stdout

@@ -6,7 +6,7 @@ from torch import nn
 
 from harness.backbones import state_dict_sha256
 from harness.quantizers import QuantizerUnavailable, create_quantizer, list_quantizers
-from harness.quantizers._fake import FakeQuantAttention, fake_quantize
+from harness.quantizers._fake import FakeQuantAttention, FakeQuantLinear, fake_quantize
 
 QUANTIZERS = ["fp32", "int8-dynamic", "int8-torchao", "fake-w8a8", "fake-w4a4", "fake-w6a6-tensor"]
 
@@ -84,7 +84,33 @@ def test_fake_quantize_by_hand():
     torch.testing.assert_close(per_row[1], torch.tensor([3, 2, 0, -1]) * (2 / 3))
     whole = fake_quantize(x, 3, dim=None)  # one scale 2/3 for the tensor
     torch.testing.assert_close(whole[0], torch.tensor([-2, 0, 0, 1]) * (2 / 3))
-    assert fake_quantize(x, 8, dim=-1).unique().numel() <= 8
+    # 8 bits: every value is an integer multiple of its row's scale, within +-127
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    levels = fake_quantize(x, 8, dim=-1) / scale
+    torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)
+    assert levels.abs().max() <= 127 + 1e-4
+
+
+def test_fake_quant_weights_are_per_output_channel(embedded_backbone):
+    linear = embedded_backbone.blocks[0].mlp.c_fc  # weight [512, 128]: rows are output channels
+    fq = FakeQuantLinear.from_linear(linear, w_bits=4, a_bits=None, per_token=True)
+    w, q = linear.weight.detach(), fq.weight.detach()
+    # each row keeps its own max (scale = row max / 7), so the row maxima survive exactly
+    torch.testing.assert_close(q.abs().amax(dim=1), w.abs().amax(dim=1))
+    row_scale = w.abs().amax(dim=1, keepdim=True) / 7
+    torch.testing.assert_close(q / row_scale, (q / row_scale).round(), atol=1e-4, rtol=0)
+    assert not torch.equal(q.abs().amax(dim=0), w.abs().amax(dim=0))  # columns are not the unit
+
+
+def test_int8_deprecation_warnings_stay_out_of_our_output(embedded_backbone, images):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in ("int8-dynamic", "int8-torchao"):
+            with torch.inference_mode():
+                create_quantizer(name).quantize(embedded_backbone.visual)(images[:2])
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_lower_precision_gives_larger_error(embedded_backbone, images):

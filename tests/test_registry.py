@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import importlib.metadata
-
 import pytest
 
 from harness._registry import Registry, UnknownNameError
@@ -70,4 +68,21 @@ def test_entry_points_load_and_broken_plugins_are_reported(monkeypatch):
     with pytest.raises(UnknownNameError, match="'broken' failed to load: ImportError"):
         reg.get("broken")
     assert "broken" not in reg.names()
-    assert importlib.metadata  # the real API is what the registry calls by default
+
+
+def test_entry_point_may_not_take_a_builtin_name(monkeypatch):
+    reg: Registry = Registry("widget", entry_point_group="test.group")
+
+    @reg.register("alpha")
+    class Alpha:
+        pass
+
+    monkeypatch.setattr("harness._registry.entry_points", lambda group: [_FakeEntryPoint("alpha", object)])
+    assert reg.get("alpha") is Alpha
+    assert "already taken" in reg.load_errors["alpha"]
+
+
+def test_pattern_names_are_contained():
+    from harness.quantizers import QUANTIZERS
+
+    assert "fake-w4a8" in QUANTIZERS and "fake-w9a9" not in QUANTIZERS and "int8-dynamic" in QUANTIZERS

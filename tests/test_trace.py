@@ -112,3 +112,35 @@ def test_bad_images_are_skipped_and_reported(tmp_path, embedded_backbone, cache_
     assert len(trace) == 6 and len(trace.bad_images) == 1
     assert trace.bad_images[0]["sample"].endswith("broken.png")
     assert trace.bad_images[0]["index"] not in set(trace.indices.tolist())
+
+
+def test_key_follows_what_changes_the_numbers(ctx):
+    base = ctx.config.__dict__
+    gate, test = ctx.trace("fp32", "gate").path, ctx.trace("fp32", "test").path
+    other_seed = Context(HarnessConfig(**{**base, "seed": 1}), progress=False)
+    assert other_seed.trace("fp32", "test").path == test  # the test split does not depend on the seed
+    assert other_seed.trace("fp32", "gate").path != gate
+    fewer = Context(HarnessConfig(**{**base, "limit": 20}), progress=False)
+    assert fewer.trace("fp32", "test").path != test
+    fp16_text = Context(HarnessConfig(**{**base, "text_precision": "fp16"}), progress=False)
+    assert fp16_text.trace("fp32", "test").path != test
+    random_init = Context(HarnessConfig(**{**base, "pretrained": "none"}), progress=False)
+    assert random_init.trace("fp32", "test").path != test
+
+
+def test_a_failed_pass_leaves_no_entry(ctx, cache_dir, monkeypatch):
+    import harness.trace as trace_module
+
+    calls = {"n": 0}
+    real = trace_module.trace_batch
+
+    def fail_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trace_module, "trace_batch", fail_on_second_batch)
+    with pytest.raises(RuntimeError, match="power cut"):
+        ctx.trace("fp32", "heads")
+    assert list((cache_dir / "traces").iterdir()) == []  # neither an entry nor a temporary folder

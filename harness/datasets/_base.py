@@ -17,16 +17,18 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from harness.errors import DataError
+
 ON_BAD_IMAGE = ("skip", "fail")
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An image file that cannot be decoded (empty, truncated, not an image)."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(
             f"bad image {path}: {reason} (remove or replace the file, or skip bad images "
-            f"with on_bad_image='skip')"
+            f"with --on-bad-image skip)"
         )
         self.path = path
         self.reason = reason
@@ -38,7 +40,7 @@ class BadImageError(ValueError):
 def check_on_bad_image(value: str) -> str:
     """Return ``value`` if it is a known bad-image policy, else raise ValueError."""
     if value not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, not {value!r}")
+        raise DataError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}, not {value!r}")
     return value
 
 
@@ -70,7 +72,7 @@ def seeded_draw(n: int, seed: int, sizes: tuple[int, ...]) -> list[np.ndarray]:
     a random sample: that is how ``limit`` shrinks a split.
     """
     if sum(sizes) > n:
-        raise ValueError(f"cannot draw {' + '.join(map(str, sizes))} samples from {n}")
+        raise DataError(f"cannot draw {' + '.join(map(str, sizes))} samples from {n}")
     order = np.random.default_rng(seed).permutation(n)
     bounds = np.cumsum((0,) + tuple(sizes))
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -148,7 +150,7 @@ class Dataset(abc.ABC):
             (100, 'test')
         """
         if limit is not None and limit < 1:
-            raise ValueError(f"limit must be a positive number of samples or None, not {limit}")
+            raise DataError(f"limit must be a positive number of samples or None, not {limit}")
         return {
             name: Split(part, np.sort(order[:limit]))
             for name, (part, order) in self._draws(seed).items()
@@ -156,6 +158,6 @@ class Dataset(abc.ABC):
 
     def _check_part(self, part: str) -> None:
         if part not in self.parts():
-            raise ValueError(
+            raise DataError(
                 f"dataset {self.name!r} has no part {part!r}; parts: {', '.join(self.parts())}"
             )

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from harness.errors import DataError
+
 from harness.datasets._base import BadImageError, Dataset, Split, check_on_bad_image
 
 if TYPE_CHECKING:
@@ -46,7 +48,7 @@ class ImageBatches:
         on_bad_image: str | None = None,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+            raise DataError(f"batch_size must be at least 1, not {batch_size}")
         dataset._check_part(split.part)
         self.dataset = dataset
         self.split = split

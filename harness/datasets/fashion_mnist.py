@@ -27,6 +27,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from harness.errors import DataError
+
 from harness import embedded
 from harness.datasets._base import Dataset, seeded_draw
 from harness.datasets._factory import register_dataset
@@ -67,16 +69,16 @@ def read_idx(path: str | Path) -> np.ndarray:
         with opener(path, "rb") as fh:
             raw = fh.read()
     except (OSError, EOFError) as exc:
-        raise ValueError(f"{path}: cannot read IDX file ({exc})") from exc
+        raise DataError(f"{path}: cannot read IDX file ({exc})") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     payload = raw[4 + 4 * ndim:]
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(payload) != expected:
-        raise ValueError(f"{path}: truncated IDX file ({len(payload)} of {expected} bytes)")
+        raise DataError(f"{path}: truncated IDX file ({len(payload)} of {expected} bytes)")
     return np.frombuffer(payload, dtype=dtype).reshape(dims)
 
 
@@ -101,7 +103,7 @@ def load_split(root: str | Path, part: str) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(root / images_name)
     labels = read_idx(root / labels_name).astype(np.int64)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels in '{part}'")
+        raise DataError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels in '{part}'")
     return images, labels
 
 
@@ -218,7 +220,7 @@ class EmbeddedFashionMNIST(_ArrayDataset):
         with np.load(self.path) as npz:
             missing = sorted(set(_EMBEDDED_ARRAYS) - set(npz.files))
             if missing:
-                raise ValueError(
+                raise DataError(
                     f"{self.path} is not an embedded data file (no {', '.join(missing)}); "
                     f"regenerate it with 'python -m harness train-embedded'"
                 )

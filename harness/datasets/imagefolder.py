@@ -15,6 +15,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from harness.errors import DataError
+
 from harness.datasets._base import Dataset, seeded_draw
 from harness.datasets._factory import register_dataset
 from harness.datasets._images import IMAGE_EXTENSIONS, is_image_name, load_rgb
@@ -72,9 +74,9 @@ class ImageFolder(Dataset):
         super().__init__(on_bad_image)
         self.fractions = {"test": test_fraction, "heads": heads_fraction, "gate": gate_fraction}
         if not all(0 < f <= 1 for f in self.fractions.values()) or sum(self.fractions.values()) > 1 + 1e-9:
-            raise ValueError(f"split fractions must each be in (0, 1] and sum to at most 1, got {self.fractions}")
+            raise DataError(f"split fractions must each be in (0, 1] and sum to at most 1, got {self.fractions}")
         if root is None:
-            raise ValueError(f"dataset {self.name!r} needs --data-root DIR (a folder with one sub-folder per class)")
+            raise DataError(f"dataset {self.name!r} needs --data-root DIR (a folder with one sub-folder per class)")
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(
@@ -89,7 +91,7 @@ class ImageFolder(Dataset):
             self._files += [f.relative_to(self.root).as_posix() for f in files]
             labels += [label] * len(files)
         if not self._files:
-            raise ValueError(
+            raise DataError(
                 f"no images found in {self.root}: expected one sub-folder per class holding "
                 f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files; pass --data-root DIR"
             )
@@ -128,7 +130,7 @@ class ImageFolder(Dataset):
         n = len(self._files)
         sizes = {name: int(f * n + 1e-9) for name, f in self.fractions.items()}
         if min(sizes.values()) == 0:
-            raise ValueError(f"{n} images in {self.root} are too few for split sizes {sizes}")
+            raise DataError(f"{n} images in {self.root} are too few for split sizes {sizes}")
         (test,) = seeded_draw(n, TEST_SEED, (sizes["test"],))
         rest = np.setdiff1d(np.arange(n), test)
         heads, gate = seeded_draw(len(rest), seed, (sizes["heads"], sizes["gate"]))

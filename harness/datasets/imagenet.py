@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from harness.errors import DataError
+
 from harness.datasets._factory import register_dataset
 from harness.datasets.imagefolder import ImageFolder
 
@@ -23,7 +25,7 @@ class ImageNet(ImageFolder):
         others = [f for f in folders if not WNID.fullmatch(f)]
         if len(folders) != NUM_CLASSES or others:
             loose = sum(1 for p in self.root.iterdir() if p.is_file())
-            raise ValueError(
+            raise DataError(
                 f"{self.root} is not an ImageNet val folder: expected {NUM_CLASSES} sub-folders named "
                 f"like n01440764, found {len(folders)} sub-folders ({len(folders) - len(others)} "
                 f"WordNet ids{', others: ' + ', '.join(others[:3]) if others else ''}) and {loose} "

@@ -13,6 +13,7 @@ Files in this folder:
 
 from pathlib import Path
 
+NAME = "embedded"  # the model (and dataset) name that selects this default
 EMBEDDED_DIR = Path(__file__).resolve().parent
 CONFIG_PATH = EMBEDDED_DIR / "open_clip_config.json"
 WEIGHTS_PATH = EMBEDDED_DIR / "open_clip_model.safetensors"

@@ -23,9 +23,10 @@ from typing import Any
 from torch import nn
 
 from harness._registry import Registry
+from harness.errors import UserError
 
 
-class QuantizerUnavailable(RuntimeError):
+class QuantizerUnavailable(UserError, RuntimeError):
     """This quantizer cannot run here; the message says why."""
 
 
@@ -49,6 +50,7 @@ class Quantizer(abc.ABC):
         """Return a quantized copy of ``visual``; ``visual`` itself is not modified."""
 
     def check_device(self, device: str) -> None:
+        """Raise QuantizerUnavailable if this scheme cannot run on ``device``."""
         kind = str(device).split(":")[0]
         if kind not in self.devices:
             raise QuantizerUnavailable(
@@ -56,7 +58,7 @@ class Quantizer(abc.ABC):
             )
 
 
-QUANTIZERS: Registry = Registry(
+QUANTIZERS: Registry[type[Quantizer]] = Registry(
     "quantizer",
     entry_point_group="harness.quantizers",
     builtin_modules=("harness.quantizers._builtin", "harness.quantizers._fake"),
@@ -68,6 +70,8 @@ register_quantizer_family = QUANTIZERS.register_pattern
 def create_quantizer(name: str) -> Quantizer:
     """Instantiate a registered quantizer by name (``fp32``, ``int8-dynamic``, ``fake-w4a8`` ...)."""
     quantizer = QUANTIZERS.get(name)()
+    if not isinstance(quantizer, Quantizer):
+        raise TypeError(f"quantizer plugin {name!r} does not build a harness.quantizers.Quantizer")
     quantizer.name = name
     return quantizer
 

@@ -12,6 +12,13 @@ from torch import nn
 from harness.quantizers import Quantizer, QuantizerUnavailable, mlp_linear_names, register_quantizer
 
 
+# The deprecation notices torch prints for torch.ao quantization (kept out of our output).
+_DEPRECATION_MESSAGES = (
+    r"torch\.ao\.quantization is deprecated",
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor",
+)
+
+
 @register_quantizer("fp32")
 class FP32(Quantizer):
     """No quantization: the full-precision reference."""
@@ -33,8 +40,10 @@ class Int8Dynamic(Quantizer):
     devices = ("cpu",)
 
     def config(self) -> dict:
-        return {**super().config(), "api": "torch.ao.quantization.quantize_dynamic", "dtype": "qint8",
-                "weights": "per-tensor symmetric", "activations": "per-tensor dynamic (over the batch)"}
+        return {**super().config(), "api": "torch.ao.quantization.quantize_dynamic",
+                "weights": "int8 per-tensor symmetric",
+                "activations": "uint8 per-tensor asymmetric dynamic over the batch, reduce_range=True",
+                "engine": torch.backends.quantized.engine}
 
     def targets(self, visual: nn.Module) -> list[str]:
         return mlp_linear_names(visual)
@@ -43,7 +52,8 @@ class Int8Dynamic(Quantizer):
         # torch.ao.quantization is deprecated in favour of torchao; we keep it
         # because the reference paper uses it, and keep its warnings out of our output.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            for message in _DEPRECATION_MESSAGES:
+                warnings.filterwarnings("ignore", message=message)
             return torch.ao.quantization.quantize_dynamic(
                 copy.deepcopy(visual), {nn.Linear}, dtype=torch.qint8
             )
@@ -70,6 +80,7 @@ class Int8Torchao(Quantizer):
             raise QuantizerUnavailable(f"int8-torchao needs torchao ({type(exc).__name__}: {exc})") from None
         quantized = copy.deepcopy(visual)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            for message in _DEPRECATION_MESSAGES:
+                warnings.filterwarnings("ignore", message=message)
             quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
         return quantized

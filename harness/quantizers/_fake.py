@@ -43,7 +43,7 @@ class FakeQuantLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, w_bits: int | None, a_bits: int | None, per_token: bool):
         super().__init__()
-        self.weight = nn.Parameter(fake_quantize(weight.detach(), w_bits, dim=1), requires_grad=False)
+        self.weight = nn.Parameter(fake_quantize(weight.detach().clone(), w_bits, dim=1), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.a_bits = a_bits
         self.per_token = per_token
@@ -71,9 +71,13 @@ class FakeQuantAttention(nn.Module):
         self.in_proj = FakeQuantLinear(mha.in_proj_weight, mha.in_proj_bias, w_bits, a_bits, per_token)
         self.out_proj = FakeQuantLinear.from_linear(mha.out_proj, w_bits, a_bits, per_token)
 
-    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                need_weights: bool = False, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         if key is not None and key is not query:
             raise ValueError("FakeQuantAttention supports self-attention only")
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            # nn.MultiheadAttention's True means "blocked", SDPA's means "attend"
+            raise ValueError("FakeQuantAttention takes additive float masks only")
         b, n, d = query.shape
         q, k, v = self.in_proj(query).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

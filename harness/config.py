@@ -1,0 +1,62 @@
+"""Options shared by the commands, declared once (torch-free, so ``--help`` stays quick)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from harness import embedded
+
+# The quantizer used when none is given: the paper's scheme for real CLIP
+# models; for the embedded model the mildest scheme that shows collapse there
+# (see harness/embedded/__init__.py for the measurement behind it).
+DEFAULT_QUANT = "int8-dynamic"
+
+
+def default_quantizer(model: str) -> str:
+    """The quantizer a run uses when ``--quant`` is not given."""
+    return embedded.DEFAULT_QUANT if model == embedded.NAME else DEFAULT_QUANT
+
+
+def default_cache_dir() -> Path:
+    """``$EXITBENCH_CACHE`` if set, else the user cache dir (e.g. ``~/.cache/exitbench``)."""
+    if os.environ.get("EXITBENCH_CACHE"):
+        return Path(os.environ["EXITBENCH_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("exitbench"))
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class HarnessConfig:
+    """Options shared by the commands; every field is recorded with results."""
+
+    model: str = _opt(embedded.NAME, "backbone: 'embedded' or an open_clip model name")
+    pretrained: str | None = _opt(None, "open_clip tag, local checkpoint path, or 'none' "
+                                        "(default: the shipped weights for 'embedded', else 'none')")
+    data: str = _opt("embedded", "dataset name (see `python -m harness list`)")
+    data_root: str | None = _opt(None, "dataset folder (default: the dataset's own)")
+    quant: str | None = _opt(None, "quantizer (default: int8-dynamic; for 'embedded' "
+                                   f"{embedded.DEFAULT_QUANT}, see README)")
+    seed: int = _opt(0, "split seed, and the seed of a random init")
+    limit: int | None = _opt(None, "cap every split at N samples (quick runs)")
+    batch_size: int = _opt(256, "batch size (matters for batch-dependent quantizers)")
+    device: str = _opt("cpu", "torch device: cpu or cuda")
+    text_precision: str = _opt("fp32", "text tower precision for the zero-shot classifier", ("fp32", "fp16"))
+    cache_dir: str | None = _opt(None, "trace cache folder (default: $EXITBENCH_CACHE or the user cache dir)")
+    on_bad_image: str = _opt("skip", "bad image files: 'skip' (and list them) or 'fail'", ("skip", "fail"))
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+
+    def resolved(self) -> "HarnessConfig":
+        """A copy with defaults filled in (quantizer, cache dir)."""
+        return dataclasses.replace(
+            self,
+            quant=self.quant or default_quantizer(self.model),
+            cache_dir=str(Path(self.cache_dir) if self.cache_dir else default_cache_dir()),
+        )
