@@ -51,18 +51,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from harness.backbones import list_backbones
-    from harness.datasets import list_datasets
+    from harness.datasets import DATASETS
+    from harness.policy import METHODS
     from harness.quantizers import QUANTIZERS
 
-    print(tabulate(QUANTIZERS.describe(), headers=["quantizer", "description"]))
-    print()
-    print(tabulate(list_datasets(), headers=["dataset", "description"]))
-    print()
+    for registry in (METHODS, QUANTIZERS, DATASETS):
+        print(tabulate(registry.describe(), headers=[registry.kind, "description"]))
+        print()
     names = list_backbones()
     print(f"backbones ({len(names)}): " + ", ".join(names))
-    for kind, errors in (("quantizer", QUANTIZERS.load_errors),):
-        for name, error in errors.items():
-            print(f"warning: {kind} plugin {name!r} failed to load: {error}", file=sys.stderr)
+    for registry in (METHODS, QUANTIZERS, DATASETS):
+        for name, error in registry.load_errors.items():
+            print(f"warning: {registry.kind} plugin {name!r} failed to load: {error}", file=sys.stderr)
     return 0
 
 

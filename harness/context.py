@@ -18,6 +18,7 @@ import torch
 from harness.backbones import Backbone, backbone_config, create_backbone
 from harness.config import HarnessConfig
 from harness.datasets import Dataset, Split, create_dataset
+from harness.policy import FitContext
 from harness.quantizers import Quantizer, create_quantizer
 from harness.trace import Trace, trace_split
 
@@ -77,6 +78,30 @@ class Context:
                 on_bad_image=self.config.on_bad_image, progress=self.progress,
             )
         return self._traces[quant, split]
+
+    def fit_context(self, quant: str | None = None, seed: int | None = None) -> FitContext:
+        """What a policy fits on under ``quant``: heads and gate traces (never test)."""
+        from harness.flops import block_flops
+
+        backbone, _ = self.quantized(quant)
+        return FitContext(
+            heads=self.trace(quant, "heads"),
+            gate=self.trace(quant, "gate"),
+            heads_fp32=self.trace("fp32", "heads"),
+            classifier=self.classifier,
+            logit_scale=self.backbone.logit_scale,
+            num_blocks=backbone.num_blocks,
+            width=backbone.width,
+            embed_dim=backbone.embed_dim,
+            block_flops=[float(block_flops(self.backbone, self.num_tokens, i)) for i in range(backbone.num_blocks)],
+            seed=self.config.seed if seed is None else seed,
+        )
+
+    @cached_property
+    def num_tokens(self) -> int:
+        """Tokens per image entering block 1 (CLS included)."""
+        grid = self.backbone.visual.grid_size
+        return grid[0] * grid[1] + 1
 
     def describe(self, quant: str | None = None) -> dict[str, Any]:
         """Resolved config, backbone identity, quantizer parameters and data fingerprints, for results."""

@@ -10,7 +10,7 @@ from harness.cli import main
 def test_list_shows_every_plugin_kind(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("int8-dynamic", "int8-torchao", "fake-wNaM[-tensor]", "fp32",
+    for name in ("cls-ee", "int8-dynamic", "int8-torchao", "fake-wNaM[-tensor]", "fp32",
                  "embedded", "fashion-mnist", "imagefolder", "imagenet", "ViT-B-32"):
         assert name in out
 

@@ -1,0 +1,155 @@
+"""The two drivers that run an :class:`ExitPolicy`.
+
+- :func:`replay` walks cached per-layer features (a trace) through the
+  policy: no backbone forward, so fits and threshold sweeps are cheap.
+- :func:`run_early_exit` runs the blocks one at a time on real images;
+  samples that exit leave the batch, so their remaining blocks are really
+  skipped (and token policies really drop tokens).
+
+Both return an :class:`ExitOutcome` per sample. For a batch-invariant
+quantizer they agree exactly on exits and predictions (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness.backbones import Backbone
+from harness.policy import ExitPolicy, LayerView, SplitFeatures
+from harness.trace import as_stored, layer_features
+
+
+@dataclass
+class ExitOutcome:
+    """Per-sample result of running a policy.
+
+    Attributes:
+        exit_layer: int [N], the block after which each sample stopped
+            (``num_blocks`` for samples that ran the whole tower).
+        logits: float32 [N, C], the scores each sample was classified with.
+        tokens: int [N, num_blocks], patch tokens each sample carried through each
+            block (all blocks after its exit are 0); for the FLOPs count.
+    """
+
+    exit_layer: np.ndarray
+    logits: np.ndarray
+    tokens: np.ndarray
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+
+class TraceView(LayerView):
+    """A :class:`LayerView` over rows of cached features."""
+
+    def __init__(self, features: SplitFeatures, layer: int, rows: np.ndarray, offset: int):
+        super().__init__(layer, rows)
+        self._features = features
+        self._samples = offset + rows
+
+    def _compute(self, name: str) -> torch.Tensor:
+        if name == "patch_tokens":
+            raise NotImplementedError("patch tokens are not cached: this policy needs the real driver")
+        array = getattr(self._features, name)[self._samples, self.layer]
+        return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
+class TokenView(LayerView):
+    """A :class:`LayerView` over live tokens [B, 1 + N, D] inside the real driver."""
+
+    def __init__(self, tokens: torch.Tensor, layer: int, rows: np.ndarray):
+        super().__init__(layer, rows)
+        self._tokens = tokens
+
+    def _compute(self, name: str) -> torch.Tensor:
+        if name == "patch_tokens":
+            return self._tokens[:, 1:]
+        if not self._cache:  # the three summaries come from one pass over the tokens
+            cls, mean, sav = layer_features(self._tokens)
+            self._cache.update(cls=as_stored(cls), patch_mean=as_stored(mean), sav=sav.float())
+        return self._cache[name]
+
+
+def _check_layers(policy: ExitPolicy, num_blocks: int) -> list[int]:
+    layers = policy.exit_layers()
+    if any(not 1 <= layer <= num_blocks for layer in layers) or layers != sorted(set(layers)):
+        raise ValueError(f"method {policy.name!r}: exit layers {layers} must be ascending in 1..{num_blocks}")
+    return layers
+
+
+def replay(policy: ExitPolicy, features: SplitFeatures, num_blocks: int, num_patches: int,
+           chunk: int = 4096) -> ExitOutcome:
+    """Run ``policy`` over cached ``features`` (no backbone forward).
+
+    Token policies cannot be replayed (their later features depend on the
+    dropped tokens): they raise NotImplementedError through the view.
+    """
+    layers = _check_layers(policy, num_blocks)
+    n = len(features.labels)
+    exit_layer = np.full(n, num_blocks, dtype=np.int64)
+    logits = np.array(features.logits, dtype=np.float32, copy=True)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            size = min(chunk, n - start)
+            policy.start_batch(size)
+            active = np.arange(size)
+            for layer in layers:
+                if len(active) == 0:
+                    break
+                decision = policy.decide(layer, TraceView(features, layer, active, start))
+                leaving = decision.exit.cpu().numpy().astype(bool)
+                rows = start + active[leaving]
+                exit_layer[rows] = layer
+                logits[rows] = decision.logits[torch.from_numpy(leaving)].float().cpu().numpy()
+                active = active[~leaving]
+    tokens = np.where(np.arange(1, num_blocks + 1)[None, :] <= exit_layer[:, None], num_patches, 0)
+    return ExitOutcome(exit_layer=exit_layer, logits=logits, tokens=tokens)
+
+
+@torch.inference_mode()
+def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
+                   classifier: torch.Tensor) -> ExitOutcome:
+    """Run one batch block by block; exited samples leave the batch."""
+    num_blocks = backbone.num_blocks
+    layers = set(_check_layers(policy, num_blocks))
+    batch = len(images)
+    policy.start_batch(batch)
+    x = backbone.embed(images.to(backbone.device))
+    active = np.arange(batch)
+    exit_layer = np.full(batch, num_blocks, dtype=np.int64)
+    logits = torch.zeros(batch, classifier.shape[0])
+    tokens = np.zeros((batch, num_blocks), dtype=np.int64)
+    for layer in range(1, num_blocks + 1):
+        tokens[active, layer - 1] = x.shape[1] - 1
+        x = backbone.blocks[layer - 1](x)
+        view = TokenView(x, layer, active)
+        if layer in layers:
+            decision = policy.decide(layer, view)
+            leaving = decision.exit.cpu()
+            exit_layer[active[leaving.numpy()]] = layer
+            logits[torch.from_numpy(active[leaving.numpy()])] = decision.logits[leaving].float().cpu()
+            x, active = x[~leaving.to(x.device)], active[~leaving.numpy()]
+            view = TokenView(x, layer, active)
+        keep = policy.keep_tokens(layer, view) if len(active) else None
+        if keep is not None:
+            x = _drop_tokens(x, keep.to(x.device))
+        if len(active) == 0:
+            break
+    if len(active):
+        embedding = torch.nn.functional.normalize(backbone.head(x).float(), dim=-1)
+        logits[torch.from_numpy(active)] = (backbone.logit_scale * embedding @ classifier.T).cpu()
+    return ExitOutcome(exit_layer=exit_layer, logits=logits.numpy(), tokens=tokens)
+
+
+def _drop_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Keep CLS plus the kept patch tokens; every sample must keep the same count."""
+    counts = keep.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("a token policy must keep the same number of tokens in every sample of a batch")
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
+    patches = torch.gather(x[:, 1:], 1, order[..., None].expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :1], patches], dim=1)

@@ -1,0 +1,236 @@
+"""The ExitPolicy interface: one abstract class for every early-exit method.
+
+A policy looks at the features of a batch after block ``L`` through a
+:class:`LayerView` and returns a :class:`Decision`: which samples exit here
+and with which logits. The harness runs policies with two drivers: replaying
+cached traces (fits and sweeps with no backbone forward), and real early exit
+(blocks run one by one; exited samples leave the batch). A policy cannot tell
+them apart, which is what makes their results comparable.
+
+Samples still present when the last block has run take the backbone's own
+full-depth zero-shot prediction, unless the policy lists the last block among
+its exit layers and decides there itself (a recalibration head, say).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from harness._registry import Registry
+
+FEATURES = ("cls", "patch_mean", "sav", "patch_tokens")
+
+
+class LayerView(abc.ABC):
+    """Features of the samples still in the batch, after block ``layer``.
+
+    Each feature is computed at most once per view and shared by every policy
+    that asks for it. ``cls``, ``patch_mean`` and ``sav`` come back exactly as
+    the trace stores them (see :func:`harness.trace.as_stored`), so both
+    drivers hand a policy the same numbers.
+
+    Attributes:
+        layer: 0 (token embedding) .. num_blocks.
+        rows: int64 positions, in the driver's current batch, of the samples in
+            this view (a policy that keeps per-sample state indexes it with these).
+    """
+
+    def __init__(self, layer: int, rows: np.ndarray):
+        self.layer = layer
+        self.rows = rows
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            self._cache[name] = self._compute(name)
+        return self._cache[name]
+
+    @abc.abstractmethod
+    def _compute(self, name: str) -> torch.Tensor:
+        """Compute one feature of :data:`FEATURES` for the view's samples."""
+
+    def cls(self) -> torch.Tensor:
+        """CLS token [B, D]."""
+        return self._get("cls")
+
+    def patch_mean(self) -> torch.Tensor:
+        """Mean of the patch tokens [B, D] (SSA's input)."""
+        return self._get("patch_mean")
+
+    def sav(self) -> torch.Tensor:
+        """Spatial-activation variance mean_i ||z_i - mean(z)||^2 over patch tokens [B]."""
+        return self._get("sav")
+
+    def patch_tokens(self) -> torch.Tensor:
+        """All patch tokens [B, N, D]; only the real driver has them."""
+        return self._get("patch_tokens")
+
+
+@dataclass
+class Decision:
+    """What a policy decided for the samples of one :class:`LayerView`.
+
+    Attributes:
+        exit: bool [B], True for samples that stop here.
+        logits: [B, C] class scores; only the rows of exiting samples are used.
+    """
+
+    exit: torch.Tensor
+    logits: torch.Tensor
+
+    @classmethod
+    def stay(cls, batch: int, num_classes: int) -> "Decision":
+        """Nobody exits (for a layer where the policy has nothing to say)."""
+        return cls(torch.zeros(batch, dtype=torch.bool), torch.zeros(batch, num_classes))
+
+
+@runtime_checkable
+class SplitFeatures(Protocol):
+    """Per-layer features of one split, as policies train on them (a Trace is one).
+
+    ``cls`` and ``patch_mean`` are [N, layers, D] and ``sav`` [N, layers]
+    (layer 0 = token embedding); ``embedding`` and ``logits`` are the
+    backbone's full-depth outputs; ``labels`` [N].
+    """
+
+    cls: np.ndarray
+    patch_mean: np.ndarray
+    sav: np.ndarray
+    embedding: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class FitContext:
+    """Everything a policy may fit on. Never contains the ``test`` split.
+
+    Attributes:
+        heads: features of the ``heads`` split under the run's quantizer.
+        gate: features of the ``gate`` split under the run's quantizer.
+        heads_fp32: the same ``heads`` samples through the fp32 backbone
+            (for distillation toward the fp32 final embedding).
+        classifier: zero-shot class embeddings [C, E] (unit rows).
+        logit_scale: CLIP's temperature (exp of the learned log scale).
+        num_blocks, width, embed_dim: backbone shape; head sizes scale with it.
+        block_flops: FLOPs of each block for one sample (for budgets).
+        seed: seeds head init, data order, gate init.
+    """
+
+    heads: SplitFeatures
+    gate: SplitFeatures
+    heads_fp32: SplitFeatures | None
+    classifier: torch.Tensor
+    logit_scale: float
+    num_blocks: int
+    width: int
+    embed_dim: int
+    block_flops: list[float]
+    seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.shape[0]
+
+
+@dataclass
+class NoConfig:
+    """For a policy without options."""
+
+
+class ExitPolicy(abc.ABC):
+    """Base class of every method plugin.
+
+    Subclasses set ``Config`` (a dataclass of the method's options, each with a
+    default) and ``needs`` (the :data:`FEATURES` they read), and implement
+    :meth:`fit`, :meth:`exit_layers` and :meth:`decide`. Learned parameters
+    live in :meth:`state_dict` so that a fitted policy can be cached and
+    reloaded without refitting.
+
+    A token-level policy (a token pruner) uses the same interface: it exits
+    nobody, and instead says, through :meth:`keep_tokens`, which patch tokens
+    each sample keeps after a block; the real driver drops the others.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+    needs: ClassVar[frozenset[str]] = frozenset({"cls"})
+
+    def __init__(self, config: Any = None, **overrides: Any):
+        base = config if config is not None else self.Config()
+        self.config = dataclasses.replace(base, **overrides) if overrides else base
+
+    @abc.abstractmethod
+    def fit(self, ctx: FitContext) -> None:
+        """Train heads/gates/thresholds on ``ctx.heads`` and ``ctx.gate``."""
+
+    @abc.abstractmethod
+    def exit_layers(self) -> list[int]:
+        """Blocks (1-based, ascending) after which this policy may exit samples."""
+
+    def start_batch(self, batch_size: int) -> None:
+        """Reset per-sample state before a new batch (e.g. PABEE's patience counters)."""
+
+    @abc.abstractmethod
+    def decide(self, layer: int, view: LayerView) -> Decision:
+        """Which of ``view``'s samples exit after block ``layer``, with what logits."""
+
+    def keep_tokens(self, layer: int, view: LayerView) -> torch.Tensor | None:
+        """Token policies: bool [B, N] patch tokens to keep after ``layer``; None keeps all."""
+        return None
+
+    def head_flops(self, layer: int) -> float:
+        """FLOPs per sample of the policy's own head and gate at ``layer``."""
+        return 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state but got keys {sorted(state)}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "config": dataclasses.asdict(self.config)}
+
+
+# Built-in methods come through the same entry-point group as outside ones
+# (pyproject.toml), so the harness never imports a method by name.
+METHODS: Registry = Registry("method", entry_point_group="harness.methods")
+
+
+def register_method(name: str, description: str = ""):
+    """Class decorator: register an :class:`ExitPolicy` under ``name``.
+
+    Raises:
+        TypeError: the class is not an ExitPolicy subclass.
+    """
+
+    def decorator(cls):
+        if not (isinstance(cls, type) and issubclass(cls, ExitPolicy)):
+            raise TypeError(f"method {name!r}: {cls!r} is not an ExitPolicy subclass")
+        cls.name = name
+        return METHODS.register(name, description)(cls)
+
+    return decorator
+
+
+def create_method(name: str, **config: Any) -> ExitPolicy:
+    """Instantiate a registered method with config overrides."""
+    cls = METHODS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, ExitPolicy)):
+        raise TypeError(f"method {name!r} is not an ExitPolicy subclass ({cls!r})")
+    return cls(**config)
+
+
+def list_methods() -> list[tuple[str, str]]:
+    return METHODS.describe()

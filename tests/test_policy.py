@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness.context import Context, HarnessConfig
+from harness.drivers import TraceView, replay, run_early_exit
+from harness.policy import METHODS, create_method
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return Context(HarnessConfig(limit=64, batch_size=32, quant="fp32", cache_dir=str(cache)), progress=False)
+
+
+@pytest.fixture(scope="module")
+def fit_ctx(ctx):
+    return ctx.fit_context("fp32")
+
+
+def _test_images(ctx):
+    split = ctx.splits["test"]
+    images = [ctx.backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in split.indices]
+    return torch.stack(images)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_contract_fit_decide_and_state_round_trip(name, ctx, fit_ctx):
+    policy = create_method(name, epochs=1) if "epochs" in METHODS.get(name).Config.__dataclass_fields__ \
+        else create_method(name)
+    policy.fit(fit_ctx)
+    layers = policy.exit_layers()
+    assert layers == sorted(set(layers)) and all(1 <= layer <= ctx.backbone.num_blocks for layer in layers)
+    trace = ctx.trace("fp32", "test")
+    outcome = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    assert outcome.logits.shape == trace.logits.shape and outcome.exit_layer.shape == (len(trace),)
+
+    reloaded = create_method(name)
+    reloaded.load_state_dict(policy.state_dict())
+    again = replay(reloaded, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    np.testing.assert_array_equal(again.exit_layer, outcome.exit_layer)
+    np.testing.assert_array_equal(again.logits, outcome.logits)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_both_drivers_agree_for_a_batch_invariant_quantizer(name, ctx, fit_ctx):
+    policy = create_method(name, epochs=1) if "epochs" in METHODS.get(name).Config.__dataclass_fields__ \
+        else create_method(name)
+    policy.fit(fit_ctx)
+    trace = ctx.trace("fp32", "test")
+    replayed = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    real = run_early_exit(policy, ctx.backbone, _test_images(ctx), ctx.classifier)
+    np.testing.assert_array_equal(real.exit_layer, replayed.exit_layer)
+    np.testing.assert_array_equal(real.predictions, replayed.predictions)
+    np.testing.assert_array_equal(real.tokens, replayed.tokens)
+
+
+def test_cls_ee_exits_early_and_skips_blocks(ctx, fit_ctx):
+    policy = create_method("cls-ee", exit_layers=(4, 8), epochs=1)
+    policy.fit(fit_ctx)
+    # a threshold at the median confidence of block 4 sends about half the samples out there
+    trace = ctx.trace("fp32", "test")
+    logits = policy.decide(4, TraceView(trace, 4, np.arange(len(trace)), 0)).logits
+    policy.config.threshold = float(logits.softmax(-1).amax(-1).median())
+    real = run_early_exit(policy, ctx.backbone, _test_images(ctx), ctx.classifier)
+    assert len(set(real.exit_layer.tolist())) >= 2  # a mix of early and later exits
+    for layer, tokens in zip(real.exit_layer, real.tokens):
+        assert (tokens[:layer] == ctx.num_tokens - 1).all() and (tokens[layer:] == 0).all()
+    replayed = replay(policy, ctx.trace("fp32", "test"), ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    np.testing.assert_array_equal(real.exit_layer, replayed.exit_layer)
