@@ -23,12 +23,15 @@ import torch.utils.benchmark as benchmark
 
 from harness.backbones import Backbone
 from harness.context import Context
+from harness.errors import DataError
 
 
 def _images(ctx: Context, backbone: Backbone, batch_size: int) -> torch.Tensor:
     """``batch_size`` real test images through the backbone's own preprocessing."""
     split = ctx.splits["test"]
     count = min(batch_size, len(split))
+    if count == 0:
+        raise DataError("the test split is empty: nothing to time")
     images = [backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in split.indices[:count]]
     batch = torch.stack(images)
     repeats = -(-batch_size // count)
