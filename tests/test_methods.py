@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from harness.policy import LayerView, create_method
+from methods.confidence import confidence_score
+
+
+class _NoFeatures(LayerView):
+    def _compute(self, name):
+        raise AssertionError("crafted test: no features needed")
+
+
+def _logits_for(predictions: list[int], num_classes: int = 4) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(predictions), num_classes).float() * 5
+
+
+def test_pabee_counter_and_exit_layer_on_crafted_predictions(monkeypatch):
+    # per sample, the top class after blocks 1..6
+    sequences = {
+        "steady": [1, 1, 1, 1, 1, 1],     # counter 0,1,2 -> exits after block 3
+        "late": [1, 2, 2, 3, 3, 3],       # counter 0,0,1,0,1,2 -> exits after block 6
+        "flipping": [0, 1, 0, 1, 0, 1],   # never agrees -> never exits
+    }
+    policy = create_method("pabee", patience=2, exit_layers=tuple(range(1, 7)))
+    crafted = {layer: _logits_for([seq[layer - 1] for seq in sequences.values()]) for layer in range(1, 7)}
+    monkeypatch.setattr(policy, "layer_logits", lambda layer, view: crafted[layer][torch.from_numpy(view.rows)])
+    policy.start_batch(3)
+    active = np.arange(3)
+    exits = {}
+    for layer in range(1, 7):
+        decision = policy.decide(layer, _NoFeatures(layer, active))
+        leaving = decision.exit.numpy()
+        for row in active[leaving]:
+            exits[int(row)] = layer
+            assert decision.logits[list(active).index(row)].argmax() == crafted[layer][row].argmax()
+        active = active[~leaving]  # exited samples leave, as in the drivers
+    assert exits == {0: 3, 1: 6}
+
+
+def test_pabee_weights_deeper_heads_more():
+    policy = create_method("pabee")
+    assert policy.loss_weights([2, 5, 9]) == {2: 1.0, 5: 2.0, 9: 3.0}
+
+
+def test_confidence_scores_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [1 / 3, 1 / 3, 1 / 3]])
+    logits = probs.log()
+    torch.testing.assert_close(confidence_score(logits, "maxprob"), torch.tensor([0.5, 1 / 3]))
+    torch.testing.assert_close(confidence_score(logits, "margin"), torch.tensor([0.2, 0.0]))
+    entropy = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2))
+    torch.testing.assert_close(confidence_score(logits, "entropy"),
+                               torch.tensor([1 - entropy / math.log(3), 0.0]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="score must be one of"):
+        confidence_score(logits, "vibes")
+
+
+def test_head_feature_must_exist():
+    with pytest.raises(ValueError, match="feature must be"):
+        create_method("confidence", feature="attention")
