@@ -1,6 +1,12 @@
-"""Accuracy measurements on traces (the evaluator grows here)."""
+"""The evaluator: accuracy with confidence intervals, FLOPs, exits, and the paired rescue analysis.
+
+Everything here works on per-sample arrays (labels, predictions, exit
+layers, tokens per block), so it serves both drivers and any method.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,3 +24,94 @@ def top1(trace: Trace) -> float:
 def zero_shot_top1(ctx: Context, quant: str, split: str = "test") -> float:
     """Full-depth zero-shot top-1 (%) of ``split`` under ``quant`` (traced and cached)."""
     return top1(ctx.trace(quant, split))
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """bool [N]: is the label among the k highest scores?"""
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+def bootstrap_ci(values: np.ndarray, seed: int = 0, resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (seeded, so reproducible)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 200):  # chunks keep memory flat for 50,000 samples
+        stop = min(resamples, start + 200)
+        idx = rng.integers(0, len(values), size=(stop - start, len(values)))
+        means[start:stop] = values[idx].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+@dataclass
+class Quadrants:
+    """Paired outcome of an exit method against the full-depth model of the same quantizer."""
+
+    both_correct: int
+    rescued: int  # right with the exit method, wrong at full depth
+    lost: int  # wrong with the exit method, right at full depth
+    both_wrong: int
+    mcnemar_p: float  # exact two-sided McNemar test on the discordant pairs
+
+    @property
+    def net_rescue(self) -> int:
+        return self.rescued - self.lost
+
+
+def quadrants(method_correct: np.ndarray, baseline_correct: np.ndarray) -> Quadrants:
+    """Four-quadrant decomposition and McNemar's exact test."""
+    from scipy.stats import binomtest
+
+    m, b = np.asarray(method_correct, bool), np.asarray(baseline_correct, bool)
+    rescued, lost = int(np.sum(m & ~b)), int(np.sum(~m & b))
+    p = binomtest(rescued, rescued + lost, 0.5).pvalue if rescued + lost else 1.0
+    return Quadrants(int(np.sum(m & b)), rescued, lost, int(np.sum(~m & ~b)), float(p))
+
+
+def flops_per_sample(tokens: np.ndarray, block_flops: "BlockFlops", exit_layer: np.ndarray,
+                     head_flops: dict[int, float], exit_layers: list[int]) -> np.ndarray:
+    """FLOPs each sample cost: embedding, the blocks it ran (at its token counts),
+    the heads evaluated on the way (every exit layer it reached), and the final head."""
+    num_blocks = tokens.shape[1]
+    total = np.full(len(tokens), float(block_flops.embed))
+    for block in range(num_blocks):
+        ran = tokens[:, block] > 0
+        total[ran] += [block_flops(block, int(n)) for n in tokens[ran, block]]
+    for layer in exit_layers:
+        total[exit_layer >= layer] += head_flops.get(layer, 0.0)
+    total[exit_layer == num_blocks] += block_flops.head
+    return total
+
+
+class BlockFlops:
+    """Per-sample FLOPs of each block at a given token count, counted once and memoised."""
+
+    def __init__(self, backbone, embed: float, head: float):
+        self._backbone = backbone
+        self.embed, self.head = embed, head
+        self._memo: dict[tuple[int, int], float] = {}
+
+    def __call__(self, block: int, patches: int) -> float:
+        from harness.flops import block_flops
+
+        key = (block, patches)
+        if key not in self._memo:
+            self._memo[key] = float(block_flops(self._backbone, patches + 1, block))
+        return self._memo[key]
+
+
+def paper_flops_saving(exit_layer: np.ndarray, block_share: np.ndarray) -> float:
+    """The paper's formula: 1 - E[compute share of the blocks run], block costs only."""
+    cumulative = np.concatenate([[0.0], np.cumsum(block_share)])
+    return float(1 - cumulative[exit_layer].mean())
+
+
+def exit_distribution(exit_layer: np.ndarray, num_blocks: int) -> dict[int, float]:
+    """Share (%) of samples leaving after each block (``num_blocks`` = full depth); zeros omitted."""
+    counts = np.bincount(exit_layer, minlength=num_blocks + 1)
+    return {layer: float(100 * c / len(exit_layer)) for layer, c in enumerate(counts) if c}
