@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from harness.backbones import Backbone, backbone_config, create_backbone
@@ -29,7 +30,7 @@ class Context:
         self.config = config.resolved()
         self.progress = progress
         self._backbones: dict[str, tuple[Backbone, Quantizer]] = {}
-        self._traces: dict[tuple[str, str], Trace] = {}
+        self._traces: dict[tuple[str, str, bytes], Trace] = {}
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
 
@@ -68,16 +69,25 @@ class Context:
         return self._backbones[quant]
 
     def trace(self, quant: str | None, split: str) -> Trace:
-        """The cached trace of ``split`` under ``quant``."""
+        """The cached trace of ``split`` under ``quant``.
+
+        Without ``--limit`` the whole part behind the split is traced once and
+        the split's rows are selected from it, so splits re-drawn for another
+        seed cost no new backbone pass.
+        """
         quant = quant or self.config.quant
-        if (quant, split) not in self._traces:
+        part_split = self.splits[split]
+        if self.config.limit is None:
+            part_split = Split(part_split.part, np.arange(self.dataset.parts()[part_split.part]))
+        key = (quant, part_split.part, part_split.indices.tobytes())
+        if key not in self._traces:
             backbone, quantizer = self.quantized(quant)
-            self._traces[quant, split] = trace_split(
-                backbone, quantizer, self.dataset, self.splits[split], self.classifier,
+            self._traces[key] = trace_split(
+                backbone, quantizer, self.dataset, part_split, self.classifier,
                 batch_size=self.config.batch_size, cache_dir=self.cache_dir,
                 on_bad_image=self.config.on_bad_image, progress=self.progress,
             )
-        return self._traces[quant, split]
+        return self._traces[key].select(self.splits[split].indices)
 
     def fit_context(self, quant: str | None = None, seed: int | None = None) -> FitContext:
         """What a policy fits on under ``quant``: heads and gate traces (never test)."""

@@ -80,6 +80,16 @@ class Trace:
     def bad_images(self) -> list[dict]:
         return self.meta["bad_images"]
 
+    def select(self, indices: np.ndarray) -> "Trace":
+        """The rows of the given dataset indices, in that order (skipped bad images are left out)."""
+        if len(indices) == len(self.indices) and np.array_equal(indices, self.indices):
+            return self
+        order = np.argsort(self.indices, kind="stable")
+        pos = np.clip(np.searchsorted(self.indices, indices, sorter=order), 0, max(len(order) - 1, 0))
+        rows = order[pos] if len(order) else np.zeros(len(indices), np.int64)
+        rows = rows[self.indices[rows] == indices] if len(order) else rows[:0]
+        return dataclasses.replace(self, **{name: np.asarray(getattr(self, name)[rows]) for name in _ARRAYS})
+
 
 def _code_sha256() -> str:
     """Hash of the source that computes traced numbers, so a code change invalidates old entries."""

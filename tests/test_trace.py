@@ -144,3 +144,13 @@ def test_a_failed_pass_leaves_no_entry(ctx, cache_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="power cut"):
         ctx.trace("fp32", "heads")
     assert list((cache_dir / "traces").iterdir()) == []  # neither an entry nor a temporary folder
+
+
+def test_select_picks_rows_by_dataset_index(ctx):
+    trace = ctx.trace("fp32", "gate")
+    wanted = np.array([trace.indices[5], trace.indices[1], 10**9, trace.indices[30]])  # 10**9: not traced
+    sub = trace.select(wanted)
+    assert sub.indices.tolist() == [trace.indices[5], trace.indices[1], trace.indices[30]]
+    np.testing.assert_array_equal(sub.cls, np.asarray(trace.cls)[[5, 1, 30]])
+    np.testing.assert_array_equal(sub.labels, trace.labels[[5, 1, 30]])
+    assert trace.select(trace.indices) is trace
