@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 EPILOG = """examples:
   python -m harness list
+  python -m harness run --methods all
+  python -m harness run --methods cls-ee,pabee --seeds 1 --limit 500 --no-latency
   python -m harness profile --quant int8-dynamic
   python -m harness zeroshot --quant fp32,int8-dynamic,fake-w4a4
   python -m harness profile --model ViT-B-32 --pretrained /path/to/weights.safetensors \\
@@ -63,6 +65,23 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for registry in (METHODS, QUANTIZERS, DATASETS):
         for name, error in registry.load_errors.items():
             print(f"warning: {registry.kind} plugin {name!r} failed to load: {error}", file=sys.stderr)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import datetime
+
+    from harness.run import format_tables, resolve_methods, run, write_results
+
+    config = _config(args).resolved()
+    methods = resolve_methods(args.methods)
+    metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
+                               latency_images=args.latency_images)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"results/{stamp}-{config.model}-{config.data}-{config.quant}")
+    write_results(out, metrics, predictions)
+    print(format_tables(metrics, fmt="simple"))
+    print(f"wrote {out} ({metrics['run']['wall_time_s']} s)")
     return 0
 
 
@@ -139,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list quantizers, datasets and backbones")
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("run", help="fit and evaluate exit methods against full-depth baselines",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_arguments(p)
+    p.add_argument("--methods", default="all", help="'all' or a comma-separated list (see `list`)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds re-drawing head init, data order and gate split")
+    p.add_argument("--out", default=None, help="results folder (default: results/TIME-MODEL-DATA-QUANT)")
+    p.add_argument("--no-latency", action="store_true", help="skip the real-driver latency measurement")
+    p.add_argument("--latency-images", type=int, default=32, help="test images timed by the real driver")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("profile", help="QIRC noise profile: fp32 vs quantized, block by block",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,6 +8,7 @@ builds the objects lazily and caches them, so a command asks for
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from functools import cached_property
 from pathlib import Path
@@ -89,6 +90,13 @@ class Context:
             )
         return self._traces[key].select(self.splits[split].indices)
 
+    def with_seed(self, seed: int) -> "Context":
+        """The same backbone, data and caches with splits drawn for another seed."""
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, seed=seed)
+        other.__dict__.pop("splits", None)  # cached_property: redrawn on first use
+        return other
+
     def fit_context(self, quant: str | None = None, seed: int | None = None) -> FitContext:
         """What a policy fits on under ``quant``: heads and gate traces (never test)."""
         from harness.flops import block_flops
@@ -97,7 +105,7 @@ class Context:
         return FitContext(
             heads=self.trace(quant, "heads"),
             gate=self.trace(quant, "gate"),
-            heads_fp32=self.trace("fp32", "heads"),
+            load_heads_fp32=lambda: self.trace("fp32", "heads"),
             classifier=self.classifier,
             logit_scale=self.backbone.logit_scale,
             num_blocks=backbone.num_blocks,

@@ -17,7 +17,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from functools import cached_property
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -117,18 +118,17 @@ class FitContext:
     Attributes:
         heads: features of the ``heads`` split under the run's quantizer.
         gate: features of the ``gate`` split under the run's quantizer.
-        heads_fp32: the same ``heads`` samples through the fp32 backbone
-            (for distillation toward the fp32 final embedding).
         classifier: zero-shot class embeddings [C, E] (unit rows).
         logit_scale: CLIP's temperature (exp of the learned log scale).
         num_blocks, width, embed_dim: backbone shape; head sizes scale with it.
         block_flops: FLOPs of each block for one sample (for budgets).
         seed: seeds head init, data order, gate init.
+        load_heads_fp32: builds :attr:`heads_fp32` on first use (an extra
+            backbone pass that only distilling methods pay for).
     """
 
     heads: SplitFeatures
     gate: SplitFeatures
-    heads_fp32: SplitFeatures | None
     classifier: torch.Tensor
     logit_scale: float
     num_blocks: int
@@ -136,10 +136,18 @@ class FitContext:
     embed_dim: int
     block_flops: list[float]
     seed: int = 0
+    load_heads_fp32: Callable[[], SplitFeatures] | None = None
 
     @property
     def num_classes(self) -> int:
         return self.classifier.shape[0]
+
+    @cached_property
+    def heads_fp32(self) -> SplitFeatures:
+        """The ``heads`` samples through the fp32 backbone (distillation targets)."""
+        if self.load_heads_fp32 is None:
+            raise ValueError("this fit context has no fp32 features")
+        return self.load_heads_fp32()
 
 
 @dataclass

@@ -1,0 +1,288 @@
+"""``python -m harness run``: every chosen method on one backbone, quantizer and dataset.
+
+For each seed the methods are fitted on the ``heads``/``gate`` traces
+(fitted states are cached) and replayed on the ``test`` trace: replaying N
+methods costs no backbone pass beyond the traces. Latency comes from the
+real early-exit driver, measured against full depth in the same process.
+Results go to ``results/<run-id>/``: ``config.json``, ``metrics.json``
+(schema :data:`SCHEMA_VERSION`), ``predictions.parquet`` and ``tables.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness import evaluate
+from harness._io import atomic_path, atomic_write_text
+from harness.config import HarnessConfig
+from harness.context import Context
+from harness.errors import ConfigError
+from harness.drivers import ExitOutcome, TraceView, replay, run_early_exit
+from harness.policy import METHODS, Decision, ExitPolicy, FitContext, LayerView, create_method
+from harness.provenance import environment
+
+SCHEMA_VERSION = 1
+
+
+class FullDepth(ExitPolicy):
+    """No exits: the full-depth model run through the same driver (the latency reference)."""
+
+    name = "full-depth"
+
+    def fit(self, ctx: FitContext) -> None:
+        pass
+
+    def exit_layers(self) -> list[int]:
+        return []
+
+    def decide(self, layer: int, view: LayerView) -> Decision:  # never called: no exit layers
+        raise AssertionError("FullDepth has no exit layers")
+
+
+def resolve_methods(spec: str) -> list[str]:
+    """``all`` or a comma-separated list -> registered method names (unknown names raise)."""
+    names = METHODS.names() if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    for name in names:
+        METHODS.get(name)
+    return names
+
+
+def _policy_key(policy: ExitPolicy, fit_ctx: FitContext) -> str:
+    """Cache key of a fitted policy: its config, its code, the data it fits on, the seed."""
+    code = hashlib.sha256()
+    for file in sorted(Path(inspect.getfile(type(policy))).parent.glob("*.py")):
+        code.update(file.read_bytes())
+    # the fp32 twin of the heads split is fixed by the heads trace's key, so it needs no entry here
+    data = [(t.meta["key"], hashlib.sha256(np.asarray(t.indices).tobytes()).hexdigest())
+            for t in (fit_ctx.heads, fit_ctx.gate)]
+    blob = json.dumps([policy.describe(), code.hexdigest(), data, fit_ctx.seed], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def fit_policy(ctx: Context, name: str, seed: int) -> ExitPolicy:
+    """A fitted ``name`` for ``seed``, loaded from the cache when an identical fit exists."""
+    policy = create_method(name)
+    fit_ctx = ctx.fit_context(seed=seed)
+    path = ctx.cache_dir / "policies" / f"{_policy_key(policy, fit_ctx)}.pt"
+    if path.is_file():
+        try:
+            policy.load_state_dict(torch.load(path, weights_only=True))
+            return policy
+        except Exception:  # a damaged entry is refitted below
+            path.unlink(missing_ok=True)
+    policy.fit(fit_ctx)
+    with atomic_path(path) as tmp:
+        torch.save(policy.state_dict(), tmp)
+    return policy
+
+
+def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, float]:
+    """Top-1 (%) of the policy's own prediction at each of its exit layers, for every test sample."""
+    labels = np.asarray(trace.labels)
+    accuracy = {}
+    with torch.no_grad():
+        for layer in policy.exit_layers():
+            policy.start_batch(len(labels))
+            logits = policy.decide(layer, TraceView(trace, layer, np.arange(len(labels)), 0)).logits
+            accuracy[layer] = float(100 * np.mean(logits.argmax(-1).numpy() == labels))
+    return accuracy
+
+
+def score(outcome: ExitOutcome, labels: np.ndarray, baseline_correct: np.ndarray, flops: np.ndarray,
+          full_flops: float, block_share: np.ndarray, num_blocks: int, seed: int) -> dict[str, Any]:
+    """The metrics of one outcome on the test split."""
+    correct = outcome.predictions == labels
+    q = evaluate.quadrants(correct, baseline_correct)
+    low, high = evaluate.bootstrap_ci(correct, seed=seed)
+    flops_low, flops_high = evaluate.bootstrap_ci(1 - flops / full_flops, seed=seed)
+    return {
+        "top1": float(100 * correct.mean()), "top1_ci": [100 * low, 100 * high],
+        "top5": float(100 * evaluate.topk_correct(outcome.logits, labels, 5).mean()),
+        "flops_per_sample": float(flops.mean()),
+        "flops_saving": float(100 * (1 - flops.mean() / full_flops)),
+        "flops_saving_ci": [100 * flops_low, 100 * flops_high],
+        "flops_saving_paper_formula": 100 * evaluate.paper_flops_saving(outcome.exit_layer, block_share),
+        "exit_distribution": evaluate.exit_distribution(outcome.exit_layer, num_blocks),
+        "quadrants": {**dataclasses.asdict(q), "net_rescue": q.net_rescue},
+    }
+
+
+def measure_latency(ctx: Context, policies: dict[str, ExitPolicy], images: int, repeats: int) -> dict[str, Any]:
+    """Per-image median wall time of the real driver at batch 1 and at the run's batch size.
+
+    Methods and the full-depth reference alternate within each repeat, so
+    machine noise hits them alike; warm-up runs are excluded.
+    """
+    backbone, _ = ctx.quantized()
+    split = ctx.splits["test"]
+    count = min(images, len(split))
+    x = torch.stack([backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in split.indices[:count]])
+    batch = x[: min(ctx.config.batch_size, count)]
+    contenders = {"full-depth": FullDepth(), **policies}
+    single: dict[str, list[float]] = {name: [] for name in contenders}
+    batched: dict[str, list[float]] = {name: [] for name in contenders}
+    for policy in contenders.values():  # warm-up
+        run_early_exit(policy, backbone, batch, ctx.classifier)
+    for _ in range(repeats):
+        for name, policy in contenders.items():
+            for i in range(count):
+                start = time.perf_counter()
+                run_early_exit(policy, backbone, x[i:i + 1], ctx.classifier)
+                single[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            run_early_exit(policy, backbone, batch, ctx.classifier)
+            batched[name].append((time.perf_counter() - start) / len(batch))
+    full_1, full_b = statistics.median(single["full-depth"]), statistics.median(batched["full-depth"])
+    return {
+        "threads": torch.get_num_threads(), "images": count, "repeats": repeats, "throughput_batch": len(batch),
+        "methods": {
+            name: {
+                "batch1_ms": 1e3 * statistics.median(single[name]),
+                "throughput_ms_per_image": 1e3 * statistics.median(batched[name]),
+                "batch1_saving": 100 * (1 - statistics.median(single[name]) / full_1),
+                "throughput_saving": 100 * (1 - statistics.median(batched[name]) / full_b),
+            }
+            for name in contenders
+        },
+    }
+
+
+def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over seeds of the scalar metrics."""
+    out = {}
+    for key in ("top1", "top5", "flops_saving", "flops_saving_paper_formula"):
+        values = [m[key] for m in per_seed]
+        out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+    return out
+
+
+def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = True,
+        latency_images: int = 32, latency_repeats: int = 3) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
+    """Fit and evaluate ``methods`` over ``seeds``; return (metrics, per-sample predictions)."""
+    import pandas as pd
+
+    started = time.time()
+    base = Context(config)
+    c = base.config
+    num_blocks = base.backbone.num_blocks
+    test = base.trace(None, "test")
+    labels = np.asarray(test.labels)
+    from harness.flops import tower_flops
+
+    tower = tower_flops(base.backbone)
+    full_flops = float(tower["total"])
+    block_share = np.asarray(tower["blocks"], dtype=np.float64) / sum(tower["blocks"])
+    block_flops = evaluate.BlockFlops(base.backbone, tower["embed"], tower["head"])
+    baselines = {"full-depth fp32": base.trace("fp32", "test"), f"full-depth {c.quant}": test}
+    baseline_correct = np.asarray(test.logits).argmax(1) == labels
+    full = ExitOutcome(np.full(len(labels), num_blocks), np.asarray(test.logits),
+                       np.full((len(labels), num_blocks), base.num_tokens - 1))
+
+    rows, frames = {}, []
+    for name, trace in baselines.items():
+        outcome = dataclasses.replace(full, logits=np.asarray(trace.logits))
+        flops = evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, {}, [])
+        rows[name] = {"per_seed": [score(outcome, labels, baseline_correct, flops, full_flops, block_share,
+                                         num_blocks, c.seed)], "kind": "baseline"}
+        frames.append(_frame(name, c.seed, test, outcome, flops))
+
+    fitted: dict[str, ExitPolicy] = {}
+    for name in methods:
+        per_seed = []
+        for s in range(seeds):
+            seed = c.seed + s
+            ctx = base.with_seed(seed)
+            policy = fit_policy(ctx, name, seed)
+            fitted.setdefault(name, policy)
+            outcome = replay(policy, test, num_blocks, base.num_tokens - 1)
+            head_flops = {layer: policy.head_flops(layer) for layer in policy.exit_layers()}
+            flops = evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, head_flops,
+                                              policy.exit_layers())
+            metrics = score(outcome, labels, baseline_correct, flops, full_flops, block_share, num_blocks, seed)
+            metrics["layer_accuracy"] = layer_accuracy(policy, test, base.classifier.shape[0])
+            per_seed.append(metrics)
+            frames.append(_frame(name, seed, test, outcome, flops))
+        rows[name] = {"per_seed": per_seed, "kind": "method", "config": fitted[name].describe()["config"]}
+
+    for row in rows.values():
+        row["summary"] = _aggregate(row["per_seed"])
+    metrics = {
+        "schema_version": SCHEMA_VERSION,
+        "run": {**base.describe(), "methods": methods, "seeds": seeds, "test_samples": len(labels),
+                "bad_images": test.bad_images, "full_depth_flops": full_flops,
+                "wall_time_s": None},
+        "environment": environment(),
+        "rows": rows,
+        "latency": measure_latency(base, fitted, latency_images, latency_repeats) if latency else None,
+    }
+    metrics["run"]["wall_time_s"] = round(time.time() - started, 1)
+    return metrics, pd.concat(frames, ignore_index=True)
+
+
+def _frame(method: str, seed: int, trace, outcome: ExitOutcome, flops: np.ndarray) -> "pd.DataFrame":  # noqa: F821
+    import pandas as pd
+
+    labels = np.asarray(trace.labels)
+    return pd.DataFrame({
+        "method": method, "seed": seed, "sample": np.asarray(trace.indices), "label": labels,
+        "exit_layer": outcome.exit_layer, "prediction": outcome.predictions,
+        "correct": outcome.predictions == labels, "flops": flops,
+    })
+
+
+TABLE_HEADERS = ["method", "top-1 % (95% CI)", "delta vs quant full depth", "FLOPs saving %",
+                 "FLOPs saving % (paper formula)", "latency saving % (b=1 / batch)", "exits (layer: %)"]
+
+
+def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """One row per baseline and method, in a fixed column order (:data:`TABLE_HEADERS`)."""
+    quant = metrics["run"]["config"]["quant"]
+    reference = metrics["rows"][f"full-depth {quant}"]["summary"]["top1"]["mean"]
+    latency = (metrics.get("latency") or {}).get("methods", {})
+    out = []
+    for name, row in metrics["rows"].items():
+        s, first = row["summary"], row["per_seed"][0]
+        pm = lambda k: f"{s[k]['mean']:.2f}" + (f" ± {s[k]['std']:.2f}" if len(row["per_seed"]) > 1 else "")  # noqa: E731
+        lat = latency.get(name if row["kind"] == "method" else "", None)
+        out.append([
+            name,
+            f"{pm('top1')} [{first['top1_ci'][0]:.2f}, {first['top1_ci'][1]:.2f}]",
+            f"{s['top1']['mean'] - reference:+.2f}",
+            pm("flops_saving"),
+            pm("flops_saving_paper_formula"),
+            f"{lat['batch1_saving']:.1f} / {lat['throughput_saving']:.1f}" if lat else "-",
+            ", ".join(f"{layer}: {share:.1f}" for layer, share in first["exit_distribution"].items()),
+        ])
+    return out
+
+
+def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
+    from tabulate import tabulate
+
+    run_info = metrics["run"]
+    title = (f"{run_info['backbone']['model']} / {run_info['config']['quant']} / {run_info['dataset']['name']}: "
+             f"{run_info['test_samples']} test images, {run_info['seeds']} seed(s)")
+    table = tabulate(table_rows(metrics), headers=TABLE_HEADERS, tablefmt=fmt, disable_numparse=True)
+    return f"{title}\n\n{table}\n"
+
+
+def write_results(out: Path, metrics: dict[str, Any], predictions: "pd.DataFrame") -> None:  # noqa: F821
+    """Write the run folder atomically: all files appear together or none does."""
+    if out.exists():
+        raise ConfigError(f"results folder {out} exists already; pass another --out")
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        atomic_write_text(tmp / "config.json", json.dumps(metrics["run"]["config"], indent=2) + "\n")
+        atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n")
+        predictions.to_parquet(tmp / "predictions.parquet", index=False)
+        atomic_write_text(tmp / "tables.md", format_tables(metrics))
