@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from harness.config import HarnessConfig
+from harness.run import format_tables, resolve_methods, run, write_results
+
+
+def _config(cache_dir) -> HarnessConfig:
+    return HarnessConfig(limit=32, batch_size=16, cache_dir=str(cache_dir))
+
+
+def _count_passes(monkeypatch) -> dict:
+    """Count backbone passes over data (trace builds)."""
+    import harness.trace as trace_module
+
+    calls = {"n": 0}
+    real = trace_module._run_backbone
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trace_module, "_run_backbone", counting)
+    return calls
+
+
+def test_replaying_more_methods_costs_no_backbone_pass(tmp_path, monkeypatch):
+    calls = _count_passes(monkeypatch)
+    run(_config(tmp_path / "a"), ["cls-ee"], seeds=1, latency=False)
+    assert calls["n"] == 4  # test under int8-dynamic and fp32, heads and gate under int8-dynamic
+    calls["n"] = 0
+    run(_config(tmp_path / "b"), resolve_methods("all"), seeds=2, latency=False)
+    assert calls["n"] == 4 + 2  # with --limit, seed 1 redraws heads and gate: nothing per method
+    calls["n"] = 0
+    run(_config(tmp_path / "b"), resolve_methods("all"), seeds=2, latency=False)
+    assert calls["n"] == 0  # traces and fitted policies all cached
+
+
+def test_results_folder_and_tables(tmp_path):
+    metrics, predictions = run(_config(tmp_path / "cache"), ["cls-ee", "pabee"], seeds=2, latency=True,
+                               latency_images=4, latency_repeats=1)
+    out = tmp_path / "results"
+    write_results(out, metrics, predictions)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["schema_version"] == 1 and saved["run"]["config"]["quant"] == metrics["run"]["config"]["quant"]
+    assert saved["environment"]["packages"]["torch"]
+    frame = pd.read_parquet(out / "predictions.parquet")
+    assert len(frame) == 32 * (2 + 2 * 2)  # 2 baselines + 2 methods x 2 seeds
+    assert set(frame.columns) >= {"method", "seed", "label", "exit_layer", "prediction", "correct", "flops"}
+    pabee = saved["rows"]["pabee"]
+    seed_top1 = [100 * frame[(frame.method == "pabee") & (frame.seed == s)].correct.mean() for s in (0, 1)]
+    assert [m["top1"] for m in pabee["per_seed"]] == pytest.approx(seed_top1)
+    table = (out / "tables.md").read_text()
+    assert f"{pabee['summary']['top1']['mean']:.2f} ± {pabee['summary']['top1']['std']:.2f}" in table
+    assert "full-depth fp32" in table and "cls-ee" in table
+    assert set(saved["latency"]["methods"]) == {"full-depth", "cls-ee", "pabee"}
+    with pytest.raises(Exception, match="exists already"):
+        write_results(out, metrics, predictions)
+    assert format_tables(metrics) == table
+
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+import torch
+
+from harness.policy import Decision, ExitPolicy, register_method
+
+
+@dataclass
+class HalfwayConfig:
+    layer: int = 6  # everyone leaves here with the zero-shot-free guess "class 0"
+
+
+@register_method("halfway")
+class Halfway(ExitPolicy):
+    """Test plugin: every sample exits after block `layer`."""
+
+    Config = HalfwayConfig
+
+    def fit(self, ctx):
+        self.classes = ctx.num_classes
+
+    def exit_layers(self):
+        return [self.config.layer]
+
+    def decide(self, layer, view):
+        logits = torch.zeros(len(view), self.classes)
+        logits[:, 0] = 1
+        return Decision(exit=torch.ones(len(view), dtype=torch.bool), logits=logits)
+
+    def state_dict(self):
+        return {"classes": self.classes}
+
+    def load_state_dict(self, state):
+        self.classes = state["classes"]
+'''
+
+
+def test_plugin_from_another_package_runs_through_run(tmp_path):
+    pkg = tmp_path / "plugin"
+    (pkg / "halfway_plugin").mkdir(parents=True)
+    (pkg / "halfway_plugin" / "__init__.py").write_text(PLUGIN)
+    (pkg / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "halfway-plugin"
+        version = "0.1"
+        [project.entry-points."harness.methods"]
+        halfway = "halfway_plugin"
+    """))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "--methods", "halfway,cls-ee", "--seeds", "1", "--limit", "16",
+         "--batch-size", "16", "--no-latency", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert rows["halfway"]["per_seed"][0]["exit_distribution"] == {"6": 100.0}
+    assert rows["halfway"]["per_seed"][0]["flops_saving_paper_formula"] == pytest.approx(50.0)
+    assert "halfway" in proc.stdout and "cls-ee" in proc.stdout
