@@ -32,11 +32,14 @@ class ExitOutcome:
         logits: float32 [N, C], the scores each sample was classified with.
         tokens: int [N, num_blocks], patch tokens each sample carried through each
             block (all blocks after its exit are 0); for the FLOPs count.
+        by_policy: bool [N], True where the policy's decision classified the
+            sample, False where the backbone's own head did (full depth).
     """
 
     exit_layer: np.ndarray
     logits: np.ndarray
     tokens: np.ndarray
+    by_policy: np.ndarray
 
     @property
     def predictions(self) -> np.ndarray:
@@ -91,6 +94,7 @@ def replay(policy: ExitPolicy, features: SplitFeatures, num_blocks: int, num_pat
     layers = _check_layers(policy, num_blocks)
     n = len(features.labels)
     exit_layer = np.full(n, num_blocks, dtype=np.int64)
+    by_policy = np.zeros(n, dtype=bool)
     logits = np.array(features.logits, dtype=np.float32, copy=True)
     with torch.no_grad():
         for start in range(0, n, chunk):
@@ -104,10 +108,11 @@ def replay(policy: ExitPolicy, features: SplitFeatures, num_blocks: int, num_pat
                 leaving = decision.exit.cpu().numpy().astype(bool)
                 rows = start + active[leaving]
                 exit_layer[rows] = layer
+                by_policy[rows] = True
                 logits[rows] = decision.logits[torch.from_numpy(leaving)].float().cpu().numpy()
                 active = active[~leaving]
     tokens = np.where(np.arange(1, num_blocks + 1)[None, :] <= exit_layer[:, None], num_patches, 0)
-    return ExitOutcome(exit_layer=exit_layer, logits=logits, tokens=tokens)
+    return ExitOutcome(exit_layer=exit_layer, logits=logits, tokens=tokens, by_policy=by_policy)
 
 
 @torch.inference_mode()
@@ -121,6 +126,7 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
     x = backbone.embed(images.to(backbone.device))
     active = np.arange(batch)
     exit_layer = np.full(batch, num_blocks, dtype=np.int64)
+    by_policy = np.zeros(batch, dtype=bool)
     logits = torch.zeros(batch, classifier.shape[0])
     tokens = np.zeros((batch, num_blocks), dtype=np.int64)
     for layer in range(1, num_blocks + 1):
@@ -131,6 +137,7 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
             decision = policy.decide(layer, view)
             leaving = decision.exit.cpu()
             exit_layer[active[leaving.numpy()]] = layer
+            by_policy[active[leaving.numpy()]] = True
             logits[torch.from_numpy(active[leaving.numpy()])] = decision.logits[leaving].float().cpu()
             x, active = x[~leaving.to(x.device)], active[~leaving.numpy()]
             view = TokenView(x, layer, active)
@@ -142,7 +149,7 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
     if len(active):
         embedding = torch.nn.functional.normalize(backbone.head(x).float(), dim=-1)
         logits[torch.from_numpy(active)] = (backbone.logit_scale * embedding @ classifier.T).cpu()
-    return ExitOutcome(exit_layer=exit_layer, logits=logits.numpy(), tokens=tokens)
+    return ExitOutcome(exit_layer=exit_layer, logits=logits.numpy(), tokens=tokens, by_policy=by_policy)
 
 
 def _drop_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -74,9 +74,10 @@ def quadrants(method_correct: np.ndarray, baseline_correct: np.ndarray) -> Quadr
 
 
 def flops_per_sample(tokens: np.ndarray, block_flops: "BlockFlops", exit_layer: np.ndarray,
-                     head_flops: dict[int, float], exit_layers: list[int]) -> np.ndarray:
+                     head_flops: dict[int, float], exit_layers: list[int], by_policy: np.ndarray) -> np.ndarray:
     """FLOPs each sample cost: embedding, the blocks it ran (at its token counts),
-    the heads evaluated on the way (every exit layer it reached), and the final head."""
+    the policy heads evaluated on the way (every exit layer it reached), and the
+    backbone's own head for samples the policy did not classify."""
     num_blocks = tokens.shape[1]
     total = np.full(len(tokens), float(block_flops.embed))
     for block in range(num_blocks):
@@ -84,7 +85,7 @@ def flops_per_sample(tokens: np.ndarray, block_flops: "BlockFlops", exit_layer: 
         total[ran] += [block_flops(block, int(n)) for n in tokens[ran, block]]
     for layer in exit_layers:
         total[exit_layer >= layer] += head_flops.get(layer, 0.0)
-    total[exit_layer == num_blocks] += block_flops.head
+    total[~by_policy] += block_flops.head
     return total
 
 

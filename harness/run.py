@@ -186,12 +186,13 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     baselines = {"full-depth fp32": base.trace("fp32", "test"), f"full-depth {c.quant}": test}
     baseline_correct = np.asarray(test.logits).argmax(1) == labels
     full = ExitOutcome(np.full(len(labels), num_blocks), np.asarray(test.logits),
-                       np.full((len(labels), num_blocks), base.num_tokens - 1))
+                       np.full((len(labels), num_blocks), base.num_tokens - 1), np.zeros(len(labels), bool))
 
     rows, frames = {}, []
     for name, trace in baselines.items():
         outcome = dataclasses.replace(full, logits=np.asarray(trace.logits))
-        flops = evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, {}, [])
+        flops = evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, {}, [],
+                                          outcome.by_policy)
         rows[name] = {"per_seed": [score(outcome, labels, baseline_correct, flops, full_flops, block_share,
                                          num_blocks, c.seed)], "kind": "baseline"}
         frames.append(_frame(name, c.seed, test, outcome, flops))
@@ -207,7 +208,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
             outcome = replay(policy, test, num_blocks, base.num_tokens - 1)
             head_flops = {layer: policy.head_flops(layer) for layer in policy.exit_layers()}
             flops = evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, head_flops,
-                                              policy.exit_layers())
+                                              policy.exit_layers(), outcome.by_policy)
             metrics = score(outcome, labels, baseline_correct, flops, full_flops, block_share, num_blocks, seed)
             metrics["layer_accuracy"] = layer_accuracy(policy, test, base.classifier.shape[0])
             per_seed.append(metrics)

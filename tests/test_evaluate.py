@@ -50,7 +50,10 @@ class _FakeFlops:
 
 
 def test_flops_per_sample_counts_blocks_heads_and_final_head():
-    tokens = np.array([[4, 4, 4], [4, 4, 0], [4, 2, 2]])  # sample 2 had tokens pruned after block 1
-    exit_layer = np.array([3, 2, 3])
-    flops = flops_per_sample(tokens, _FakeFlops(), exit_layer, head_flops={2: 7.0}, exit_layers=[2])
-    assert flops.tolist() == [10 + 3 * 500 + 7 + 5, 10 + 2 * 500 + 7, 10 + 500 + 2 * 300 + 7 + 5]
+    tokens = np.array([[4, 4, 4], [4, 4, 0], [4, 2, 2], [4, 4, 4]])  # sample 2: tokens pruned after block 1
+    exit_layer = np.array([3, 2, 3, 3])
+    by_policy = np.array([False, True, False, True])  # sample 3 left through a policy head after block 3
+    flops = flops_per_sample(tokens, _FakeFlops(), exit_layer, head_flops={2: 7.0, 3: 4.0}, exit_layers=[2, 3],
+                             by_policy=by_policy)
+    assert flops.tolist() == [10 + 3 * 500 + 7 + 4 + 5, 10 + 2 * 500 + 7, 10 + 500 + 2 * 300 + 7 + 4 + 5,
+                              10 + 3 * 500 + 7 + 4]

@@ -55,6 +55,7 @@ def test_both_drivers_agree_for_a_batch_invariant_quantizer(name, ctx, fit_ctx):
     np.testing.assert_array_equal(real.exit_layer, replayed.exit_layer)
     np.testing.assert_array_equal(real.predictions, replayed.predictions)
     np.testing.assert_array_equal(real.tokens, replayed.tokens)
+    np.testing.assert_array_equal(real.by_policy, replayed.by_policy)
 
 
 def test_cls_ee_exits_early_and_skips_blocks(ctx, fit_ctx):
