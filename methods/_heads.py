@@ -95,6 +95,14 @@ def train_heads(
         head.eval().requires_grad_(False)
 
 
+def load_heads(state: dict, layers: list[int], embed_dim: int) -> nn.ModuleDict:
+    """Rebuild frozen per-layer :class:`ExitHead` modules (keys: layer numbers) from a state dict."""
+    width = state[f"{layers[0]}.net.0.weight"].shape[0]
+    heads = nn.ModuleDict({str(layer): ExitHead(width, embed_dim) for layer in layers})
+    heads.load_state_dict(state)
+    return heads.eval().requires_grad_(False)
+
+
 @dataclass
 class HeadsConfig:
     feature: str = "cls"  # head input: "cls" (CLS token) or "patch_mean" (SSA)
@@ -149,10 +157,5 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
                 "classifier": self.classifier, "logit_scale": self.logit_scale}
 
     def load_state_dict(self, state: dict) -> None:
-        first = state["layers"][0]
-        width = state["heads"][f"{first}.net.0.weight"].shape[0]
-        embed_dim = state["classifier"].shape[1]
-        self.heads = nn.ModuleDict({str(layer): ExitHead(width, embed_dim) for layer in state["layers"]})
-        self.heads.load_state_dict(state["heads"])
-        self.heads.eval().requires_grad_(False)
+        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"].shape[1])
         self.classifier, self.logit_scale = state["classifier"], state["logit_scale"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.policy import Decision, ExitPolicy, FitContext, LayerView, SplitFeatures, register_method
-from methods._heads import ExitHead, head_logits, train_heads
+from methods._heads import ExitHead, head_logits, load_heads, train_heads
 from methods.confidence import confidence_score
 
 GRID = tuple(float(t) for t in np.linspace(0.20, 0.92, 25))  # the paper's 25-point threshold grid
@@ -380,12 +380,7 @@ class LraEE(ExitPolicy):
         feature, routing, gate = state["switches"]
         self.config = replace(self.config, feature=feature, routing=routing, gate=gate)
         self._check_config()
-        first = state["layers"][0]
-        width = state["heads"][f"{first}.net.0.weight"].shape[0]
-        embed_dim = state["classifier"].shape[1]
-        self.heads = nn.ModuleDict({str(layer): ExitHead(width, embed_dim) for layer in state["layers"]})
-        self.heads.load_state_dict(state["heads"])
-        self.heads.eval().requires_grad_(False)
+        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"].shape[1])
         self.gates = _Gates(len(state["gates"]["bias"]))
         self.gates.load_state_dict(state["gates"])
         self.gates.requires_grad_(False)
