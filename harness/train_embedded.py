@@ -152,7 +152,8 @@ def train(cfg: TrainConfig, data_root: Path, out_dir: Path = embedded.EMBEDDED_D
     return card
 
 
-CARD_QUANTIZERS = ("fp32", "int8-dynamic", "int8-torchao", "fake-w8a8", "fake-w6a6", "fake-w4a8", "fake-w4a4")
+CARD_QUANTIZERS = ("fp32", "int8-dynamic", "int8-torchao", "fake-w8a8", "fake-w6a6", "fake-w4a8", "fake-w4a4",
+                   "fake-w8a4-tensor", "fake-w8a3-tensor", embedded.DEFAULT_QUANT)
 
 
 def record_accuracies(quantizers: tuple[str, ...] = CARD_QUANTIZERS) -> dict[str, float]:
@@ -161,7 +162,7 @@ def record_accuracies(quantizers: tuple[str, ...] = CARD_QUANTIZERS) -> dict[str
     from harness.evaluate import zero_shot_top1
 
     ctx = Context(HarnessConfig(model="embedded", data="embedded"))
-    accuracies = {q: round(zero_shot_top1(ctx, q, "test"), 2) for q in quantizers}
+    accuracies = {q: round(zero_shot_top1(ctx, q, "test"), 2) for q in dict.fromkeys(quantizers)}
     card = json.loads(embedded.CARD_PATH.read_text())
     card["zero_shot_test_top1"] = {
         "split": f"embedded test ({len(ctx.splits['test'])} images, Fashion-MNIST t10k)",

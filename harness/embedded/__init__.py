@@ -27,7 +27,10 @@ HOLDOUT_SEED = 20261123
 HOLDOUT_SIZE = 15000
 
 # Default quantizer of the embedded model: the mildest scheme under which its
-# zero-shot top-1 falls by >= 3 points versus fp32 (measured with
-# `python -m harness profile`; numbers in README.md and card.json). Real CLIP
-# models default to int8-dynamic, the paper's scheme.
-DEFAULT_QUANT = "int8-dynamic"  # provisional until the trained weights are profiled
+# zero-shot top-1 falls by >= 3 points versus fp32. The model shrugs off every
+# 8-, 6- and 4-bit scheme of the profile sweep (within 0.3 points on test);
+# with the paper's shape of scheme (8-bit weights, dynamic per-tensor
+# activations) the drop first passes 3 points at 3-bit activations. Screening
+# and numbers: README.md ("Measured on the embedded default") and card.json.
+# Real CLIP models default to int8-dynamic, the paper's scheme.
+DEFAULT_QUANT = "fake-w8a3-tensor"
