@@ -48,9 +48,10 @@ def as_stored(features: torch.Tensor) -> torch.Tensor:
 def layer_features(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CLS [B, D], patch mean [B, D], SAV [B]) of tokens [B, 1 + N, D]."""
     patches = tokens[:, 1:]
-    # mean_i ||z_i - mean||^2 is the per-dimension population variance summed over dimensions
-    var, mean = torch.var_mean(patches, dim=1, correction=0)
-    return tokens[:, 0], mean, var.sum(dim=-1)
+    mean = patches.mean(dim=1)
+    # centred, for accuracy with large activations; torch.var_mean over dim 1 is ~7x slower on CPU
+    sav = (patches - mean[:, None]).square().sum(dim=-1).mean(dim=1)
+    return tokens[:, 0], mean, sav
 
 
 @dataclasses.dataclass
