@@ -76,7 +76,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _config(args).resolved()
     methods = resolve_methods(args.methods)
     metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
-                               latency_images=args.latency_images)
+                               latency_images=args.latency_images, agreement_images=args.agreement_images)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"results/{stamp}-{config.model}-{config.data}-{config.quant}")
     write_results(out, metrics, predictions)
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default: results/TIME-MODEL-DATA-QUANT)")
     p.add_argument("--no-latency", action="store_true", help="skip the real-driver latency measurement")
     p.add_argument("--latency-images", type=int, default=32, help="test images timed by the real driver")
+    p.add_argument("--agreement-images", type=int, default=1024,
+                   help="test images run through the real driver to report its disagreement with trace replay "
+                        "(non-zero only for batch-dependent quantizers); 0 skips")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("profile", help="QIRC noise profile: fp32 vs quantized, block by block",

@@ -117,6 +117,42 @@ def score(outcome: ExitOutcome, labels: np.ndarray, baseline_correct: np.ndarray
     }
 
 
+def _test_images(ctx: Context, count: int) -> torch.Tensor:
+    """The first ``count`` images of the test split, preprocessed, in split order."""
+    backbone, _ = ctx.quantized()
+    split = ctx.splits["test"]
+    indices = split.indices[: min(count, len(split))]
+    return torch.stack([backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in indices])
+
+
+def driver_agreement(ctx: Context, policies: dict[str, ExitPolicy], replayed: dict[str, ExitOutcome],
+                     images: int) -> dict[str, Any]:
+    """How often the real driver and trace replay disagree, on the first ``images`` test images.
+
+    Replay classifies with features traced in full batches; the real driver
+    drops exited samples from the batch. For a batch-invariant quantizer the
+    two agree exactly (tested); for a batch-dependent one (per-tensor
+    activation scales) a sample's features depend on who else is still in the
+    batch, and this is the share of images whose exit layer or prediction
+    changes. ``full-depth`` isolates the effect of batch composition alone.
+    """
+    backbone, quantizer = ctx.quantized()
+    x = _test_images(ctx, images)
+    size = ctx.config.batch_size
+    result: dict[str, Any] = {"images": len(x), "batch_size": size, "batch_invariant": quantizer.batch_invariant,
+                              "methods": {}}
+    for name, policy in {"full-depth": FullDepth(), **policies}.items():
+        parts = [run_early_exit(policy, backbone, x[i:i + size], ctx.classifier) for i in range(0, len(x), size)]
+        exit_layer = np.concatenate([p.exit_layer for p in parts])
+        predictions = np.concatenate([p.predictions for p in parts])
+        reference = replayed[name]
+        result["methods"][name] = {
+            "prediction": float(100 * np.mean(predictions != reference.predictions[: len(x)])),
+            "exit_layer": float(100 * np.mean(exit_layer != reference.exit_layer[: len(x)])),
+        }
+    return result
+
+
 def measure_latency(ctx: Context, policies: dict[str, ExitPolicy], images: int, repeats: int) -> dict[str, Any]:
     """Per-image median wall time of the real driver at batch 1 and at the run's batch size.
 
@@ -124,9 +160,8 @@ def measure_latency(ctx: Context, policies: dict[str, ExitPolicy], images: int, 
     machine noise hits them alike; warm-up runs are excluded.
     """
     backbone, _ = ctx.quantized()
-    split = ctx.splits["test"]
-    count = min(images, len(split))
-    x = torch.stack([backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in split.indices[:count]])
+    x = _test_images(ctx, images)
+    count = len(x)
     batch = x[: min(ctx.config.batch_size, count)]
     contenders = {"full-depth": FullDepth(), **policies}
     single: dict[str, list[float]] = {name: [] for name in contenders}
@@ -167,8 +202,13 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = True,
-        latency_images: int = 32, latency_repeats: int = 3) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
-    """Fit and evaluate ``methods`` over ``seeds``; return (metrics, per-sample predictions)."""
+        latency_images: int = 32, latency_repeats: int = 3,
+        agreement_images: int = 1024) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
+    """Fit and evaluate ``methods`` over ``seeds``; return (metrics, per-sample predictions).
+
+    ``agreement_images`` test images (0: none) also go through the real
+    driver to measure its disagreement with replay (:func:`driver_agreement`).
+    """
     import pandas as pd
 
     started = time.time()
@@ -198,6 +238,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         frames.append(_frame(name, c.seed, test, outcome, flops))
 
     fitted: dict[str, ExitPolicy] = {}
+    replayed: dict[str, ExitOutcome] = {"full-depth": full}
     for name in methods:
         per_seed = []
         for s in range(seeds):
@@ -206,6 +247,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
             policy = fit_policy(ctx, name, seed)
             fitted.setdefault(name, policy)
             outcome = replay(policy, test, num_blocks, base.num_tokens - 1)
+            replayed.setdefault(name, outcome)
             head_flops = {layer: policy.head_flops(layer) for layer in policy.exit_layers()}
             flops = evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, head_flops,
                                               policy.exit_layers(), outcome.by_policy)
@@ -225,6 +267,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         "environment": environment(),
         "rows": rows,
         "latency": measure_latency(base, fitted, latency_images, latency_repeats) if latency else None,
+        "driver_agreement": driver_agreement(base, fitted, replayed, agreement_images) if agreement_images else None,
     }
     metrics["run"]["wall_time_s"] = round(time.time() - started, 1)
     return metrics, pd.concat(frames, ignore_index=True)
@@ -274,7 +317,16 @@ def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
     title = (f"{run_info['backbone']['model']} / {run_info['config']['quant']} / {run_info['dataset']['name']}: "
              f"{run_info['test_samples']} test images, {run_info['seeds']} seed(s)")
     table = tabulate(table_rows(metrics), headers=TABLE_HEADERS, tablefmt=fmt, disable_numparse=True)
-    return f"{title}\n\n{table}\n"
+    text = f"{title}\n\n{table}\n"
+    agreement = metrics.get("driver_agreement")
+    if agreement:
+        kind = "batch-invariant" if agreement["batch_invariant"] else "batch-dependent"
+        rows = [[name, f"{d['prediction']:.2f}", f"{d['exit_layer']:.2f}"] for name, d in agreement["methods"].items()]
+        text += (f"\nReal driver vs trace replay on the first {agreement['images']} test images "
+                 f"(batch {agreement['batch_size']}, {kind} quantizer), first seed:\n\n"
+                 + tabulate(rows, headers=["method", "predictions differ %", "exit layers differ %"],
+                            tablefmt=fmt, disable_numparse=True) + "\n")
+    return text
 
 
 def write_results(out: Path, metrics: dict[str, Any], predictions: "pd.DataFrame") -> None:  # noqa: F821

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -34,10 +35,12 @@ def _count_passes(monkeypatch) -> dict:
 def test_replaying_more_methods_costs_no_backbone_pass(tmp_path, monkeypatch):
     calls = _count_passes(monkeypatch)
     run(_config(tmp_path / "a"), ["cls-ee"], seeds=1, latency=False)
-    assert calls["n"] == 4  # test under int8-dynamic and fp32, heads and gate under int8-dynamic
+    assert calls["n"] == 4  # test under the default quantizer and fp32, heads and gate under the quantizer
     calls["n"] = 0
     run(_config(tmp_path / "b"), resolve_methods("all"), seeds=2, latency=False)
-    assert calls["n"] == 4 + 2  # with --limit, seed 1 redraws heads and gate: nothing per method
+    # a fresh cache: the 4 above, seed 1's redrawn heads and gate (--limit), and the fp32 twin of each seed's
+    # heads split that lra-ee distils from; nothing per method
+    assert calls["n"] == 4 + 2 + 2
     calls["n"] = 0
     run(_config(tmp_path / "b"), resolve_methods("all"), seeds=2, latency=False)
     assert calls["n"] == 0  # traces and fitted policies all cached
@@ -64,6 +67,23 @@ def test_results_folder_and_tables(tmp_path):
     with pytest.raises(Exception, match="exists already"):
         write_results(out, metrics, predictions)
     assert format_tables(metrics) == table
+
+
+def test_driver_disagreement_is_reported_and_zero_where_batches_match(tmp_path):
+    """Default quantizer is per-tensor (batch-dependent): replay and the real driver see the same full
+    batches at full depth, so only exits can make them differ; a batch-invariant one never differs."""
+    config = _config(tmp_path / "cache")
+    metrics, _ = run(config, ["cls-ee", "pabee"], seeds=1, latency=False, agreement_images=32)
+    agreement = metrics["driver_agreement"]
+    assert agreement["images"] == 32 and agreement["batch_invariant"] is False
+    assert set(agreement["methods"]) == {"full-depth", "cls-ee", "pabee"}
+    assert agreement["methods"]["full-depth"] == {"prediction": 0.0, "exit_layer": 0.0}
+    assert "Real driver vs trace replay on the first 32 test images" in format_tables(metrics)
+
+    invariant = dataclasses.replace(config, quant="int8-torchao")
+    metrics, _ = run(invariant, ["cls-ee", "pabee"], seeds=1, latency=False, agreement_images=32)
+    assert metrics["driver_agreement"]["batch_invariant"] is True
+    assert all(d == {"prediction": 0.0, "exit_layer": 0.0} for d in metrics["driver_agreement"]["methods"].values())
 
 
 PLUGIN = '''
