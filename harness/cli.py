@@ -148,6 +148,37 @@ def _cmd_train_embedded(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from harness import leaderboard
+
+    out = Path(args.out)
+    rows = leaderboard.write(args.results, out)
+    print(f"wrote {out} ({rows} rows from {len(args.results)} results)")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from harness import check
+    from harness.results import read_metrics
+
+    _, baseline = read_metrics(args.baseline)
+    if args.current:
+        _, current = read_metrics(args.current)
+    else:
+        print("re-running the baseline's config (no latency)", file=sys.stderr)
+        current = check.rerun(baseline, cache_dir=args.cache_dir)
+    checks = check.compare(baseline, current, args.tolerance, args.flops_tolerance)
+    print(check.format_checks(checks))
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (tolerances: top-1 {args.tolerance}, FLOPs saving "
+              f"{args.flops_tolerance} points)")
+        return 1
+    exact = all((c.current_top1, c.current_flops) == (c.baseline_top1, c.baseline_flops) for c in checks)
+    print("passed: " + ("identical to the baseline" if exact else "within tolerance of the baseline"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m harness",
@@ -206,6 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate-only", action="store_true",
                    help="only re-measure the card's zero-shot accuracies of the shipped weights")
     p.set_defaults(func=_cmd_train_embedded)
+
+    p = sub.add_parser("check", help="regression check: top-1 and FLOPs saving against baseline metrics",
+                       epilog="examples:\n  python -m harness check --baseline results/baseline/metrics.json\n"
+                              "  python -m harness check --baseline results/baseline --current results/RUN",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", required=True, help="baseline run folder or its metrics.json")
+    p.add_argument("--current", default=None,
+                   help="run folder to compare (default: re-run the baseline's config, methods and seeds)")
+    p.add_argument("--tolerance", type=float, default=0.5, help="allowed top-1 drop, percentage points")
+    p.add_argument("--flops-tolerance", type=float, default=0.5,
+                   help="allowed change of FLOPs saving either way, percentage points")
+    p.add_argument("--cache-dir", default=None, help="cache folder for a re-run (default as for `run`)")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("leaderboard", help="one static HTML page (table, Pareto plot, configs) from run folders",
+                       epilog="examples:\n  python -m harness leaderboard results/*/metrics.json -o leaderboard/index.html",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="folders written by `run`, or their metrics.json files")
+    p.add_argument("-o", "--out", default="leaderboard/index.html", help="HTML file to write")
+    p.set_defaults(func=_cmd_leaderboard)
     return parser
 
 

@@ -30,8 +30,7 @@ from harness.errors import ConfigError
 from harness.drivers import ExitOutcome, TraceView, replay, run_early_exit
 from harness.policy import METHODS, Decision, ExitPolicy, FitContext, LayerView, create_method
 from harness.provenance import environment
-
-SCHEMA_VERSION = 1
+from harness.results import SCHEMA_VERSION
 
 
 class FullDepth(ExitPolicy):
@@ -239,11 +238,15 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
 
     fitted: dict[str, ExitPolicy] = {}
     replayed: dict[str, ExitOutcome] = {"full-depth": full}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(methods) * seeds, desc="fit and replay", unit="fit", disable=not base.progress)
     for name in methods:
         per_seed = []
         for s in range(seeds):
             seed = c.seed + s
             ctx = base.with_seed(seed)
+            bar.set_postfix_str(f"{name} seed {seed}")
             policy = fit_policy(ctx, name, seed)
             fitted.setdefault(name, policy)
             outcome = replay(policy, test, num_blocks, base.num_tokens - 1)
@@ -255,7 +258,9 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
             metrics["layer_accuracy"] = layer_accuracy(policy, test, base.classifier.shape[0])
             per_seed.append(metrics)
             frames.append(_frame(name, seed, test, outcome, flops))
+            bar.update()
         rows[name] = {"per_seed": per_seed, "kind": "method", "config": fitted[name].describe()["config"]}
+    bar.close()
 
     for row in rows.values():
         row["summary"] = _aggregate(row["per_seed"])

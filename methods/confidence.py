@@ -34,8 +34,9 @@ def confidence_score(logits: torch.Tensor, score: str) -> torch.Tensor:
 
 @dataclass
 class ConfidenceConfig(HeadsConfig):
-    score: str = "maxprob"  # maxprob | margin | entropy
-    threshold: float = 0.9  # exit when score >= threshold
+    # margin by default: maxprob with one threshold is what cls-ee already does
+    score: str = "margin"  # maxprob | margin | entropy
+    threshold: float = 0.8  # exit when score >= threshold
 
 
 @register_method("confidence")

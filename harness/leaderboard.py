@@ -1,0 +1,336 @@
+"""``python -m harness leaderboard``: one static HTML page from any number of run folders.
+
+The page is built only from results files (``metrics.json`` written by
+``python -m harness run``): a sortable, filterable table with one row per
+backbone, dataset, quantizer, method and config, a top-1 vs FLOPs saving
+Pareto plot, each row's exit distribution, and every run's config and
+environment. CSS, SVG and script are inline, so the page opens from disk
+with no network. Every string from a results file is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from markupsafe import Markup
+
+import harness
+from harness._io import atomic_write_text
+from harness.results import read_metrics
+
+# Source checkouts only: the template is not package data, so a wheel install has no leaderboard.
+TEMPLATE_DIR = Path(harness.__file__).resolve().parent.parent / "leaderboard"
+TEMPLATE = "template.html.j2"
+# Okabe-Ito, without its yellow (too light on white): distinct for colour-blind readers.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+
+
+def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Read the ``metrics.json`` of each run folder (or each metrics file given directly).
+
+    Args:
+        paths: folders written by ``python -m harness run``, or paths to their ``metrics.json``.
+
+    Returns:
+        One dict per path, in the order given: ``path`` (the metrics file), ``label``
+        (its folder's name), ``anchor`` (an HTML id unique on the page) and ``metrics``.
+
+    Raises:
+        ConfigError: a path holds no metrics file, or one that is not JSON or has
+            another schema version.
+    """
+    results = []
+    for index, given in enumerate(paths):
+        file, metrics = read_metrics(given)
+        label = file.resolve().parent.name
+        results.append({"path": str(file), "label": label, "anchor": f"run-{index}-{_slug(label)}",
+                        "metrics": metrics})
+    return results
+
+
+def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (backbone, dataset, quantizer, method, config) over ``results``, in the order given.
+
+    The config is the run's (its cache folder aside), its seed count and the
+    method's own. A row found again in a later results file (a rerun) is
+    shown once, with the later file's numbers. Percentages are in percent;
+    values a run did not record (latency skipped, non-finite numbers) are None.
+    ``net_rescue_pct`` is (rescued - lost) over the test samples, against
+    full depth under the same quantizer; the CI is the first seed's.
+    """
+    rows: dict[tuple[str, ...], dict[str, Any]] = {}
+    for result in results:
+        metrics = result["metrics"]
+        run = metrics["run"]
+        config = run["config"]
+        quant = config["quant"]
+        backbone = str((run.get("backbone") or {}).get("model") or config["model"])
+        dataset = str((run.get("dataset") or {}).get("name") or config["data"])
+        reference = metrics["rows"].get(f"full-depth {quant}")
+        reference_top1 = _number(reference["summary"]["top1"]["mean"]) if reference else None
+        latency = (metrics.get("latency") or {}).get("methods", {})
+        run_config = {k: v for k, v in config.items() if k != "cache_dir"}
+        for name, row in metrics["rows"].items():
+            first, top1 = row["per_seed"][0], row["summary"]["top1"]
+            # the latency reference is full depth under the run's quantizer, stored as "full-depth"
+            lat = latency.get("full-depth" if name == f"full-depth {quant}" else name) or {}
+            quadrants = first["quadrants"]
+            samples = sum(quadrants[k] for k in ("both_correct", "rescued", "lost", "both_wrong"))
+            exits = sorted((int(layer), float(share)) for layer, share in first["exit_distribution"].items())
+            total_share = sum(share for _, share in exits)
+            mean = _number(top1["mean"])
+            low, high = first["top1_ci"]
+            key = (backbone, dataset, str(quant), name,
+                   json.dumps([run_config, run.get("seeds"), row.get("config")], sort_keys=True, default=str))
+            rows[key] = {
+                "anchor": result["anchor"], "run": result["label"],
+                "backbone": backbone, "dataset": dataset, "quantizer": str(quant), "method": name,
+                "kind": row.get("kind", "method"), "method_config": row.get("config"),
+                "seeds": len(row["per_seed"]), "test_samples": run.get("test_samples"),
+                "top1_mean": mean, "top1_std": _number(top1["std"]),
+                "top1_ci": (_number(low), _number(high)),
+                "delta": mean - reference_top1 if mean is not None and reference_top1 is not None else None,
+                "flops_saving": _number(row["summary"]["flops_saving"]["mean"]),
+                "latency_throughput_saving": _number(lat.get("throughput_saving")),
+                "latency_batch1_saving": _number(lat.get("batch1_saving")),
+                "net_rescue": quadrants["net_rescue"],
+                "net_rescue_pct": 100 * quadrants["net_rescue"] / samples if samples else None,
+                "exits": exits,
+                "mean_exit": sum(layer * share for layer, share in exits) / total_share if total_share else None,
+                "num_blocks": (run.get("backbone") or {}).get("blocks"),
+            }
+    return list(rows.values())
+
+
+def pareto_svg(rows: list[dict[str, Any]]) -> Markup:
+    """Top-1 (y) against FLOPs saving (x) as inline SVG: one point per row, one colour per
+    backbone / dataset / quantizer, and that group's Pareto front as a dashed line.
+
+    Baselines are squares, methods circles; hovering a point names its row. Every
+    element carries its row's backbone, dataset and quantizer, so the page's
+    filters hide it with the table rows.
+    """
+    points = [r for r in rows if r["flops_saving"] is not None and r["top1_mean"] is not None]
+    if not points:
+        return Markup('<svg class="pareto" width="400" height="40" role="img"><text x="0" y="24">'
+                      "no row has both top-1 and FLOPs saving</text></svg>")
+    groups = list(dict.fromkeys(_group(r) for r in points))
+    colour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+    frame = _Frame(left=60, top=16, width=650, height=340,
+                   xs=_ticks(min(0.0, *(r["flops_saving"] for r in points)), max(r["flops_saving"] for r in points)),
+                   ys=_ticks(min(r["top1_mean"] for r in points), max(r["top1_mean"] for r in points)))
+    width, legend_top = frame.left + frame.width + 190, frame.top + frame.height + 56
+    height = legend_top + 18 * len(groups) + 8
+    parts = [Markup('<svg class="pareto" width="{0}" height="{1}" viewBox="0 0 {0} {1}" role="img" '
+                    'aria-label="top-1 against FLOPs saving">').format(width, height), frame.axes()]
+    for group in groups:
+        front = _front([r for r in points if _group(r) == group])
+        if len(front) > 1:
+            coords = " ".join(f"{frame.px(r['flops_saving']):.1f},{frame.py(r['top1_mean']):.1f}" for r in front)
+            parts.append(Markup('<polyline class="front" {} points="{}" stroke="{}"/>')
+                         .format(_filter_attributes(front[0]), coords, colour[group]))
+    for r in points:
+        x, y, fill = frame.px(r["flops_saving"]), frame.py(r["top1_mean"]), colour[_group(r)]
+        shape = (Markup('<rect x="{:.1f}" y="{:.1f}" width="8" height="8" fill="{}"/>').format(x - 4, y - 4, fill)
+                 if r["kind"] == "baseline" else
+                 Markup('<circle cx="{:.1f}" cy="{:.1f}" r="4.5" fill="{}"/>').format(x, y, fill))
+        hover = (f"{r['method']} ({' / '.join(_group(r))}, {r['run']}): "
+                 f"top-1 {r['top1_mean']:.2f}%, FLOPs saving {r['flops_saving']:.1f}%")
+        parts.append(Markup('<g class="pt" {}>{}<title>{}</title></g>').format(_filter_attributes(r), shape, hover))
+    taken: list[tuple[float, float, float, float]] = []
+    for cluster in _clusters(points, frame):
+        names = list(dict.fromkeys(r["method"] for r in cluster))
+        text = ", ".join(names[:2]) + (f" +{len(names) - 2}" if len(names) > 2 else "")
+        box = _place_label(text, frame.px(cluster[0]["flops_saving"]), frame.py(cluster[0]["top1_mean"]),
+                           taken, (frame.left, width))
+        if box:  # a label with no free spot near its point is left out; hovering the point still names it
+            taken.append(box)
+            parts.append(Markup('<text class="label" {} x="{:.1f}" y="{:.1f}" fill="{}">{}</text>')
+                         .format(_filter_attributes(cluster[0]), box[0], box[3] - 2, colour[_group(cluster[0])], text))
+    for i, group in enumerate(groups):
+        first = next(r for r in points if _group(r) == group)
+        parts.append(Markup('<g class="legend" {}><rect x="{}" y="{}" width="10" height="10" fill="{}"/>'
+                            '<text x="{}" y="{}">{}</text></g>')
+                     .format(_filter_attributes(first), frame.left, legend_top + 18 * i - 9, colour[group],
+                             frame.left + 16, legend_top + 18 * i, " / ".join(group)))
+    parts.append(Markup('<text class="tick" x="{}" y="{}">&#9632; full depth &#160; &#9679; exit method &#160; '
+                        "- - - Pareto front of a colour</text>").format(frame.left, legend_top + 18 * len(groups)))
+    parts.append(Markup("</svg>"))
+    return Markup("").join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+    """The plot area in pixels, and the tick values its edges sit on."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    xs: list[float]
+    ys: list[float]
+
+    def px(self, x: float) -> float:
+        return self.left + (x - self.xs[0]) / (self.xs[-1] - self.xs[0]) * self.width
+
+    def py(self, y: float) -> float:
+        return self.top + self.height - (y - self.ys[0]) / (self.ys[-1] - self.ys[0]) * self.height
+
+    def axes(self) -> Markup:
+        """Grid lines, tick labels, the frame and the axis titles."""
+        bottom, right = self.top + self.height, self.left + self.width
+        parts = [Markup('<line class="grid" x1="{0:.1f}" x2="{0:.1f}" y1="{1}" y2="{2}"/>'
+                        '<text class="tick" x="{0:.1f}" y="{3}" text-anchor="middle">{4}</text>')
+                 .format(self.px(x), self.top, bottom, bottom + 16, _tick_label(x)) for x in self.xs]
+        parts += [Markup('<line class="grid" x1="{0}" x2="{1}" y1="{2:.1f}" y2="{2:.1f}"/>'
+                         '<text class="tick" x="{3}" y="{4:.1f}" text-anchor="end">{5}</text>')
+                  .format(self.left, right, self.py(y), self.left - 6, self.py(y) + 4, _tick_label(y)) for y in self.ys]
+        parts.append(Markup('<rect class="frame" x="{}" y="{}" width="{}" height="{}"/>'
+                            '<text class="axis" x="{}" y="{}" text-anchor="middle">FLOPs saving (%)</text>'
+                            '<text class="axis" transform="translate(16 {}) rotate(-90)" text-anchor="middle">'
+                            "top-1 (%)</text>")
+                     .format(self.left, self.top, self.width, self.height, self.left + self.width / 2, bottom + 36,
+                             self.top + self.height / 2))
+        return Markup("").join(parts)
+
+
+def exit_bar_svg(exits: list[tuple[int, float]], num_blocks: int | None) -> Markup:
+    """A 120-pixel stacked bar of the share of samples leaving at each layer (full depth grey)."""
+    deepest = num_blocks or max((layer for layer, _ in exits), default=1)
+    parts = [Markup('<svg class="exits" width="120" height="12" role="img" aria-label="{}">')
+             .format(", ".join(f"layer {layer}: {share:.1f}%" for layer, share in exits))]
+    x = 0.0
+    for layer, share in exits:
+        # early exits green, late ones blue; samples that ran every block grey
+        fill = "#9aa3ad" if layer >= deepest else f"hsl({140 + 80 * layer / deepest:.0f}, 60%, 45%)"
+        parts.append(Markup('<rect x="{:.2f}" y="0" width="{:.2f}" height="12" fill="{}">'
+                            "<title>layer {}: {:.1f}%</title></rect>")
+                     .format(x, 1.2 * share, fill, layer, share))
+        x += 1.2 * share
+    parts.append(Markup("</svg>"))
+    return Markup("").join(parts)
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    """The leaderboard page of ``results`` (from :func:`load_results`) as HTML text."""
+    return _render(results, leaderboard_rows(results))
+
+
+def write(paths: Iterable[str | Path], out: Path) -> int:
+    """Render the results at ``paths`` to ``out`` atomically; return the number of table rows.
+
+    Example:
+        >>> write(["results/20250101-120000-embedded-embedded-int8-dynamic"], Path("leaderboard/index.html"))
+    """
+    results = load_results(paths)
+    rows = leaderboard_rows(results)
+    atomic_write_text(Path(out), _render(results, rows))
+    return len(rows)
+
+
+def _render(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    import jinja2
+
+    if not (TEMPLATE_DIR / TEMPLATE).is_file():
+        raise FileNotFoundError(f"leaderboard template {TEMPLATE_DIR / TEMPLATE} not found: the leaderboard "
+                                "needs a source checkout of exitbench (the template is not installed with the package)")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.globals["exit_bar"] = exit_bar_svg
+    filters = {key: sorted({r[key] for r in rows}) for key in ("backbone", "dataset", "quantizer")}
+    return env.get_template(TEMPLATE).render(rows=rows, runs=[_run_card(r) for r in results],
+                                             filters=filters, pareto=pareto_svg(rows))
+
+
+def _run_card(result: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows of one results file: identity, size, time, and its configs as JSON text."""
+    metrics = result["metrics"]
+    run, environment = metrics["run"], metrics.get("environment") or {}
+    method_configs = {name: row["config"] for name, row in metrics["rows"].items() if row.get("config") is not None}
+    return {
+        "anchor": result["anchor"], "label": result["label"], "path": result["path"],
+        "backbone": (run.get("backbone") or {}).get("model") or run["config"]["model"],
+        "dataset": (run.get("dataset") or {}).get("name") or run["config"]["data"],
+        "quantizer": run["config"]["quant"], "seeds": run.get("seeds"), "test_samples": run.get("test_samples"),
+        "wall_time_s": run.get("wall_time_s"), "timestamp": environment.get("timestamp"),
+        "git_revision": environment.get("git_revision"),
+        "config_json": json.dumps(run["config"], indent=2, default=str),
+        "method_configs_json": json.dumps(method_configs, indent=2, default=str) if method_configs else None,
+        "environment_json": json.dumps(environment, indent=2, default=str),
+    }
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for a value the run did not record (null, NaN)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
+
+
+def _group(row: dict[str, Any]) -> tuple[str, str, str]:
+    return row["backbone"], row["dataset"], row["quantizer"]
+
+
+def _filter_attributes(row: dict[str, Any]) -> Markup:
+    return Markup('data-backbone="{}" data-dataset="{}" data-quantizer="{}"').format(*_group(row))
+
+
+def _front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows no other row beats on both FLOPs saving and top-1, by increasing FLOPs saving."""
+    front: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: (-r["flops_saving"], -r["top1_mean"])):
+        if not front or r["top1_mean"] > front[-1]["top1_mean"]:
+            front.append(r)
+    return front[::-1]
+
+
+def _clusters(points: list[dict[str, Any]], frame: _Frame) -> list[list[dict[str, Any]]]:
+    """Points of one backbone / dataset / quantizer lying within 4 pixels of each other share a label."""
+    clusters: list[list[dict[str, Any]]] = []
+    for r in points:
+        for cluster in clusters:
+            c = cluster[0]
+            if (_group(c) == _group(r) and abs(frame.px(c["flops_saving"]) - frame.px(r["flops_saving"])) < 4
+                    and abs(frame.py(c["top1_mean"]) - frame.py(r["top1_mean"])) < 4):
+                cluster.append(r)
+                break
+        else:
+            clusters.append([r])
+    return clusters
+
+
+def _place_label(text: str, x: float, y: float, taken: list[tuple[float, float, float, float]],
+                 bounds: tuple[float, float]) -> tuple[float, float, float, float] | None:
+    """A free box (x0, y0, x1, y1) for ``text`` right of the point at (x, y), else left of it, else None."""
+    width = 6.2 * len(text)  # 11 px sans-serif, roughly
+    for dy in (0, 12, -12, 24, -24):
+        for x0 in (x + 7, x - 7 - width):
+            box = (x0, y + dy - 8, x0 + width, y + dy + 5)
+            if bounds[0] <= box[0] and box[2] <= bounds[1] and not any(
+                    box[0] < t[2] and t[0] < box[2] and box[1] < t[3] and t[1] < box[3] for t in taken):
+                return box
+    return None
+
+
+def _ticks(low: float, high: float, count: int = 6) -> list[float]:
+    """Round tick values (steps of 1, 2 or 5 times a power of ten) covering [low, high]."""
+    if high - low < 1e-9:
+        low, high = low - 1, high + 1
+    raw = (high - low) / (count - 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    start, stop = math.floor(low / step), math.ceil(high / step)
+    return [i * step for i in range(start, stop + 1)]
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:.10g}" if abs(value) >= 1e-9 else "0"
