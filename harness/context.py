@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -113,7 +114,29 @@ class Context:
             embed_dim=backbone.embed_dim,
             block_flops=[float(block_flops(self.backbone, self.num_tokens, i)) for i in range(backbone.num_blocks)],
             seed=self.config.seed if seed is None else seed,
+            store=functools.partial(self._stored_fit, quant, self.config.seed if seed is None else seed),
         )
+
+    def _stored_fit(self, quant: str | None, seed: int, name: str, build: Callable[[], dict]) -> dict:
+        """:meth:`FitContext.cached` on disk: keyed by ``name``, the fit splits' traces and rows, and the seed."""
+        import hashlib
+        import json
+
+        from harness._io import atomic_path
+
+        data = [(t.meta["key"], hashlib.sha256(np.asarray(t.indices).tobytes()).hexdigest())
+                for t in (self.trace(quant, "heads"), self.trace(quant, "gate"))]
+        key = hashlib.sha256(json.dumps([name, data, seed]).encode()).hexdigest()[:32]
+        path = self.cache_dir / "fits" / f"{key}.pt"
+        if path.is_file():
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception:  # a damaged entry is rebuilt below
+                path.unlink(missing_ok=True)
+        result = build()
+        with atomic_path(path) as tmp:
+            torch.save(result, tmp)
+        return result
 
     @cached_property
     def num_tokens(self) -> int:

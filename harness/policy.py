@@ -125,6 +125,7 @@ class FitContext:
         seed: seeds head init, data order, gate init.
         load_heads_fp32: builds :attr:`heads_fp32` on first use (an extra
             backbone pass that only distilling methods pay for).
+        store: the harness's on-disk memo behind :meth:`cached` (None: no caching).
     """
 
     heads: SplitFeatures
@@ -137,10 +138,20 @@ class FitContext:
     block_flops: list[float]
     seed: int = 0
     load_heads_fp32: Callable[[], SplitFeatures] | None = None
+    store: Callable[[str, Callable[[], dict]], dict] | None = None
 
     @property
     def num_classes(self) -> int:
         return self.classifier.shape[0]
+
+    def cached(self, name: str, build: Callable[[], dict]) -> dict:
+        """``build()`` (a dict of tensors and plain values), computed once per ``name``, fit data and seed.
+
+        For work that several methods or configs share, such as heads trained
+        with one recipe: ``name`` must say everything the result depends on
+        beyond the fit data and the seed (config, code version).
+        """
+        return build() if self.store is None else self.store(name, build)
 
     @cached_property
     def heads_fp32(self) -> SplitFeatures:

@@ -14,7 +14,11 @@ heads are weighted in training and in the exit rule.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,6 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.policy import ExitPolicy, FitContext, LayerView
+
+
+# Part of the key of cached heads: a change to this file retrains them.
+_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 class ExitHead(nn.Module):
@@ -136,13 +144,22 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
     def fit(self, ctx: FitContext) -> None:
         layers = list(self.config.exit_layers or range(1, ctx.num_blocks))
         self.classifier, self.logit_scale = ctx.classifier.float(), ctx.logit_scale
-        torch.manual_seed(ctx.seed)
-        heads = {layer: ExitHead(ctx.width, ctx.embed_dim) for layer in layers}
-        features = getattr(ctx.heads, self.config.feature)
-        train_heads(heads, {layer: features[:, layer] for layer in layers}, ctx.heads.labels,
-                    self.classifier, self.logit_scale, seed=ctx.seed, weights=self.loss_weights(layers),
-                    epochs=self.config.epochs, batch_size=self.config.batch_size, lr=self.config.lr)
-        self.heads = nn.ModuleDict({str(layer): head for layer, head in heads.items()})
+        weights = self.loss_weights(layers)
+        recipe = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(HeadsConfig)}
+
+        def train() -> dict:
+            with torch.random.fork_rng():
+                torch.manual_seed(ctx.seed)
+                heads = {layer: ExitHead(ctx.width, ctx.embed_dim) for layer in layers}
+            features = getattr(ctx.heads, self.config.feature)
+            train_heads(heads, {layer: features[:, layer] for layer in layers}, ctx.heads.labels,
+                        self.classifier, self.logit_scale, seed=ctx.seed, weights=weights,
+                        epochs=self.config.epochs, batch_size=self.config.batch_size, lr=self.config.lr)
+            return nn.ModuleDict({str(layer): head for layer, head in heads.items()}).state_dict()
+
+        # methods with the same head recipe (cls-ee, confidence, threshold sweeps) train the heads once
+        name = json.dumps(["per-layer-heads", recipe, layers, sorted(weights.items()), _CODE_VERSION], default=str)
+        self.heads = load_heads(ctx.cached(name, train), layers, ctx.embed_dim)
 
     def layer_logits(self, layer: int, view: LayerView) -> torch.Tensor:
         """The layer's head applied to the view's feature."""

@@ -62,3 +62,30 @@ def test_confidence_scores_by_hand():
 def test_head_feature_must_exist():
     with pytest.raises(ValueError, match="feature must be"):
         create_method("confidence", feature="attention")
+
+
+def test_methods_with_one_head_recipe_train_the_heads_once(tmp_path, monkeypatch):
+    import methods._heads as heads_module
+    from harness.config import HarnessConfig
+    from harness.context import Context
+
+    trained = {"n": 0}
+    real = heads_module.train_heads
+
+    def counting(*args, **kwargs):
+        trained["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(heads_module, "train_heads", counting)
+    ctx = Context(HarnessConfig(limit=64, batch_size=32, cache_dir=str(tmp_path)), progress=False)
+    cls_ee = create_method("cls-ee", epochs=1)
+    cls_ee.fit(ctx.fit_context())
+    confidence = create_method("confidence", epochs=1, score="entropy", threshold=0.5)
+    confidence.fit(ctx.fit_context())
+    assert trained["n"] == 1  # same feature, layers, recipe and seed: cached
+    for (name, a), (_, b) in zip(cls_ee.heads.state_dict().items(), confidence.heads.state_dict().items()):
+        assert torch.equal(a, b), name
+    create_method("pabee", epochs=1).fit(ctx.fit_context())  # other loss weights
+    create_method("cls-ee", epochs=1).fit(ctx.fit_context(seed=1))  # another seed
+    create_method("cls-ee", epochs=2).fit(ctx.fit_context())  # another recipe
+    assert trained["n"] == 4
