@@ -11,6 +11,7 @@ FLOPs tolerance (both in percentage points), or when it is missing.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,13 @@ def config_differences(baseline: dict[str, Any], current: dict[str, Any]) -> lis
     a, b = baseline["run"], current["run"]
     fields = sorted(set(a["config"]) | set(b["config"]))
     diffs = [f for f in fields if f not in _LOCAL_FIELDS and a["config"].get(f) != b["config"].get(f)]
-    return diffs + [k for k in ("seeds", "test_samples") if a.get(k) != b.get(k)]
+    diffs += [k for k in ("seeds", "test_samples") if a.get(k) != b.get(k)]
+    return diffs + (["method overrides"] if _overrides(a) != _overrides(b) else [])
+
+
+def _overrides(run_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """--set values of a run, as JSON gives them back (tuples as lists)."""
+    return json.loads(json.dumps(run_info.get("overrides") or {}))
 
 
 def rerun(baseline: dict[str, Any], cache_dir: str | None = None) -> dict[str, Any]:
@@ -81,7 +88,7 @@ def rerun(baseline: dict[str, Any], cache_dir: str | None = None) -> dict[str, A
     saved = {k: v for k, v in baseline["run"]["config"].items() if k in fields and k not in _LOCAL_FIELDS}
     config = HarnessConfig(**saved, cache_dir=cache_dir)
     metrics, _ = run(config, baseline["run"]["methods"], baseline["run"]["seeds"], latency=False,
-                     agreement_images=0)
+                     agreement_images=0, overrides=_overrides(baseline["run"]))
     return metrics
 
 

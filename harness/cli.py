@@ -49,6 +49,17 @@ def _config(args: argparse.Namespace, **overrides: object) -> "HarnessConfig":
     return HarnessConfig(**{**values, **overrides})
 
 
+def _default_config(method: str) -> str:
+    """``key=value, ...`` of a method's default config ('?' if it cannot be built)."""
+    from harness.policy import create_method
+
+    try:
+        config = create_method(method).describe()["config"]
+    except Exception as exc:  # a broken plugin is listed, not fatal
+        return f"? ({type(exc).__name__})"
+    return ", ".join(f"{key}={value}" for key, value in config.items()) or "-"
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -57,7 +68,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from harness.policy import METHODS
     from harness.quantizers import QUANTIZERS
 
-    for registry in (METHODS, QUANTIZERS, DATASETS):
+    print(tabulate([(name, text, _default_config(name)) for name, text in METHODS.describe()],
+                   headers=["method", "description", "default config (change with run --set METHOD.KEY=VALUE)"],
+                   maxcolwidths=[None, 50, 60]))
+    print()
+    for registry in (QUANTIZERS, DATASETS):
         print(tabulate(registry.describe(), headers=[registry.kind, "description"]))
         print()
     names = list_backbones()
@@ -71,12 +86,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import datetime
 
-    from harness.run import format_tables, resolve_methods, run, write_results
+    from harness.run import format_tables, parse_overrides, resolve_methods, run, write_results
 
     config = _config(args).resolved()
     methods = resolve_methods(args.methods)
     metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
-                               latency_images=args.latency_images, agreement_images=args.agreement_images)
+                               latency_images=args.latency_images, agreement_images=args.agreement_images,
+                               overrides=parse_overrides(args.set, methods))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"results/{stamp}-{config.model}-{config.data}-{config.quant}")
     write_results(out, metrics, predictions)
@@ -195,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p)
     p.add_argument("--methods", default="all", help="'all' or a comma-separated list (see `list`)")
     p.add_argument("--seeds", type=int, default=3, help="seeds re-drawing head init, data order and gate split")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="change a method's config (repeatable; `list` shows the options), e.g. pabee.patience=4")
     p.add_argument("--out", default=None, help="results folder (default: results/TIME-MODEL-DATA-QUANT)")
     p.add_argument("--no-latency", action="store_true", help="skip the real-driver latency measurement")
     p.add_argument("--latency-images", type=int, default=32, help="test images timed by the real driver")

@@ -68,9 +68,33 @@ def _policy_key(policy: ExitPolicy, fit_ctx: FitContext) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def fit_policy(ctx: Context, name: str, seed: int) -> ExitPolicy:
-    """A fitted ``name`` for ``seed``, loaded from the cache when an identical fit exists."""
-    policy = create_method(name)
+def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``["pabee.patience=4", ...]`` -> ``{"pabee": {"patience": 4}}``; values are JSON, else strings.
+
+    Unknown methods or config keys raise :class:`ConfigError` naming the known ones.
+    """
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, raw = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not (sep and dot and key):
+            raise ConfigError(f"--set {item!r}: expected METHOD.KEY=VALUE, e.g. pabee.patience=4")
+        if method not in methods:
+            raise ConfigError(f"--set {item!r}: {method!r} is not among the methods of this run ({', '.join(methods)})")
+        known = create_method(method).describe()["config"]
+        if key not in known:
+            raise ConfigError(f"--set {item!r}: {method} has no option {key!r} (options: {', '.join(known)})")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(method, {})[key] = tuple(value) if isinstance(value, list) else value
+    return overrides
+
+
+def fit_policy(ctx: Context, name: str, seed: int, **config: Any) -> ExitPolicy:
+    """A fitted ``name`` (with ``config`` overrides) for ``seed``, from the cache when an identical fit exists."""
+    policy = create_method(name, **config)
     fit_ctx = ctx.fit_context(seed=seed)
     path = ctx.cache_dir / "policies" / f"{_policy_key(policy, fit_ctx)}.pt"
     if path.is_file():
@@ -201,9 +225,12 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = True,
-        latency_images: int = 32, latency_repeats: int = 3,
-        agreement_images: int = 1024) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
+        latency_images: int = 32, latency_repeats: int = 3, agreement_images: int = 1024,
+        overrides: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
     """Fit and evaluate ``methods`` over ``seeds``; return (metrics, per-sample predictions).
+
+    ``overrides`` maps a method to config values that replace its defaults
+    (:func:`parse_overrides`).
 
     ``agreement_images`` test images (0: none) also go through the real
     driver to measure its disagreement with replay (:func:`driver_agreement`).
@@ -247,7 +274,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
             seed = c.seed + s
             ctx = base.with_seed(seed)
             bar.set_postfix_str(f"{name} seed {seed}")
-            policy = fit_policy(ctx, name, seed)
+            policy = fit_policy(ctx, name, seed, **(overrides or {}).get(name, {}))
             fitted.setdefault(name, policy)
             outcome = replay(policy, test, num_blocks, base.num_tokens - 1)
             replayed.setdefault(name, outcome)
@@ -266,7 +293,8 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         row["summary"] = _aggregate(row["per_seed"])
     metrics = {
         "schema_version": SCHEMA_VERSION,
-        "run": {**base.describe(), "methods": methods, "seeds": seeds, "test_samples": len(labels),
+        "run": {**base.describe(), "methods": methods, "overrides": overrides or {}, "seeds": seeds,
+                "test_samples": len(labels),
                 "bad_images": test.bad_images, "full_depth_flops": full_flops,
                 "wall_time_s": None},
         "environment": environment(),

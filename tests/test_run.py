@@ -153,3 +153,20 @@ def test_plugin_from_another_package_runs_through_run(tmp_path):
     assert rows["halfway"]["per_seed"][0]["exit_distribution"] == {"6": 100.0}
     assert rows["halfway"]["per_seed"][0]["flops_saving_paper_formula"] == pytest.approx(50.0)
     assert "halfway" in proc.stdout and "cls-ee" in proc.stdout
+
+
+def test_set_overrides_a_method_config_and_is_recorded(tmp_path):
+    from harness.errors import ConfigError
+    from harness.run import parse_overrides
+
+    methods = ["pabee", "lra-ee"]
+    assert parse_overrides(["pabee.patience=5", "lra-ee.exit_layers=[8, 10]", "lra-ee.gate=heuristic"], methods) == {
+        "pabee": {"patience": 5}, "lra-ee": {"exit_layers": (8, 10), "gate": "heuristic"}}
+    for bad, message in [("pabee.patience", "METHOD.KEY=VALUE"), ("cls-ee.threshold=0.5", "not among"),
+                         ("pabee.patients=5", "options: ")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_overrides([bad], methods)
+    metrics, frame = run(_config(tmp_path), ["pabee"], seeds=1, latency=False, agreement_images=0,
+                         overrides={"pabee": {"patience": 11}})
+    assert metrics["rows"]["pabee"]["config"]["patience"] == 11 and metrics["run"]["overrides"]
+    assert set(frame[frame.method == "pabee"].exit_layer) == {12}  # 11 agreeing layers never happen before 12
