@@ -173,6 +173,15 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from harness.experiments import run_experiments
+
+    options = {"factor": args.factor}
+    folders = run_experiments(args.name, _config(args).resolved(), args.seeds, options, Path(args.out))
+    print(f"wrote {len(folders)} experiment folder(s) under {args.out}")
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from harness import check
     from harness.results import read_metrics
@@ -255,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate-only", action="store_true",
                    help="only re-measure the card's zero-shot accuracies of the shipped weights")
     p.set_defaults(func=_cmd_train_embedded)
+
+    p = sub.add_parser("experiment", help="the paper's tables and figures as commands (see README)",
+                       epilog="experiments: all, main (Table 1), ablation (Table 3), rescue (Table 4), "
+                              "profile (Fig. 1), pareto (Fig. 2), gates (Fig. 3), pathology (Fig. 4)\n"
+                              "examples:\n  python -m harness experiment all\n"
+                              "  python -m harness experiment ablation --factor head=cls,ssa "
+                              "--factor supervision=hard,distilled --factor routing=last,adaptive",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help="experiment name, or 'all'")
+    _add_config_arguments(p)
+    p.add_argument("--seeds", type=int, default=3, help="seeds for the experiments that report mean +- std")
+    p.add_argument("--factor", action="append", default=[], metavar="NAME=LEVEL,LEVEL",
+                   help="ablation: an lra-ee switch and its levels (repeatable; default: the paper's five "
+                        "configurations); head=cls,ssa is an alias of feature=cls,patch_mean")
+    p.add_argument("--out", default="results/experiments", help="folder for the experiments' folders")
+    p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("check", help="regression check: top-1 and FLOPs saving against baseline metrics",
                        epilog="examples:\n  python -m harness check --baseline results/baseline/metrics.json\n"

@@ -143,6 +143,18 @@ def format_table(profile: Profile) -> str:
 
 def plot(profile: Profile, out_dir: Path) -> list[Path]:
     """Write the noise-profile figure as PNG and SVG; return the paths."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(profile)
+    paths = [out_dir / "noise_profile.png", out_dir / "noise_profile.svg"]
+    for path in paths:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def figure(profile: Profile):
+    """The noise-profile figure: norms and their ratio per block, and fp32-vs-quantized cosines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,11 +178,7 @@ def plot(profile: Profile, out_dir: Path) -> list[Path]:
     fig.suptitle(f"{profile.config.get('backbone', {}).get('model', '')}: noise profile, "
                  f"{profile.samples} '{profile.split}' images")
     fig.tight_layout()
-    paths = [out_dir / "noise_profile.png", out_dir / "noise_profile.svg"]
-    for path in paths:
-        fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return paths
+    return fig
 
 
 def save(profile: Profile, out_dir: Path) -> list[Path]:

@@ -1,0 +1,66 @@
+"""``python -m harness experiment NAME``: the paper's tables and figures as commands.
+
+Each experiment is a function ``(bed, seeds, options) -> Report`` registered
+with :func:`experiment`; ``all`` runs every one. They share one
+:class:`~harness.experiments.testbed.TestBed` (traces and fitted methods are
+cached), and write ``tables.md``, ``tables.tex``, ``data.json`` and figures
+into ``results/experiments/<name>-<model>-<data>-<quant>/``. The paper's
+numbers come from ``paper_numbers.json`` and appear only in columns labelled
+as the paper's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.config import HarnessConfig
+from harness.errors import ConfigError
+from harness.experiments.report import Report
+from harness.experiments.testbed import TestBed
+from harness.provenance import environment
+
+Experiment = Callable[[TestBed, int, dict[str, Any]], Report]
+EXPERIMENTS: dict[str, tuple[Experiment, str]] = {}
+
+
+def experiment(name: str, description: str) -> Callable[[Experiment], Experiment]:
+    def register(fn: Experiment) -> Experiment:
+        EXPERIMENTS[name] = (fn, description)
+        return fn
+
+    return register
+
+
+def names() -> list[str]:
+    _load()
+    return list(EXPERIMENTS)
+
+
+def _load() -> None:
+    from harness.experiments import figures, tables  # noqa: F401  (registration)
+
+
+def run_experiments(name: str, config: HarnessConfig, seeds: int, options: dict[str, Any],
+                    out_root: Path) -> list[Path]:
+    """Run ``name`` (or ``all``) and write each experiment's folder under ``out_root``; return the folders."""
+    _load()
+    chosen = list(EXPERIMENTS) if name == "all" else [name]
+    unknown = [n for n in chosen if n not in EXPERIMENTS]
+    if unknown:
+        raise ConfigError(f"unknown experiment {unknown[0]!r}; known: all, {', '.join(EXPERIMENTS)}")
+    bed = TestBed(config)
+    c = bed.config
+    folders = []
+    for n in chosen:
+        started = time.time()
+        report = EXPERIMENTS[n][0](bed, seeds, options)
+        out = out_root / f"{n}-{c.model}-{c.data}-{c.quant}"
+        context = {"config": dataclasses.asdict(c), "seeds": seeds, "options": options,
+                   "wall_time_s": round(time.time() - started, 1), "environment": environment()}
+        report.save(out, context)
+        print(f"\n## {n}\n\n{report.render()}\nwrote {out} ({context['wall_time_s']} s)")
+        folders.append(out)
+    return folders
