@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="the paper's tables and figures as commands (see README)",
                        epilog="experiments: all, main (Table 1), ablation (Table 3), rescue (Table 4), "
-                              "profile (Fig. 1), pareto (Fig. 2), gates (Fig. 3), pathology (Fig. 4)\n"
+                              "profile (Fig. 1), pareto (Fig. 2), gates (Fig. 3), pathology (Fig. 4), precision\n"
                               "examples:\n  python -m harness experiment all\n"
                               "  python -m harness experiment ablation --factor head=cls,ssa "
                               "--factor supervision=hard,distilled --factor routing=last,adaptive",
