@@ -47,3 +47,21 @@ def fmnist_images(embedded_dataset):
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, "name")`` wraps a module function and returns a live ``{"n": calls}`` counter."""
+
+    def wrap(module, name: str) -> dict:
+        calls = {"n": 0}
+        real = getattr(module, name)
+
+        def counting(*args, **kwargs):
+            calls["n"] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+        return calls
+
+    return wrap

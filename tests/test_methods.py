@@ -64,19 +64,12 @@ def test_head_feature_must_exist():
         create_method("confidence", feature="attention")
 
 
-def test_methods_with_one_head_recipe_train_the_heads_once(tmp_path, monkeypatch):
+def test_methods_with_one_head_recipe_train_the_heads_once(tmp_path, count_calls):
     import methods._heads as heads_module
     from harness.config import HarnessConfig
     from harness.context import Context
 
-    trained = {"n": 0}
-    real = heads_module.train_heads
-
-    def counting(*args, **kwargs):
-        trained["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(heads_module, "train_heads", counting)
+    trained = count_calls(heads_module, "train_heads")
     ctx = Context(HarnessConfig(limit=64, batch_size=32, cache_dir=str(tmp_path)), progress=False)
     cls_ee = create_method("cls-ee", epochs=1)
     cls_ee.fit(ctx.fit_context())

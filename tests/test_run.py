@@ -17,23 +17,10 @@ def _config(cache_dir) -> HarnessConfig:
     return HarnessConfig(limit=32, batch_size=16, cache_dir=str(cache_dir))
 
 
-def _count_passes(monkeypatch) -> dict:
-    """Count backbone passes over data (trace builds)."""
+def test_replaying_more_methods_costs_no_backbone_pass(tmp_path, count_calls):
     import harness.trace as trace_module
 
-    calls = {"n": 0}
-    real = trace_module._run_backbone
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trace_module, "_run_backbone", counting)
-    return calls
-
-
-def test_replaying_more_methods_costs_no_backbone_pass(tmp_path, monkeypatch):
-    calls = _count_passes(monkeypatch)
+    calls = count_calls(trace_module, "_run_backbone")  # backbone passes over data (trace builds)
     run(_config(tmp_path / "a"), ["cls-ee"], seeds=1, latency=False)
     assert calls["n"] == 4  # test under the default quantizer and fp32, heads and gate under the quantizer
     calls["n"] = 0
