@@ -147,6 +147,42 @@ class Backbone:
         return float(self.clip.logit_scale.detach().exp())
 
 
+def cls_attention(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """CLS-to-patch attention [B, N] that ``block`` computes on ``tokens`` [B, 1 + N, D], mean over heads.
+
+    Each head's softmax runs over all 1 + N keys (CLS included, as in the
+    block); the CLS-to-CLS weight is left out, so a row sums to less than 1.
+    The block's own projections are used, quantization included:
+    ``nn.MultiheadAttention`` keeps them as a bare ``in_proj_weight`` (every
+    int8 quantizer here leaves it fp32), of which only the CLS query and the
+    keys are computed; an attention module with an ``in_proj`` submodule (the
+    fake-quant one) is called on all tokens, its input quantization included.
+
+    Example:
+        >>> weights = cls_attention(backbone.blocks[3], tokens)  # tokens after block 3
+        >>> weights.topk(35, dim=1).indices  # the 35 patches block 4's CLS attends to most
+    """
+    attn = block.attn
+    b, t, d = tokens.shape
+    heads = attn.num_heads
+    x = block.ln_1(tokens)
+    if isinstance(attn, nn.MultiheadAttention):
+        if not (attn.batch_first and attn._qkv_same_embed_dim):
+            raise TypeError("cls_attention supports batch-first self-attention with a packed in-projection only")
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        q = nn.functional.linear(x[:, :1], weight[:d], None if bias is None else bias[:d])
+        k = nn.functional.linear(x, weight[d:2 * d], None if bias is None else bias[d:2 * d])
+    elif isinstance(getattr(attn, "in_proj", None), nn.Module):
+        qkv = attn.in_proj(x)
+        q, k = qkv[:, :1, :d], qkv[:, :, d:2 * d]
+    else:
+        raise TypeError(f"cls_attention cannot read the projections of {type(attn).__name__}")
+    q = q.reshape(b, 1, heads, d // heads).transpose(1, 2)  # [B, H, 1, hd]
+    k = k.reshape(b, t, heads, d // heads).transpose(1, 2)  # [B, H, T, hd]
+    weights = (q @ k.transpose(-1, -2) * (d // heads) ** -0.5).softmax(dim=-1)
+    return weights[:, :, 0, 1:].mean(dim=1)
+
+
 @contextmanager
 def _quiet_root_logger() -> Iterator[None]:
     """Hide open_clip's info/warning logs (it logs through the root logger) for a moment."""

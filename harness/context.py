@@ -114,8 +114,21 @@ class Context:
             embed_dim=backbone.embed_dim,
             block_flops=[float(block_flops(self.backbone, self.num_tokens, i)) for i in range(backbone.num_blocks)],
             seed=self.config.seed if seed is None else seed,
+            backbone=backbone,
+            image_batches=functools.partial(self._fit_images, backbone),
             store=functools.partial(self._stored_fit, quant, self.config.seed if seed is None else seed),
         )
+
+    def _fit_images(self, backbone: Backbone, split: str, batch_size: int):
+        """:attr:`FitContext.image_batches`: (images, labels) of ``heads`` or ``gate``, in the split's order."""
+        from harness.datasets import ImageBatches
+
+        if split not in ("heads", "gate"):
+            raise ValueError(f"policies fit on the heads and gate splits only, not {split!r}")
+        batches = ImageBatches(self.dataset, self.splits[split], backbone.preprocess, batch_size,
+                               on_bad_image=self.config.on_bad_image)
+        for images, labels, _ in batches:
+            yield images, labels
 
     def _stored_fit(self, quant: str | None, seed: int, name: str, build: Callable[[], dict]) -> dict:
         """:meth:`FitContext.cached` on disk: keyed by ``name``, the fit splits' traces and rows, and the seed."""

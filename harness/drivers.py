@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness.backbones import Backbone
+from harness.backbones import Backbone, cls_attention
 from harness.policy import ExitPolicy, LayerView, SplitFeatures
 from harness.trace import as_stored, layer_features
 
@@ -55,25 +55,36 @@ class TraceView(LayerView):
         self._samples = offset + rows
 
     def _compute(self, name: str) -> torch.Tensor:
-        if name == "patch_tokens":
-            raise NotImplementedError("patch tokens are not cached: this policy needs the real driver")
+        if name in ("patch_tokens", "cls_attention"):
+            raise NotImplementedError(f"{name} is not cached: this policy needs the real driver")
         array = getattr(self._features, name)[self._samples, self.layer]
         return torch.from_numpy(np.asarray(array, dtype=np.float32))
 
 
 class TokenView(LayerView):
-    """A :class:`LayerView` over live tokens [B, 1 + N, D] inside the real driver."""
+    """A :class:`LayerView` over live tokens [B, 1 + N, D] inside the real driver.
 
-    def __init__(self, tokens: torch.Tensor, layer: int, rows: np.ndarray):
+    ``next_block`` is the block that runs next (None after the last one); it
+    gives ``cls_attention``.
+    """
+
+    def __init__(self, tokens: torch.Tensor, layer: int, rows: np.ndarray, next_block: torch.nn.Module | None = None):
         super().__init__(layer, rows)
         self._tokens = tokens
+        self._next_block = next_block
 
     def _compute(self, name: str) -> torch.Tensor:
         if name == "patch_tokens":
             return self._tokens[:, 1:]
-        if not self._cache:  # the three summaries come from one pass over the tokens
-            cls, mean, sav = layer_features(self._tokens)
-            self._cache.update(cls=as_stored(cls), patch_mean=as_stored(mean), sav=sav.float())
+        if name == "cls_attention":
+            if self._next_block is None:
+                raise ValueError(f"no block runs after block {self.layer}: it has no next-block attention")
+            return cls_attention(self._next_block, self._tokens)
+        if name not in ("cls", "patch_mean", "sav"):
+            raise KeyError(f"unknown feature {name!r}")
+        # the three summaries come from one pass over the tokens
+        cls, mean, sav = layer_features(self._tokens)
+        self._cache.update(cls=as_stored(cls), patch_mean=as_stored(mean), sav=sav.float())
         return self._cache[name]
 
 
@@ -88,9 +99,15 @@ def replay(policy: ExitPolicy, features: SplitFeatures, num_blocks: int, num_pat
            chunk: int = 4096) -> ExitOutcome:
     """Run ``policy`` over cached ``features`` (no backbone forward).
 
-    Token policies cannot be replayed (their later features depend on the
-    dropped tokens): they raise NotImplementedError through the view.
+    Raises:
+        NotImplementedError: ``policy`` prunes tokens; its later features
+            depend on the dropped tokens, so it runs under
+            :func:`run_early_exit` only.
     """
+    if policy.prunes_tokens:
+        raise NotImplementedError(f"method {policy.name!r} prunes tokens: the features of its later blocks depend "
+                                  "on the dropped tokens, so cached traces cannot be replayed for it; "
+                                  "run it with the real driver (run_early_exit)")
     layers = _check_layers(policy, num_blocks)
     n = len(features.labels)
     exit_layer = np.full(n, num_blocks, dtype=np.int64)
@@ -118,7 +135,7 @@ def replay(policy: ExitPolicy, features: SplitFeatures, num_blocks: int, num_pat
 @torch.inference_mode()
 def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
                    classifier: torch.Tensor) -> ExitOutcome:
-    """Run one batch block by block; exited samples leave the batch."""
+    """Run one batch block by block; exited samples leave the batch, dropped tokens leave the samples."""
     num_blocks = backbone.num_blocks
     layers = set(_check_layers(policy, num_blocks))
     batch = len(images)
@@ -132,7 +149,8 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
     for layer in range(1, num_blocks + 1):
         tokens[active, layer - 1] = x.shape[1] - 1
         x = backbone.blocks[layer - 1](x)
-        view = TokenView(x, layer, active)
+        next_block = backbone.blocks[layer] if layer < num_blocks else None
+        view = TokenView(x, layer, active, next_block)
         if layer in layers:
             decision = policy.decide(layer, view)
             leaving = decision.exit.cpu()
@@ -140,10 +158,17 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
             by_policy[active[leaving.numpy()]] = True
             logits[torch.from_numpy(active[leaving.numpy()])] = decision.logits[leaving].float().cpu()
             x, active = x[~leaving.to(x.device)], active[~leaving.numpy()]
-            view = TokenView(x, layer, active)
+            view = TokenView(x, layer, active, next_block)
         keep = policy.keep_tokens(layer, view) if len(active) else None
         if keep is not None:
-            x = _drop_tokens(x, keep.to(x.device))
+            if not policy.prunes_tokens:
+                raise ValueError(f"method {policy.name!r} keeps tokens but does not set prunes_tokens = True "
+                                 "(which keeps it out of trace replay)")
+            keep = keep.to(x.device)
+            merged = policy.merge_tokens(layer, view, keep)
+            x = _drop_tokens(x, keep)
+            if merged is not None:
+                x = torch.cat([x, merged.to(x.dtype)], dim=1)
         if len(active) == 0:
             break
     if len(active):
@@ -153,7 +178,10 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
 
 
 def _drop_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Keep CLS plus the kept patch tokens; every sample must keep the same count."""
+    """Keep CLS plus the kept patch tokens, in their order; every sample must keep the same count."""
+    if keep.dtype != torch.bool or keep.shape != (x.shape[0], x.shape[1] - 1):
+        raise ValueError(f"keep_tokens must return bool [{x.shape[0]}, {x.shape[1] - 1}] (patch tokens, CLS "
+                         f"excluded), not {keep.dtype} {list(keep.shape)}")
     counts = keep.sum(dim=1)
     if not bool((counts == counts[0]).all()):
         raise ValueError("a token policy must keep the same number of tokens in every sample of a batch")

@@ -10,6 +10,10 @@ them apart, which is what makes their results comparable.
 Samples still present when the last block has run take the backbone's own
 full-depth zero-shot prediction, unless the policy lists the last block among
 its exit layers and decides there itself (a recalibration head, say).
+
+Token policies (token pruners) use the same class: they set
+``prunes_tokens = True`` and say through :meth:`ExitPolicy.keep_tokens` which
+patch tokens survive after a block. They run under the real driver only.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ import abc
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from harness._registry import Registry
 
-FEATURES = ("cls", "patch_mean", "sav", "patch_tokens")
+FEATURES = ("cls", "patch_mean", "sav", "patch_tokens", "cls_attention")
 
 
 class LayerView(abc.ABC):
@@ -75,6 +79,15 @@ class LayerView(abc.ABC):
         """All patch tokens [B, N, D]; only the real driver has them."""
         return self._get("patch_tokens")
 
+    def cls_attention(self) -> torch.Tensor:
+        """CLS-to-patch attention [B, N] (mean over heads) of the next block on the current tokens.
+
+        The attention the next block is about to compute (softmax over CLS and
+        the patch tokens, the CLS column left out); EViT ranks tokens by it.
+        Only the real driver has it, and not after the last block.
+        """
+        return self._get("cls_attention")
+
 
 @dataclass
 class Decision:
@@ -123,6 +136,11 @@ class FitContext:
         num_blocks, width, embed_dim: backbone shape; head sizes scale with it.
         block_flops: FLOPs of each block for one sample (for budgets).
         seed: seeds head init, data order, gate init.
+        backbone: the quantized backbone the policy runs on, frozen (for
+            policies that train through it, such as a learned token pruner).
+        image_batches: ``image_batches(split, batch_size)`` yields
+            ``(preprocessed images, labels)`` of ``heads`` or ``gate`` in the
+            split's order (the rows of :attr:`heads`/:attr:`gate`).
         load_heads_fp32: builds :attr:`heads_fp32` on first use (an extra
             backbone pass that only distilling methods pay for).
         store: the harness's on-disk memo behind :meth:`cached` (None: no caching).
@@ -137,6 +155,8 @@ class FitContext:
     embed_dim: int
     block_flops: list[float]
     seed: int = 0
+    backbone: Any = None
+    image_batches: Callable[[str, int], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
     load_heads_fp32: Callable[[], SplitFeatures] | None = None
     store: Callable[[str, Callable[[], dict]], dict] | None = None
 
@@ -175,14 +195,22 @@ class ExitPolicy(abc.ABC):
     live in :meth:`state_dict` so that a fitted policy can be cached and
     reloaded without refitting.
 
-    A token-level policy (a token pruner) uses the same interface: it exits
-    nobody, and instead says, through :meth:`keep_tokens`, which patch tokens
-    each sample keeps after a block; the real driver drops the others.
+    A token policy (a token pruner) sets :attr:`prunes_tokens` and uses the
+    same interface: it may exit nobody (``exit_layers()`` returns ``[]``) and
+    instead says, through :meth:`keep_tokens`, which patch tokens of each
+    sample survive after a block; the real driver drops the others (and
+    appends any :meth:`merge_tokens`), so the later blocks really run on
+    fewer tokens. It can only run under the real driver: the features of the
+    later blocks depend on the dropped tokens, so cached full-token traces
+    cannot be replayed for it. A policy may both prune and exit. Its
+    per-block decision cost goes in :meth:`head_flops`, and
+    :meth:`with_keep_ratio` gives the knob that matched-FLOPs sweeps turn.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     needs: ClassVar[frozenset[str]] = frozenset({"cls"})
+    prunes_tokens: ClassVar[bool] = False  # True: a token policy (real driver only, see the class docstring)
 
     def __init__(self, config: Any = None, **overrides: Any):
         base = config if config is not None else self.Config()
@@ -204,11 +232,27 @@ class ExitPolicy(abc.ABC):
         """Which of ``view``'s samples exit after block ``layer``, with what logits."""
 
     def keep_tokens(self, layer: int, view: LayerView) -> torch.Tensor | None:
-        """Token policies: bool [B, N] patch tokens to keep after ``layer``; None keeps all."""
+        """Token policies: bool [B, N] patch tokens to keep after ``layer``; None keeps all.
+
+        CLS is not among the N and is always kept. Every sample of the view
+        must keep the same number of tokens (the batch stays one tensor).
+        """
         return None
 
+    def merge_tokens(self, layer: int, view: LayerView, keep: torch.Tensor) -> torch.Tensor | None:
+        """Token policies: tokens [B, M, D] appended after the kept ones (EViT's fused token); None: none."""
+        return None
+
+    def with_keep_ratio(self, ratio: float) -> "ExitPolicy":
+        """Token policies: this fitted policy keeping ``ratio`` of the tokens where it prunes (no refit).
+
+        Returns ``self`` when ``ratio`` is the policy's own, else a copy; at
+        1.0 nothing may be dropped. The matched-FLOPs comparison sweeps it.
+        """
+        raise NotImplementedError(f"method {self.name!r} has no keep ratio")
+
     def head_flops(self, layer: int) -> float:
-        """FLOPs per sample of the policy's own head and gate at ``layer``."""
+        """FLOPs per sample of the policy's own head and gate (or token decision) at ``layer``."""
         return 0.0
 
     def state_dict(self) -> dict[str, Any]:
@@ -220,6 +264,23 @@ class ExitPolicy(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "config": dataclasses.asdict(self.config)}
+
+
+def keep_top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """bool [B, N]: True for the ``count`` highest ``scores`` [B, N] of each row (ties: the earlier token).
+
+    The mask a token policy returns from :meth:`ExitPolicy.keep_tokens`: every
+    row keeps exactly ``count`` tokens.
+
+    Example:
+        >>> keep_top(torch.tensor([[0.1, 0.5, 0.2]]), 2)
+        tensor([[False,  True,  True]])
+    """
+    if not 0 <= count <= scores.shape[1]:
+        raise ValueError(f"cannot keep {count} of {scores.shape[1]} tokens")
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :count]
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return keep.scatter_(1, order, True)
 
 
 # Built-in methods come through the same entry-point group as outside ones

@@ -4,6 +4,10 @@ For each seed the methods are fitted on the ``heads``/``gate`` traces
 (fitted states are cached) and replayed on the ``test`` trace: replaying N
 methods costs no backbone pass beyond the traces. Latency comes from the
 real early-exit driver, measured against full depth in the same process.
+Token pruners cannot be replayed (their later features depend on the
+dropped tokens): they run on the test images under the real driver, and
+when the run also has ``lra-ee`` their keep ratio is swept to compare them
+with it at matched FLOPs (:func:`matched_flops`).
 Results go to ``results/<run-id>/``: ``config.json``, ``metrics.json``
 (schema :data:`SCHEMA_VERSION`), ``predictions.parquet`` and ``tables.md``.
 """
@@ -110,7 +114,12 @@ def fit_policy(ctx: Context, name: str, seed: int, **config: Any) -> ExitPolicy:
 
 
 def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, float]:
-    """Top-1 (%) of the policy's own prediction at each of its exit layers, for every test sample."""
+    """Top-1 (%) of the policy's own prediction at each of its exit layers, for every test sample.
+
+    Empty for a token policy: its features after a pruning block are not in the trace.
+    """
+    if policy.prunes_tokens:
+        return {}
     labels = np.asarray(trace.labels)
     accuracy = {}
     with torch.no_grad():
@@ -215,6 +224,143 @@ def measure_latency(ctx: Context, policies: dict[str, ExitPolicy], images: int, 
     }
 
 
+def _fit_digest(policy: ExitPolicy) -> str:
+    """Identity of a fitted policy: its description and every value of its state."""
+    digest = hashlib.sha256(json.dumps(policy.describe(), sort_keys=True, default=str).encode())
+
+    def update(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                update(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                update(item)
+        else:
+            digest.update(repr(value).encode())
+
+    state = policy.state_dict()
+    update({k: v for k, v in state.items() if k != "report"})  # diagnostics (timings) are not the fit
+    return digest.hexdigest()
+
+
+def real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = None) -> ExitOutcome:
+    """``policy`` on the whole test split under the real driver, in batches of the run's batch size.
+
+    The batches are the trace's (split order, bad images skipped alike), so
+    the rows line up with ``trace`` and, for a batch-dependent quantizer, a
+    policy that drops nothing reproduces the traced full-depth logits exactly.
+    ``desc`` labels a progress bar (None: none).
+    """
+    from tqdm import tqdm
+
+    from harness.datasets import ImageBatches
+
+    backbone, _ = ctx.quantized()
+    batches = ImageBatches(ctx.dataset, ctx.splits["test"], backbone.preprocess, ctx.config.batch_size,
+                           on_bad_image=ctx.config.on_bad_image)
+    parts, indices = [], []
+    for images, _, batch_indices in tqdm(batches, desc=desc, unit="batch", leave=False,
+                                         disable=desc is None or not ctx.progress):
+        parts.append(run_early_exit(policy, backbone, images, ctx.classifier))
+        indices.append(batch_indices)
+    if not np.array_equal(np.concatenate(indices) if indices else np.zeros(0, np.int64), np.asarray(trace.indices)):
+        raise RuntimeError("the real driver's test images do not match the test trace's rows")
+    return ExitOutcome(*(np.concatenate([getattr(p, f.name) for p in parts])
+                         for f in dataclasses.fields(ExitOutcome)))
+
+
+def outcome_flops(policy: ExitPolicy, outcome: ExitOutcome, block_flops: evaluate.BlockFlops,
+                  num_blocks: int) -> np.ndarray:
+    """FLOPs per sample of ``outcome``: blocks at their token counts, plus the policy's heads/decisions.
+
+    An exit policy pays its heads at its exit layers; a token policy also pays
+    :meth:`ExitPolicy.head_flops` at every block where it reports a cost.
+    """
+    layers = set(policy.exit_layers()) | (set(range(1, num_blocks + 1)) if policy.prunes_tokens else set())
+    head_flops = {layer: policy.head_flops(layer) for layer in sorted(layers)}
+    return evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, head_flops,
+                                     sorted(layers), outcome.by_policy)
+
+
+MATCHED_FLOPS_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # keep ratios of the matched-FLOPs sweep
+MATCHED_FLOPS_REFERENCE = "lra-ee"
+
+
+def pareto_interpolate(points: list[dict[str, float]], saving: float) -> tuple[float | None, dict[str, float]]:
+    """Top-1 at ``saving`` on the Pareto front of ``points`` (each with ``flops_saving`` and ``top1``), and
+    the measured point nearest in saving.
+
+    The front keeps the points no other point beats in both saving and
+    top-1; top-1 is interpolated linearly between its neighbours in saving.
+    Outside the front's range the interpolation is None (no extrapolation).
+
+    Example:
+        >>> pts = [{"flops_saving": 0.0, "top1": 80.0}, {"flops_saving": 20.0, "top1": 70.0},
+        ...        {"flops_saving": 10.0, "top1": 60.0}]
+        >>> pareto_interpolate(pts, 5.0)
+        (77.5, {'flops_saving': 0.0, 'top1': 80.0})
+    """
+    pairs = sorted({(p["flops_saving"], p["top1"]) for p in points})
+    front = [(x, y) for x, y in pairs if not any(a >= x and b >= y and (a, b) != (x, y) for a, b in pairs)]
+    nearest = min(points, key=lambda p: abs(p["flops_saving"] - saving))
+    if not front or not front[0][0] <= saving <= front[-1][0]:
+        return None, nearest
+    return float(np.interp(saving, [x for x, _ in front], [y for _, y in front])), nearest
+
+
+def matched_flops(ctx: Context, pruners: dict[str, ExitPolicy], first_seed: dict[str, dict[str, Any]],
+                  reference: dict[str, Any], full_point: dict[str, float], trace, score_outcome,
+                  grid: tuple[float, ...] = MATCHED_FLOPS_GRID) -> dict[str, Any]:
+    """Token pruners at the FLOPs saving of :data:`MATCHED_FLOPS_REFERENCE` (the paper's Table 2 comparison).
+
+    Each pruner's keep ratio is swept over ``grid`` (its first-seed fit;
+    :meth:`ExitPolicy.with_keep_ratio`, no refit: a learned pruner keeps its
+    trained scores and only its per-block budget changes), every point on
+    the test split under the real driver, except two already measured: the
+    ratio the pruner ran with in this run (its row) and 1.0, where nothing is
+    dropped and the real driver is the full-depth quantized model (its
+    baseline row). Top-1 is then read off each pruner's (FLOPs saving, top-1)
+    Pareto curve at the reference's mean FLOPs saving (:func:`pareto_interpolate`).
+
+    Args:
+        pruners: method -> its first-seed fitted policy.
+        first_seed: method -> the metrics of its first seed (the run's rows).
+        reference: the reference method's row summary (mean top-1 and FLOPs saving).
+        full_point: ``flops_saving`` and ``top1`` of the full-depth quantized model.
+        score_outcome: ``f(policy, outcome) -> metrics`` as the run scores its rows.
+    """
+    started = time.time()
+    target, target_top1 = reference["flops_saving"]["mean"], reference["top1"]["mean"]
+    out: dict[str, Any] = {"reference": MATCHED_FLOPS_REFERENCE, "target_saving": target,
+                           "reference_top1": target_top1, "grid": list(grid), "methods": {}}
+    for name, policy in pruners.items():
+        points = []
+        for ratio in grid:
+            variant = policy.with_keep_ratio(ratio)
+            if variant is policy:
+                metrics, source = first_seed[name], "run row"
+            elif ratio == 1.0:
+                metrics, source = full_point, "full depth (nothing dropped)"
+            else:
+                outcome = real_outcome(ctx, variant, trace, desc=f"{name} keep {ratio:g}")
+                metrics, source = score_outcome(variant, outcome), "real driver"
+            points.append({"keep_ratio": ratio, "flops_saving": float(metrics["flops_saving"]),
+                           "top1": float(metrics["top1"]), "source": source})
+        top1, nearest = pareto_interpolate(points, target)
+        out["methods"][name] = {
+            "target_saving": target, "top1_at_target": top1,
+            "delta_vs_reference": None if top1 is None else top1 - target_top1,
+            "nearest": nearest, "points": points,
+            "sweep": inspect.getdoc(type(policy).with_keep_ratio).splitlines()[0],  # what the knob changes
+        }
+    out["wall_time_s"] = round(time.time() - started, 1)
+    return out
+
+
 def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over seeds of the scalar metrics."""
     out = {}
@@ -226,11 +372,19 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = True,
         latency_images: int = 32, latency_repeats: int = 3, agreement_images: int = 1024,
-        overrides: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
+        overrides: dict[str, dict[str, Any]] | None = None,
+        matched: bool | None = None) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
     """Fit and evaluate ``methods`` over ``seeds``; return (metrics, per-sample predictions).
 
     ``overrides`` maps a method to config values that replace its defaults
     (:func:`parse_overrides`).
+
+    Token pruners are evaluated under the real driver. ``matched``: sweep
+    their keep ratio for the matched-FLOPs comparison with ``lra-ee``
+    (``metrics["matched_flops"]``, :func:`matched_flops`). None (default)
+    does so when the run has ``lra-ee`` and a token pruner but not every
+    registered method: for ``--methods all`` the sweep (about 5 minutes on
+    the embedded default, 2 CPU cores) is opt-in.
 
     ``agreement_images`` test images (0: none) also go through the real
     driver to measure its disagreement with replay (:func:`driver_agreement`).
@@ -265,6 +419,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
 
     fitted: dict[str, ExitPolicy] = {}
     replayed: dict[str, ExitOutcome] = {"full-depth": full}
+    real_outcomes: dict[str, ExitOutcome] = {}
     from tqdm import tqdm
 
     bar = tqdm(total=len(methods) * seeds, desc="fit and replay", unit="fit", disable=not base.progress)
@@ -276,11 +431,15 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
             bar.set_postfix_str(f"{name} seed {seed}")
             policy = fit_policy(ctx, name, seed, **(overrides or {}).get(name, {}))
             fitted.setdefault(name, policy)
-            outcome = replay(policy, test, num_blocks, base.num_tokens - 1)
+            if policy.prunes_tokens:  # real driver: later features depend on the dropped tokens
+                key = _fit_digest(policy)
+                if key not in real_outcomes:  # a training-free pruner gives the same outcome for every seed
+                    real_outcomes[key] = real_outcome(base, policy, test, desc=f"{name} seed {seed} (real driver)")
+                outcome = real_outcomes[key]
+            else:
+                outcome = replay(policy, test, num_blocks, base.num_tokens - 1)
             replayed.setdefault(name, outcome)
-            head_flops = {layer: policy.head_flops(layer) for layer in policy.exit_layers()}
-            flops = evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, head_flops,
-                                              policy.exit_layers(), outcome.by_policy)
+            flops = outcome_flops(policy, outcome, block_flops, num_blocks)
             metrics = score(outcome, labels, baseline_correct, flops, full_flops, block_share, num_blocks, seed)
             metrics["layer_accuracy"] = layer_accuracy(policy, test, base.classifier.shape[0])
             per_seed.append(metrics)
@@ -291,6 +450,19 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
 
     for row in rows.values():
         row["summary"] = _aggregate(row["per_seed"])
+    pruners = {name: policy for name, policy in fitted.items() if policy.prunes_tokens}
+    if matched is None:
+        matched = MATCHED_FLOPS_REFERENCE in rows and bool(pruners) and not set(METHODS.names()) <= set(methods)
+    comparison = None
+    if matched and MATCHED_FLOPS_REFERENCE in rows and pruners:
+        def score_outcome(policy: ExitPolicy, outcome: ExitOutcome) -> dict[str, Any]:
+            flops = outcome_flops(policy, outcome, block_flops, num_blocks)
+            return score(outcome, labels, baseline_correct, flops, full_flops, block_share, num_blocks, c.seed)
+
+        comparison = matched_flops(base, pruners, {name: rows[name]["per_seed"][0] for name in pruners},
+                                   rows[MATCHED_FLOPS_REFERENCE]["summary"],
+                                   rows[f"full-depth {c.quant}"]["per_seed"][0], test, score_outcome)
+    exit_policies = {name: policy for name, policy in fitted.items() if not policy.prunes_tokens}
     metrics = {
         "schema_version": SCHEMA_VERSION,
         "run": {**base.describe(), "methods": methods, "overrides": overrides or {}, "seeds": seeds,
@@ -300,8 +472,11 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         "environment": environment(),
         "rows": rows,
         "latency": measure_latency(base, fitted, latency_images, latency_repeats) if latency else None,
-        "driver_agreement": driver_agreement(base, fitted, replayed, agreement_images) if agreement_images else None,
+        "driver_agreement": driver_agreement(base, exit_policies, replayed, agreement_images)
+        if agreement_images else None,
     }
+    if comparison is not None:
+        metrics["matched_flops"] = comparison
     metrics["run"]["wall_time_s"] = round(time.time() - started, 1)
     return metrics, pd.concat(frames, ignore_index=True)
 
@@ -358,6 +533,24 @@ def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
         text += (f"\nReal driver vs trace replay on the first {agreement['images']} test images "
                  f"(batch {agreement['batch_size']}, {kind} quantizer), first seed:\n\n"
                  + tabulate(rows, headers=["method", "predictions differ %", "exit layers differ %"],
+                            tablefmt=fmt, disable_numparse=True) + "\n")
+    matched = metrics.get("matched_flops")
+    if matched:
+        rows = []
+        for name, m in matched["methods"].items():
+            near = m["nearest"]
+            rows.append([
+                name,
+                "-" if m["top1_at_target"] is None else f"{m['top1_at_target']:.2f}",
+                "-" if m["delta_vs_reference"] is None else f"{m['delta_vs_reference']:+.2f}",
+                f"{near['keep_ratio']:g} / {near['flops_saving']:.2f} / {near['top1']:.2f}",
+                ", ".join(f"{p['keep_ratio']:g}: {p['flops_saving']:.1f}/{p['top1']:.2f}" for p in m["points"]),
+            ])
+        text += (f"\nToken pruners at {matched['reference']}'s FLOPs saving ({matched['target_saving']:.2f}%, "
+                 f"top-1 {matched['reference_top1']:.2f}%), keep ratio swept, first seed:\n\n"
+                 + tabulate(rows, headers=["method", "top-1 % at matched FLOPs (interpolated)",
+                                           f"delta vs {matched['reference']}", "nearest point: keep / saving % / top-1 %",
+                                           "keep: saving % / top-1 %"],
                             tablefmt=fmt, disable_numparse=True) + "\n")
     return text
 

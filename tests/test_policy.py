@@ -26,29 +26,44 @@ def _test_images(ctx):
     return torch.stack(images)
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_contract_fit_decide_and_state_round_trip(name, ctx, fit_ctx):
+def _fitted(name, fit_ctx):
     policy = create_method(name, epochs=1) if "epochs" in METHODS.get(name).Config.__dataclass_fields__ \
         else create_method(name)
     policy.fit(fit_ctx)
+    return policy
+
+
+def _run(policy, ctx, trace):
+    """The driver a policy runs under: trace replay, or the real driver for token policies (which cannot
+    be replayed: their later features depend on the tokens they drop)."""
+    if policy.prunes_tokens:
+        with pytest.raises(NotImplementedError, match="prunes tokens"):
+            replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+        return run_early_exit(policy, ctx.backbone, _test_images(ctx), ctx.classifier)
+    return replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_contract_fit_decide_and_state_round_trip(name, ctx, fit_ctx):
+    policy = _fitted(name, fit_ctx)
     layers = policy.exit_layers()
     assert layers == sorted(set(layers)) and all(1 <= layer <= ctx.backbone.num_blocks for layer in layers)
     trace = ctx.trace("fp32", "test")
-    outcome = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    outcome = _run(policy, ctx, trace)
     assert outcome.logits.shape == trace.logits.shape and outcome.exit_layer.shape == (len(trace),)
 
     reloaded = create_method(name)
     reloaded.load_state_dict(policy.state_dict())
-    again = replay(reloaded, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    again = _run(reloaded, ctx, trace)
     np.testing.assert_array_equal(again.exit_layer, outcome.exit_layer)
     np.testing.assert_array_equal(again.logits, outcome.logits)
+    np.testing.assert_array_equal(again.tokens, outcome.tokens)
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if not METHODS.get(n).prunes_tokens])
 def test_both_drivers_agree_for_a_batch_invariant_quantizer(name, ctx, fit_ctx):
-    policy = create_method(name, epochs=1) if "epochs" in METHODS.get(name).Config.__dataclass_fields__ \
-        else create_method(name)
-    policy.fit(fit_ctx)
+    """Token policies have one driver only (the contract test checks that replay refuses them)."""
+    policy = _fitted(name, fit_ctx)
     trace = ctx.trace("fp32", "test")
     replayed = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
     real = run_early_exit(policy, ctx.backbone, _test_images(ctx), ctx.classifier)
