@@ -6,4 +6,4 @@ package through the ``harness.methods`` entry point in pyproject.toml, the
 same way it finds methods from other packages.
 """
 
-from methods import cls_ee, confidence, lra_ee, pabee  # noqa: F401
+from methods import cls_ee, confidence, evit, lra_ee, pabee, token_pruner  # noqa: F401

@@ -1,0 +1,296 @@
+"""Token pruners (evit, token-pruner): dropping vs masking, FLOPs, CLS, keep 1.0, state, the run."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import harness.drivers as drivers
+from harness.backbones import cls_attention
+from harness.config import HarnessConfig
+from harness.context import Context
+from harness.drivers import TokenView, _drop_tokens, run_early_exit
+from harness.evaluate import BlockFlops, flops_per_sample
+from harness.flops import block_flops, tower_flops
+from harness.policy import create_method, keep_top
+from harness.quantizers._fake import FakeQuantAttention
+from harness.run import format_tables, outcome_flops, real_outcome, run
+from methods.token_pruner import masked_block, pruned_forward
+
+
+def _formula(n: int, d: int) -> int:
+    """One block, n tokens of width d: projections and MLP 24 n d^2, attention scores and values 4 n^2 d."""
+    return 24 * n * d * d + 4 * n * n * d
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return Context(HarnessConfig(limit=32, batch_size=16, quant="fp32", cache_dir=str(cache)), progress=False)
+
+
+@pytest.fixture(scope="module")
+def pruner(ctx):
+    policy = create_method("token-pruner")
+    policy.fit(ctx.fit_context())
+    return policy
+
+
+@pytest.fixture(scope="module")
+def evit(ctx):
+    policy = create_method("evit")
+    policy.fit(ctx.fit_context())
+    return policy
+
+
+def _tokens_after(backbone, images, blocks: int) -> torch.Tensor:
+    with torch.no_grad():
+        x = backbone.embed(images)
+        for block in backbone.blocks[:blocks]:
+            x = block(x)
+    return x
+
+
+def _images(ctx, count=8):
+    split = ctx.splits["test"]
+    return torch.stack([ctx.backbone.preprocess(ctx.dataset.read_image(split.part, int(i)))
+                        for i in split.indices[:count]])
+
+
+def _key_mask(keep: torch.Tensor, heads: int, per_head: bool) -> torch.Tensor:
+    """Additive attention mask [B*H, T, T] (nn.MultiheadAttention) or [B, 1, T, T] (SDPA): -inf on dropped keys."""
+    full = torch.cat([torch.ones(len(keep), 1, dtype=torch.bool), keep], dim=1)
+    mask = torch.zeros(full.shape, dtype=torch.float32).masked_fill(~full, -torch.inf)
+    t = full.shape[1]
+    mask = mask[:, None, None, :].expand(-1, heads if per_head else 1, t, -1)
+    return mask.reshape(-1, t, t) if per_head else mask
+
+
+@pytest.mark.parametrize("attention", ["multihead", "fake-quant module"])
+def test_dropping_tokens_equals_masking_them_out_of_attention(ctx, attention):
+    backbone = ctx.backbone  # fp32 embedded
+    x = _tokens_after(backbone, _images(ctx), 3)
+    block = backbone.blocks[3]
+    if attention == "fake-quant module":  # the in_proj-module path, without rounding
+        block = copy.deepcopy(block)
+        block.attn = FakeQuantAttention(block.attn, None, None, per_token=True)
+    keep = keep_top(torch.rand(x.shape[0], x.shape[1] - 1, generator=torch.Generator().manual_seed(0)), 30)
+    with torch.no_grad():
+        dropped = block(_drop_tokens(x, keep))
+        masked = block(x, attn_mask=_key_mask(keep, block.attn.num_heads, attention == "multihead"))
+        trained = masked_block(block, x, torch.cat([torch.ones(len(keep), 1), keep.float()], dim=1))
+    for other in (masked, trained):  # CLS first, then the kept tokens in their order
+        survivors = torch.stack([other[b][torch.cat([torch.tensor([True]), keep[b]])] for b in range(len(keep))])
+        torch.testing.assert_close(survivors, dropped, atol=1e-5, rtol=0)
+
+
+def test_training_masks_see_the_quantization_of_dropped_tokens(tmp_path):
+    """Under the embedded default (one activation scale per tensor) masked rows are zeroed before each Linear,
+    so the scales, and the kept tokens' outputs, are those of the pruned batch."""
+    ctx = Context(HarnessConfig(limit=16, batch_size=16, cache_dir=str(tmp_path)), progress=False)
+    backbone, quantizer = ctx.quantized()
+    assert not quantizer.batch_invariant
+    x = _tokens_after(backbone, _images(ctx, 16), 3)
+    keep = keep_top(torch.rand(16, 49, generator=torch.Generator().manual_seed(0)), 30)
+    with torch.no_grad():
+        dropped = backbone.blocks[3](_drop_tokens(x, keep))
+        masked = masked_block(backbone.blocks[3], x, torch.cat([torch.ones(16, 1), keep.float()], dim=1))
+    survivors = torch.stack([masked[b][torch.cat([torch.tensor([True]), keep[b]])] for b in range(16)])
+    torch.testing.assert_close(survivors, dropped, atol=1e-5, rtol=0)
+
+
+def test_cls_attention_is_the_blocks_own_attention(ctx):
+    x = _tokens_after(ctx.backbone, _images(ctx), 3)
+    block = ctx.backbone.blocks[3]
+    with torch.no_grad():
+        h = block.ln_1(x)
+        _, weights = block.attn(h, h, h, need_weights=True, average_attn_weights=True)
+        torch.testing.assert_close(cls_attention(block, x), weights[:, 0, 1:], atol=1e-6, rtol=0)
+        fake = FakeQuantAttention(block.attn, None, None, per_token=True)
+        block = copy.deepcopy(block)
+        block.attn = fake
+        torch.testing.assert_close(cls_attention(block, x), weights[:, 0, 1:], atol=1e-6, rtol=0)
+    view = TokenView(x, 3, np.arange(len(x)), next_block=None)
+    with pytest.raises(ValueError, match="no block runs after"):
+        view.cls_attention()
+
+
+@pytest.mark.parametrize("patches", [49, 34, 17, 1])
+def test_pruned_block_flops_follow_the_hand_formula(embedded_backbone, patches):
+    d = embedded_backbone.width
+    tower = tower_flops(embedded_backbone)
+    counter = BlockFlops(embedded_backbone, tower["embed"], tower["head"])
+    assert counter(5, patches) == block_flops(embedded_backbone, patches + 1, 5) == _formula(patches + 1, d)
+
+
+def test_sample_flops_count_each_block_at_its_token_count(ctx, evit, pruner):
+    backbone = ctx.backbone
+    d, blocks = backbone.width, backbone.num_blocks
+    tower = tower_flops(backbone)
+    counter = BlockFlops(backbone, tower["embed"], tower["head"])
+    for policy, schedule in ((evit, [49] * 3 + [35] * 3 + [25] * 3 + [18] * 3),
+                             (pruner, [49] * 3 + [34] * 3 + [24] * 3 + [17] * 3)):
+        outcome = run_early_exit(policy, backbone, _images(ctx, 4), ctx.classifier)
+        assert (outcome.tokens == schedule).all()  # quadratic attention: the count matters, not only the share
+        decisions = sum(policy.head_flops(layer) for layer in range(1, blocks + 1))
+        hand = tower["embed"] + sum(_formula(n + 1, d) for n in schedule) + tower["head"] + decisions
+        np.testing.assert_allclose(outcome_flops(policy, outcome, counter, blocks), hand, rtol=1e-12)
+        assert decisions > 0
+    # the decision networks: LayerNorm is not counted (as everywhere), the two Linears per present token are
+    assert pruner.head_flops(3) == 49 * (2 * d * (d // 4) + 2 * (d // 4))
+    assert pruner.head_flops(4) == 0.0
+    # evit's ranking: keys of CLS + 49 patches, CLS's query, 50 scores
+    assert evit.head_flops(3) == 2 * 50 * d * d + 2 * d * d + 2 * 50 * d
+    assert flops_per_sample(outcome.tokens, counter, outcome.exit_layer, {}, [], outcome.by_policy)[0] \
+        == tower["embed"] + sum(_formula(n + 1, d) for n in schedule) + tower["head"]
+
+
+@pytest.mark.parametrize("name", ["evit", "token-pruner", "evit-fuse"])
+def test_cls_is_always_kept_and_every_sample_keeps_the_same_count(ctx, evit, pruner, name, monkeypatch):
+    policy = {"evit": evit, "token-pruner": pruner}.get(name)
+    if policy is None:
+        policy = create_method("evit", fuse=True, keep_rate=0.5)
+        policy.fit(ctx.fit_context())
+    seen = []
+    real = drivers._drop_tokens
+
+    def checked(x, keep):
+        out = real(x, keep)
+        assert torch.equal(out[:, 0], x[:, 0])  # CLS first and untouched
+        assert keep.shape == (x.shape[0], x.shape[1] - 1) and (keep.sum(1) == keep.sum(1)[0]).all()
+        seen.append(int(keep.sum(1)[0]))
+        return out
+
+    monkeypatch.setattr(drivers, "_drop_tokens", checked)
+    outcome = run_early_exit(policy, ctx.backbone, _images(ctx, 16), ctx.classifier)
+    assert len(seen) == 3
+    assert (outcome.tokens == outcome.tokens[0]).all()
+    if name == "evit-fuse":  # ceil(0.5 n) kept plus the fused token, which later blocks count and may drop
+        assert seen == [25, 13, 7] and outcome.tokens[0].tolist() == [49] * 3 + [26] * 3 + [14] * 3 + [8] * 3
+
+
+def test_the_fused_token_is_the_attention_weighted_mean_of_the_dropped(ctx):
+    policy = create_method("evit", fuse=True)
+    policy.fit(ctx.fit_context())
+    x = _tokens_after(ctx.backbone, _images(ctx, 4), 3)
+    view = TokenView(x, 3, np.arange(4), ctx.backbone.blocks[3])
+    keep = policy.keep_tokens(3, view)
+    attention = cls_attention(ctx.backbone.blocks[3], x)
+    fused = policy.merge_tokens(3, view, keep)
+    for b in range(4):
+        w = attention[b][~keep[b]]
+        torch.testing.assert_close(fused[b, 0], (w[:, None] * x[b, 1:][~keep[b]]).sum(0) / w.sum())
+        assert set(torch.argsort(attention[b], descending=True)[:35].tolist()) == set(keep[b].nonzero()[:, 0].tolist())
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int8-torchao", None])  # None: the embedded default (per-tensor)
+def test_keep_ratio_one_reproduces_the_full_depth_quantized_model(tmp_path, quant):
+    config = HarnessConfig(limit=32, batch_size=16, quant=quant, cache_dir=str(tmp_path))
+    ctx = Context(config, progress=False)
+    test = ctx.trace(None, "test")
+    for name in ("evit", "token-pruner"):
+        policy = create_method(name)
+        policy.fit(ctx.fit_context())
+        outcome = real_outcome(ctx, policy.with_keep_ratio(1.0), test)
+        np.testing.assert_array_equal(outcome.logits, test.logits)
+        assert (outcome.tokens == ctx.num_tokens - 1).all()
+        assert all(policy.with_keep_ratio(1.0).head_flops(layer) == 0 for layer in range(1, 13))
+        pruned = real_outcome(ctx, policy, test)
+        assert (pruned.tokens[:, -1] < ctx.num_tokens - 1).all()
+
+
+def test_learned_pruner_state_round_trips_and_training_is_reproducible(ctx, pruner):
+    buffer = io.BytesIO()
+    torch.save(pruner.state_dict(), buffer)  # as fit_policy caches it
+    buffer.seek(0)
+    reloaded = create_method("token-pruner")
+    reloaded.load_state_dict(torch.load(buffer, weights_only=True))
+    x = _tokens_after(ctx.backbone, _images(ctx, 16), 6)
+    for layer in (3, 6, 9):
+        view = TokenView(x, layer, np.arange(16), ctx.backbone.blocks[layer])
+        assert torch.equal(reloaded.keep_tokens(layer, view), pruner.keep_tokens(layer, view))
+        assert torch.equal(reloaded.nets[str(layer)](x[:, 1:]), pruner.nets[str(layer)](x[:, 1:]))
+    a = run_early_exit(pruner, ctx.backbone, _images(ctx, 16), ctx.classifier)
+    b = run_early_exit(reloaded, ctx.backbone, _images(ctx, 16), ctx.classifier)
+    np.testing.assert_array_equal(a.logits, b.logits)
+
+    again = create_method("token-pruner")
+    again.fit(ctx.fit_context())  # same seed: bit for bit the same nets
+    for (key, p), (_, q) in zip(pruner.nets.state_dict().items(), again.nets.state_dict().items()):
+        assert torch.equal(p, q), key
+    other = create_method("token-pruner")
+    other.fit(ctx.fit_context(seed=1))
+    assert not torch.equal(other.nets["3"].net[1].weight, pruner.nets["3"].net[1].weight)
+    assert all(p.grad is None for p in ctx.backbone.visual.parameters())  # frozen: nothing flows into it
+    assert pruner.report["train_images"] == len(ctx.splits["heads"]) and pruner.report["steps"] == 1
+
+
+@pytest.mark.parametrize("straight_through", [True, False])
+def test_training_forward_reaches_every_decision(ctx, straight_through):
+    from methods.token_pruner import DecisionNet
+
+    nets = nn.ModuleDict({str(layer): DecisionNet(ctx.backbone.width, 0.7) for layer in (3, 6, 9)})
+    embedding, shares, log_prob = pruned_forward(ctx.backbone, _images(ctx, 8), nets, (3, 6, 9),
+                                                 torch.Generator().manual_seed(0), 1.0, straight_through)
+    assert embedding.shape == (8, ctx.backbone.embed_dim) and len(shares) == 3 and log_prob.shape == (8,)
+    assert all((later <= earlier).all() for earlier, later in zip(shares, shares[1:]))  # dropped stays dropped
+    assert 0.2 < float(shares[0].detach().mean()) < 1.0  # the initial bias keeps about target_keep
+    assert embedding.requires_grad == straight_through  # score-function: the backbone runs without gradient
+    objective = embedding.square().sum() + sum(s.sum() for s in shares) if straight_through else log_prob.sum()
+    objective.backward()
+    for layer, net in nets.items():
+        assert net.net[1].weight.grad is not None and net.net[1].weight.grad.abs().sum() > 0, layer
+
+
+def test_replay_refuses_token_policies(ctx, evit):
+    with pytest.raises(NotImplementedError, match="real driver"):
+        drivers.replay(evit, ctx.trace("fp32", "test"), 12, 49)
+
+
+def test_run_compares_the_pruners_with_lra_ee_at_matched_flops(tmp_path):
+    config = HarnessConfig(limit=32, batch_size=16, cache_dir=str(tmp_path))
+    metrics, frame = run(config, ["token-pruner", "evit", "lra-ee"], seeds=1, latency=False, agreement_images=16)
+    rows = metrics["rows"]
+    for name in ("token-pruner", "evit"):
+        first = rows[name]["per_seed"][0]
+        assert first["flops_saving"] > 20 and first["exit_distribution"] == {12: 100.0}
+        assert first["layer_accuracy"] == {}
+        assert len(frame[frame.method == name]) == 32
+    assert set(metrics["driver_agreement"]["methods"]) == {"full-depth", "lra-ee"}
+    matched = metrics["matched_flops"]
+    target = rows["lra-ee"]["summary"]["flops_saving"]["mean"]
+    assert matched["target_saving"] == target and matched["reference"] == "lra-ee"
+    for name in ("token-pruner", "evit"):
+        m = matched["methods"][name]
+        assert m["target_saving"] == target
+        assert [p["keep_ratio"] for p in m["points"]] == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        sources = [p["source"] for p in m["points"]]
+        assert sources.count("real driver") == 4 and sources[2] == "run row"
+        savings = [p["flops_saving"] for p in m["points"]]
+        assert savings == sorted(savings, reverse=True) and savings[-1] == pytest.approx(0, abs=1e-9)
+        assert m["nearest"] in m["points"]
+        if 0 <= target <= savings[0]:
+            assert m["top1_at_target"] is not None
+            lo, hi = min(p["top1"] for p in m["points"]), max(p["top1"] for p in m["points"])
+            assert lo <= m["top1_at_target"] <= hi
+        else:
+            assert m["top1_at_target"] is None
+    table = format_tables(metrics)
+    assert "Token pruners at lra-ee's FLOPs saving" in table and "token-pruner" in table
+
+
+def test_the_matched_flops_sweep_needs_lra_ee_and_is_opt_in_for_all(tmp_path, monkeypatch):
+    import harness.run as run_module
+
+    config = HarnessConfig(limit=32, batch_size=16, cache_dir=str(tmp_path))
+    quick = dict(seeds=1, latency=False, agreement_images=0)
+    assert "matched_flops" not in run(config, ["evit"], **quick)[0]
+    monkeypatch.setattr(run_module.METHODS, "names", lambda: ["evit", "lra-ee"])  # as if these were all
+    assert "matched_flops" not in run(config, ["evit", "lra-ee"], **quick)[0]
+    metrics = run(config, ["evit", "lra-ee"], matched=True, **quick)[0]
+    assert set(metrics["matched_flops"]["methods"]) == {"evit"}
