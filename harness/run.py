@@ -15,7 +15,6 @@ Results go to ``results/<run-id>/``: ``config.json``, ``metrics.json``
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import statistics
@@ -26,30 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness import evaluate
 from harness._io import atomic_path, atomic_write_text
 from harness.config import HarnessConfig
 from harness.context import Context
+from harness.drivers import ExitOutcome, TraceView, run_early_exit
 from harness.errors import ConfigError
-from harness.drivers import ExitOutcome, TraceView, replay, run_early_exit
-from harness.policy import METHODS, Decision, ExitPolicy, FitContext, LayerView, create_method
+from harness.policy import METHODS, ExitPolicy, create_method
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION
-
-
-class FullDepth(ExitPolicy):
-    """No exits: the full-depth model run through the same driver (the latency reference)."""
-
-    name = "full-depth"
-
-    def fit(self, ctx: FitContext) -> None:
-        pass
-
-    def exit_layers(self) -> list[int]:
-        return []
-
-    def decide(self, layer: int, view: LayerView) -> Decision:  # never called: no exit layers
-        raise AssertionError("FullDepth has no exit layers")
+from harness.testbed import FullDepth, TestBed
 
 
 def resolve_methods(spec: str) -> list[str]:
@@ -58,18 +42,6 @@ def resolve_methods(spec: str) -> list[str]:
     for name in names:
         METHODS.get(name)
     return names
-
-
-def _policy_key(policy: ExitPolicy, fit_ctx: FitContext) -> str:
-    """Cache key of a fitted policy: its config, its code, the data it fits on, the seed."""
-    code = hashlib.sha256()
-    for file in sorted(Path(inspect.getfile(type(policy))).parent.glob("*.py")):
-        code.update(file.read_bytes())
-    # the fp32 twin of the heads split is fixed by the heads trace's key, so it needs no entry here
-    data = [(t.meta["key"], hashlib.sha256(np.asarray(t.indices).tobytes()).hexdigest())
-            for t in (fit_ctx.heads, fit_ctx.gate)]
-    blob = json.dumps([policy.describe(), code.hexdigest(), data, fit_ctx.seed], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -96,23 +68,6 @@ def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str,
     return overrides
 
 
-def fit_policy(ctx: Context, name: str, seed: int, **config: Any) -> ExitPolicy:
-    """A fitted ``name`` (with ``config`` overrides) for ``seed``, from the cache when an identical fit exists."""
-    policy = create_method(name, **config)
-    fit_ctx = ctx.fit_context(seed=seed)
-    path = ctx.cache_dir / "policies" / f"{_policy_key(policy, fit_ctx)}.pt"
-    if path.is_file():
-        try:
-            policy.load_state_dict(torch.load(path, weights_only=True))
-            return policy
-        except Exception:  # a damaged entry is refitted below
-            path.unlink(missing_ok=True)
-    policy.fit(fit_ctx)
-    with atomic_path(path) as tmp:
-        torch.save(policy.state_dict(), tmp)
-    return policy
-
-
 def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, float]:
     """Top-1 (%) of the policy's own prediction at each of its exit layers, for every test sample.
 
@@ -128,25 +83,6 @@ def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, flo
             logits = policy.decide(layer, TraceView(trace, layer, np.arange(len(labels)), 0)).logits
             accuracy[layer] = float(100 * np.mean(logits.argmax(-1).numpy() == labels))
     return accuracy
-
-
-def score(outcome: ExitOutcome, labels: np.ndarray, baseline_correct: np.ndarray, flops: np.ndarray,
-          full_flops: float, block_share: np.ndarray, num_blocks: int, seed: int) -> dict[str, Any]:
-    """The metrics of one outcome on the test split."""
-    correct = outcome.predictions == labels
-    q = evaluate.quadrants(correct, baseline_correct)
-    low, high = evaluate.bootstrap_ci(correct, seed=seed)
-    flops_low, flops_high = evaluate.bootstrap_ci(1 - flops / full_flops, seed=seed)
-    return {
-        "top1": float(100 * correct.mean()), "top1_ci": [100 * low, 100 * high],
-        "top5": float(100 * evaluate.topk_correct(outcome.logits, labels, 5).mean()),
-        "flops_per_sample": float(flops.mean()),
-        "flops_saving": float(100 * (1 - flops.mean() / full_flops)),
-        "flops_saving_ci": [100 * flops_low, 100 * flops_high],
-        "flops_saving_paper_formula": 100 * evaluate.paper_flops_saving(outcome.exit_layer, block_share),
-        "exit_distribution": evaluate.exit_distribution(outcome.exit_layer, num_blocks),
-        "quadrants": {**dataclasses.asdict(q), "net_rescue": q.net_rescue},
-    }
 
 
 def _test_images(ctx: Context, count: int) -> torch.Tensor:
@@ -224,68 +160,6 @@ def measure_latency(ctx: Context, policies: dict[str, ExitPolicy], images: int, 
     }
 
 
-def _fit_digest(policy: ExitPolicy) -> str:
-    """Identity of a fitted policy: its description and every value of its state."""
-    digest = hashlib.sha256(json.dumps(policy.describe(), sort_keys=True, default=str).encode())
-
-    def update(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-        elif isinstance(value, dict):
-            for key in sorted(value, key=str):
-                digest.update(str(key).encode())
-                update(value[key])
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                update(item)
-        else:
-            digest.update(repr(value).encode())
-
-    state = policy.state_dict()
-    update({k: v for k, v in state.items() if k != "report"})  # diagnostics (timings) are not the fit
-    return digest.hexdigest()
-
-
-def real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = None) -> ExitOutcome:
-    """``policy`` on the whole test split under the real driver, in batches of the run's batch size.
-
-    The batches are the trace's (split order, bad images skipped alike), so
-    the rows line up with ``trace`` and, for a batch-dependent quantizer, a
-    policy that drops nothing reproduces the traced full-depth logits exactly.
-    ``desc`` labels a progress bar (None: none).
-    """
-    from tqdm import tqdm
-
-    from harness.datasets import ImageBatches
-
-    backbone, _ = ctx.quantized()
-    batches = ImageBatches(ctx.dataset, ctx.splits["test"], backbone.preprocess, ctx.config.batch_size,
-                           on_bad_image=ctx.config.on_bad_image)
-    parts, indices = [], []
-    for images, _, batch_indices in tqdm(batches, desc=desc, unit="batch", leave=False,
-                                         disable=desc is None or not ctx.progress):
-        parts.append(run_early_exit(policy, backbone, images, ctx.classifier))
-        indices.append(batch_indices)
-    if not np.array_equal(np.concatenate(indices) if indices else np.zeros(0, np.int64), np.asarray(trace.indices)):
-        raise RuntimeError("the real driver's test images do not match the test trace's rows")
-    return ExitOutcome(*(np.concatenate([getattr(p, f.name) for p in parts])
-                         for f in dataclasses.fields(ExitOutcome)))
-
-
-def outcome_flops(policy: ExitPolicy, outcome: ExitOutcome, block_flops: evaluate.BlockFlops,
-                  num_blocks: int) -> np.ndarray:
-    """FLOPs per sample of ``outcome``: blocks at their token counts, plus the policy's heads/decisions.
-
-    An exit policy pays its heads at its exit layers; a token policy also pays
-    :meth:`ExitPolicy.head_flops` at every block where it reports a cost.
-    """
-    layers = set(policy.exit_layers()) | (set(range(1, num_blocks + 1)) if policy.prunes_tokens else set())
-    head_flops = {layer: policy.head_flops(layer) for layer in sorted(layers)}
-    return evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, head_flops,
-                                     sorted(layers), outcome.by_policy)
-
-
 MATCHED_FLOPS_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # keep ratios of the matched-FLOPs sweep
 MATCHED_FLOPS_REFERENCE = "lra-ee"
 
@@ -312,8 +186,8 @@ def pareto_interpolate(points: list[dict[str, float]], saving: float) -> tuple[f
     return float(np.interp(saving, [x for x, _ in front], [y for _, y in front])), nearest
 
 
-def matched_flops(ctx: Context, pruners: dict[str, ExitPolicy], first_seed: dict[str, dict[str, Any]],
-                  reference: dict[str, Any], full_point: dict[str, float], trace, score_outcome,
+def matched_flops(bed: TestBed, pruners: dict[str, ExitPolicy], first_seed: dict[str, dict[str, Any]],
+                  reference: dict[str, Any], full_point: dict[str, float],
                   grid: tuple[float, ...] = MATCHED_FLOPS_GRID) -> dict[str, Any]:
     """Token pruners at the FLOPs saving of :data:`MATCHED_FLOPS_REFERENCE` (the paper's Table 2 comparison).
 
@@ -331,7 +205,6 @@ def matched_flops(ctx: Context, pruners: dict[str, ExitPolicy], first_seed: dict
         first_seed: method -> the metrics of its first seed (the run's rows).
         reference: the reference method's row summary (mean top-1 and FLOPs saving).
         full_point: ``flops_saving`` and ``top1`` of the full-depth quantized model.
-        score_outcome: ``f(policy, outcome) -> metrics`` as the run scores its rows.
     """
     started = time.time()
     target, target_top1 = reference["flops_saving"]["mean"], reference["top1"]["mean"]
@@ -346,8 +219,8 @@ def matched_flops(ctx: Context, pruners: dict[str, ExitPolicy], first_seed: dict
             elif ratio == 1.0:
                 metrics, source = full_point, "full depth (nothing dropped)"
             else:
-                outcome = real_outcome(ctx, variant, trace, desc=f"{name} keep {ratio:g}")
-                metrics, source = score_outcome(variant, outcome), "real driver"
+                metrics = bed.evaluate(variant, bed.config.seed, desc=f"{name} keep {ratio:g}").metrics
+                source = "real driver"
             points.append({"keep_ratio": ratio, "flops_saving": float(metrics["flops_saving"]),
                            "top1": float(metrics["top1"]), "source": source})
         top1, nearest = pareto_interpolate(points, target)
@@ -390,60 +263,33 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     driver to measure its disagreement with replay (:func:`driver_agreement`).
     """
     import pandas as pd
-
-    started = time.time()
-    base = Context(config)
-    c = base.config
-    num_blocks = base.backbone.num_blocks
-    test = base.trace(None, "test")
-    labels = np.asarray(test.labels)
-    from harness.flops import tower_flops
-
-    tower = tower_flops(base.backbone)
-    full_flops = float(tower["total"])
-    block_share = np.asarray(tower["blocks"], dtype=np.float64) / sum(tower["blocks"])
-    block_flops = evaluate.BlockFlops(base.backbone, tower["embed"], tower["head"])
-    baselines = {"full-depth fp32": base.trace("fp32", "test"), f"full-depth {c.quant}": test}
-    baseline_correct = np.asarray(test.logits).argmax(1) == labels
-    full = ExitOutcome(np.full(len(labels), num_blocks), np.asarray(test.logits),
-                       np.full((len(labels), num_blocks), base.num_tokens - 1), np.zeros(len(labels), bool))
-
-    rows, frames = {}, []
-    for name, trace in baselines.items():
-        outcome = dataclasses.replace(full, logits=np.asarray(trace.logits))
-        flops = evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, {}, [],
-                                          outcome.by_policy)
-        rows[name] = {"per_seed": [score(outcome, labels, baseline_correct, flops, full_flops, block_share,
-                                         num_blocks, c.seed)], "kind": "baseline"}
-        frames.append(_frame(name, c.seed, test, outcome, flops))
-
-    fitted: dict[str, ExitPolicy] = {}
-    replayed: dict[str, ExitOutcome] = {"full-depth": full}
-    real_outcomes: dict[str, ExitOutcome] = {}
     from tqdm import tqdm
 
-    bar = tqdm(total=len(methods) * seeds, desc="fit and replay", unit="fit", disable=not base.progress)
+    started = time.time()
+    bed = TestBed(config)
+    c, test, labels = bed.config, bed.test, bed.labels
+    rows, frames = {}, []
+    for name, quant in (("full-depth fp32", "fp32"), (f"full-depth {c.quant}", None)):
+        trace = test if quant is None else bed.ctx.trace(quant, "test")
+        full = bed.evaluate(FullDepth(), c.seed, dataclasses.replace(bed.full, logits=np.asarray(trace.logits)))
+        rows[name] = {"per_seed": [full.metrics], "kind": "baseline"}
+        frames.append(_frame(name, c.seed, test, full.outcome, full.flops))
+
+    fitted: dict[str, ExitPolicy] = {}
+    replayed: dict[str, ExitOutcome] = {"full-depth": bed.full}
+    bar = tqdm(total=len(methods) * seeds, desc="fit and replay", unit="fit", disable=not bed.ctx.progress)
     for name in methods:
         per_seed = []
         for s in range(seeds):
             seed = c.seed + s
-            ctx = base.with_seed(seed)
             bar.set_postfix_str(f"{name} seed {seed}")
-            policy = fit_policy(ctx, name, seed, **(overrides or {}).get(name, {}))
+            policy = bed.fit(name, seed, **(overrides or {}).get(name, {}))
             fitted.setdefault(name, policy)
-            if policy.prunes_tokens:  # real driver: later features depend on the dropped tokens
-                key = _fit_digest(policy)
-                if key not in real_outcomes:  # a training-free pruner gives the same outcome for every seed
-                    real_outcomes[key] = real_outcome(base, policy, test, desc=f"{name} seed {seed} (real driver)")
-                outcome = real_outcomes[key]
-            else:
-                outcome = replay(policy, test, num_blocks, base.num_tokens - 1)
-            replayed.setdefault(name, outcome)
-            flops = outcome_flops(policy, outcome, block_flops, num_blocks)
-            metrics = score(outcome, labels, baseline_correct, flops, full_flops, block_share, num_blocks, seed)
-            metrics["layer_accuracy"] = layer_accuracy(policy, test, base.classifier.shape[0])
-            per_seed.append(metrics)
-            frames.append(_frame(name, seed, test, outcome, flops))
+            result = bed.evaluate(policy, seed, desc=f"{name} seed {seed} (real driver)")
+            replayed.setdefault(name, result.outcome)
+            result.metrics["layer_accuracy"] = layer_accuracy(policy, test, bed.ctx.classifier.shape[0])
+            per_seed.append(result.metrics)
+            frames.append(_frame(name, seed, test, result.outcome, result.flops))
             bar.update()
         rows[name] = {"per_seed": per_seed, "kind": "method", "config": fitted[name].describe()["config"]}
     bar.close()
@@ -455,24 +301,20 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         matched = MATCHED_FLOPS_REFERENCE in rows and bool(pruners) and not set(METHODS.names()) <= set(methods)
     comparison = None
     if matched and MATCHED_FLOPS_REFERENCE in rows and pruners:
-        def score_outcome(policy: ExitPolicy, outcome: ExitOutcome) -> dict[str, Any]:
-            flops = outcome_flops(policy, outcome, block_flops, num_blocks)
-            return score(outcome, labels, baseline_correct, flops, full_flops, block_share, num_blocks, c.seed)
-
-        comparison = matched_flops(base, pruners, {name: rows[name]["per_seed"][0] for name in pruners},
+        comparison = matched_flops(bed, pruners, {name: rows[name]["per_seed"][0] for name in pruners},
                                    rows[MATCHED_FLOPS_REFERENCE]["summary"],
-                                   rows[f"full-depth {c.quant}"]["per_seed"][0], test, score_outcome)
+                                   rows[f"full-depth {c.quant}"]["per_seed"][0])
     exit_policies = {name: policy for name, policy in fitted.items() if not policy.prunes_tokens}
     metrics = {
         "schema_version": SCHEMA_VERSION,
-        "run": {**base.describe(), "methods": methods, "overrides": overrides or {}, "seeds": seeds,
+        "run": {**bed.ctx.describe(), "methods": methods, "overrides": overrides or {}, "seeds": seeds,
                 "test_samples": len(labels),
-                "bad_images": test.bad_images, "full_depth_flops": full_flops,
+                "bad_images": test.bad_images, "full_depth_flops": bed.full_flops,
                 "wall_time_s": None},
         "environment": environment(),
         "rows": rows,
-        "latency": measure_latency(base, fitted, latency_images, latency_repeats) if latency else None,
-        "driver_agreement": driver_agreement(base, exit_policies, replayed, agreement_images)
+        "latency": measure_latency(bed.ctx, fitted, latency_images, latency_repeats) if latency else None,
+        "driver_agreement": driver_agreement(bed.ctx, exit_policies, replayed, agreement_images)
         if agreement_images else None,
     }
     if comparison is not None:

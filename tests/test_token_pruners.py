@@ -19,7 +19,8 @@ from harness.evaluate import BlockFlops, flops_per_sample
 from harness.flops import block_flops, tower_flops
 from harness.policy import create_method, keep_top
 from harness.quantizers._fake import FakeQuantAttention
-from harness.run import format_tables, outcome_flops, real_outcome, run
+from harness.run import format_tables, run
+from harness.testbed import outcome_flops, real_outcome
 from methods.token_pruner import masked_block, pruned_forward
 
 

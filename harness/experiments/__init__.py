@@ -2,7 +2,7 @@
 
 Each experiment is a function ``(bed, seeds, options) -> Report`` registered
 with :func:`experiment`; ``all`` runs every one. They share one
-:class:`~harness.experiments.testbed.TestBed` (traces and fitted methods are
+:class:`~harness.testbed.TestBed` (traces and fitted methods are
 cached), and write ``tables.md``, ``tables.tex``, ``data.json`` and figures
 into ``results/experiments/<name>-<model>-<data>-<quant>/``. The paper's
 numbers come from ``paper_numbers.json`` and appear only in columns labelled
@@ -19,7 +19,7 @@ from typing import Any, Callable
 from harness.config import HarnessConfig
 from harness.errors import ConfigError
 from harness.experiments.report import Report
-from harness.experiments.testbed import TestBed
+from harness.testbed import TestBed
 from harness.provenance import environment
 
 Experiment = Callable[[TestBed, int, dict[str, Any]], Report]

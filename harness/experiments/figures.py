@@ -14,7 +14,7 @@ import numpy as np
 from harness.experiments import experiment
 from harness.experiments.report import Report, paper_numbers
 from harness.experiments.tables import LRA
-from harness.experiments.testbed import TestBed
+from harness.testbed import TestBed
 
 # The paper's threshold grid: 25 points over [0.20, 0.92]
 GRID = tuple(float(t) for t in np.linspace(0.20, 0.92, 25))

@@ -8,7 +8,7 @@ from typing import Any
 from harness.experiments import experiment
 from harness.experiments.figures import _figure
 from harness.experiments.report import Report
-from harness.experiments.testbed import TestBed
+from harness.testbed import TestBed
 
 QUANTIZERS = ("fp32", "int8-dynamic", "int8-torchao", "fake-w8a8", "fake-w6a6", "fake-w4a8", "fake-w4a4")
 # Each quantizer needs its own traces; without --limit the sweep samples this many images per split.

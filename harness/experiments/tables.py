@@ -11,7 +11,7 @@ from harness import evaluate
 from harness.errors import ConfigError
 from harness.experiments import experiment
 from harness.experiments.report import Report, paper_numbers
-from harness.experiments.testbed import TestBed
+from harness.testbed import Evaluation, TestBed
 
 LRA = "lra-ee"
 # --factor names that are not LRA-EE config keys, and their level spellings
@@ -31,10 +31,10 @@ def pm(values: list[float]) -> str:
     return f"{np.mean(values):.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
 
 
-def over_seeds(bed: TestBed, seeds: int, method: str, **config: Any) -> list[dict[str, Any]]:
-    """Score ``method`` with ``config`` once per seed."""
+def over_seeds(bed: TestBed, seeds: int, method: str, **config: Any) -> list[Evaluation]:
+    """Evaluate ``method`` with ``config`` once per seed."""
     base = bed.config.seed
-    return [bed.score(bed.fit(method, base + s, **config), base + s) for s in range(seeds)]
+    return [bed.evaluate(bed.fit(method, base + s, **config), base + s) for s in range(seeds)]
 
 
 def _paper(table: str, label: str, key: str) -> str:
@@ -54,7 +54,7 @@ def main(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     for label, paper_label, switches in [("LRA-EE initial (global threshold)", "lra-ee initial (global threshold)",
                                           {"thresholds": "global"}),
                                          ("LRA-EE optimized (LCT)", "lra-ee optimized (lct)", {"thresholds": "lct"})]:
-        runs = over_seeds(bed, seeds, LRA, **switches)
+        runs = [e.metrics for e in over_seeds(bed, seeds, LRA, **switches)]
         top1 = [m["top1"] for m in runs]
         measured[label] = {"top1": top1, "flops_saving": [m["flops_saving"] for m in runs]}
         rows.append([label, pm(top1), pm(measured[label]["flops_saving"]), f"{np.mean(top1) - reference:+.2f}",
@@ -129,8 +129,8 @@ def ablation(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
             correct.append(bed.baseline_correct.astype(float))
         else:
             runs = over_seeds(bed, seeds, LRA, **switches)
-            top1, saving = [m["top1"] for m in runs], [m["flops_saving"] for m in runs]
-            correct.append(np.mean([m["correct"] for m in runs], axis=0))
+            top1, saving = [e.metrics["top1"] for e in runs], [e.metrics["flops_saving"] for e in runs]
+            correct.append(np.mean([e.correct for e in runs], axis=0))
         measured[label] = {"switches": switches, "top1": top1, "flops_saving": saving}
         rows.append([label, pm(saving), pm(top1), f"{np.mean(top1) - reference:+.2f}",
                      _paper("ablation", label, "flops_saving"), _paper("ablation", label, "top1")])
@@ -164,7 +164,8 @@ def ablation(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
 def rescue(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     report = Report("rescue")
     seed = bed.config.seed
-    metrics = bed.score(bed.fit(LRA, seed), seed)
+    result = bed.evaluate(bed.fit(LRA, seed), seed)
+    metrics, exit_layer = result.metrics, result.outcome.exit_layer
     q = metrics["quadrants"]
     n = len(bed.labels)
     paper = paper_numbers("rescue")
@@ -179,10 +180,10 @@ def rescue(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
                  ["outcome", "samples", "%", "paper samples", "paper %"], rows,
                  note=f"McNemar exact p = {q['mcnemar_p']:.3g}. Paper columns: the paper's Table 4 (ImageNet).")
     layer_rows = []
-    for layer in sorted(set(metrics["exit_layer"].tolist())):
-        rows_at = metrics["exit_layer"] == layer
-        lq = evaluate.quadrants(metrics["correct"][rows_at], bed.baseline_correct[rows_at])
-        layer_rows.append([layer, int(rows_at.sum()), f"{100 * metrics['correct'][rows_at].mean():.2f}",
+    for layer in sorted(set(exit_layer.tolist())):
+        rows_at = exit_layer == layer
+        lq = evaluate.quadrants(result.correct[rows_at], bed.baseline_correct[rows_at])
+        layer_rows.append([layer, int(rows_at.sum()), f"{100 * result.correct[rows_at].mean():.2f}",
                            lq.both_correct, lq.rescued, lq.lost, lq.both_wrong, f"{lq.net_rescue:+d}"])
     report.table("Per exit layer (12 = full depth: same prediction as the baseline unless a last-layer head decides)",
                  ["exit layer", "samples", "top-1 %", "both correct", "rescued", "lost", "both wrong", "net"],

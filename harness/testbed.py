@@ -1,0 +1,220 @@
+"""Where methods are fitted and scored: one config's test trace, full-depth baselines and FLOPs.
+
+:class:`TestBed` is the one code path behind ``run``, ``check`` and every
+experiment. Exit policies are scored by replaying the test trace; token
+policies (whose later features depend on the tokens they drop) run the
+test images through the real driver, and their outcomes are memoised per
+fitted state, so a training-free pruner is evaluated once for all seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness import evaluate
+from harness._io import atomic_path
+from harness.config import HarnessConfig
+from harness.context import Context
+from harness.drivers import ExitOutcome, replay, run_early_exit
+from harness.policy import Decision, ExitPolicy, FitContext, LayerView, create_method
+
+
+class FullDepth(ExitPolicy):
+    """No exits: the full-depth model run through the same driver (the latency reference)."""
+
+    name = "full-depth"
+
+    def fit(self, ctx: FitContext) -> None:
+        pass
+
+    def exit_layers(self) -> list[int]:
+        return []
+
+    def decide(self, layer: int, view: LayerView) -> Decision:  # never called: no exit layers
+        raise AssertionError("FullDepth has no exit layers")
+
+
+def _policy_key(policy: ExitPolicy, fit_ctx: FitContext) -> str:
+    """Cache key of a fitted policy: its config, its code, the data it fits on, the seed."""
+    code = hashlib.sha256()
+    for file in sorted(Path(inspect.getfile(type(policy))).parent.glob("*.py")):
+        code.update(file.read_bytes())
+    # the fp32 twin of the heads split is fixed by the heads trace's key, so it needs no entry here
+    data = [(t.meta["key"], hashlib.sha256(np.asarray(t.indices).tobytes()).hexdigest())
+            for t in (fit_ctx.heads, fit_ctx.gate)]
+    blob = json.dumps([policy.describe(), code.hexdigest(), data, fit_ctx.seed], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def fit_policy(ctx: Context, name: str, seed: int, **config: Any) -> ExitPolicy:
+    """A fitted ``name`` (with ``config`` overrides) for ``seed``, from the cache when an identical fit exists."""
+    policy = create_method(name, **config)
+    fit_ctx = ctx.fit_context(seed=seed)
+    path = ctx.cache_dir / "policies" / f"{_policy_key(policy, fit_ctx)}.pt"
+    if path.is_file():
+        try:
+            policy.load_state_dict(torch.load(path, weights_only=True))
+            return policy
+        except Exception:  # a damaged entry is refitted below
+            path.unlink(missing_ok=True)
+    policy.fit(fit_ctx)
+    with atomic_path(path) as tmp:
+        torch.save(policy.state_dict(), tmp)
+    return policy
+
+
+def fit_digest(policy: ExitPolicy) -> str:
+    """Identity of a fitted policy: its description and every value of its state."""
+    digest = hashlib.sha256(json.dumps(policy.describe(), sort_keys=True, default=str).encode())
+
+    def update(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                update(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                update(item)
+        else:
+            digest.update(repr(value).encode())
+
+    state = policy.state_dict()
+    update({k: v for k, v in state.items() if k != "report"})  # diagnostics (timings) are not the fit
+    return digest.hexdigest()
+
+
+def real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = None) -> ExitOutcome:
+    """``policy`` on the whole test split under the real driver, in batches of the run's batch size.
+
+    The batches are the trace's (split order, bad images skipped alike), so
+    the rows line up with ``trace`` and, for a batch-dependent quantizer, a
+    policy that drops nothing reproduces the traced full-depth logits exactly.
+    ``desc`` labels a progress bar (None: none).
+    """
+    from tqdm import tqdm
+
+    from harness.datasets import ImageBatches
+
+    backbone, _ = ctx.quantized()
+    batches = ImageBatches(ctx.dataset, ctx.splits["test"], backbone.preprocess, ctx.config.batch_size,
+                           on_bad_image=ctx.config.on_bad_image)
+    parts, indices = [], []
+    for images, _, batch_indices in tqdm(batches, desc=desc, unit="batch", leave=False,
+                                         disable=desc is None or not ctx.progress):
+        parts.append(run_early_exit(policy, backbone, images, ctx.classifier))
+        indices.append(batch_indices)
+    if not np.array_equal(np.concatenate(indices) if indices else np.zeros(0, np.int64), np.asarray(trace.indices)):
+        raise RuntimeError("the real driver's test images do not match the test trace's rows")
+    return ExitOutcome(*(np.concatenate([getattr(p, f.name) for p in parts])
+                         for f in dataclasses.fields(ExitOutcome)))
+
+
+def outcome_flops(policy: ExitPolicy, outcome: ExitOutcome, block_flops: evaluate.BlockFlops,
+                  num_blocks: int) -> np.ndarray:
+    """FLOPs per sample of ``outcome``: blocks at their token counts, plus the policy's heads/decisions.
+
+    An exit policy pays its heads at its exit layers; a token policy also pays
+    :meth:`ExitPolicy.head_flops` at every block where it reports a cost.
+    """
+    layers = set(policy.exit_layers()) | (set(range(1, num_blocks + 1)) if policy.prunes_tokens else set())
+    head_flops = {layer: policy.head_flops(layer) for layer in sorted(layers)}
+    return evaluate.flops_per_sample(outcome.tokens, block_flops, outcome.exit_layer, head_flops,
+                                     sorted(layers), outcome.by_policy)
+
+
+def score(outcome: ExitOutcome, labels: np.ndarray, baseline_correct: np.ndarray, flops: np.ndarray,
+          full_flops: float, block_share: np.ndarray, num_blocks: int, seed: int) -> dict[str, Any]:
+    """The metrics of one outcome on the test split (JSON-safe)."""
+    correct = outcome.predictions == labels
+    q = evaluate.quadrants(correct, baseline_correct)
+    low, high = evaluate.bootstrap_ci(correct, seed=seed)
+    flops_low, flops_high = evaluate.bootstrap_ci(1 - flops / full_flops, seed=seed)
+    return {
+        "top1": float(100 * correct.mean()), "top1_ci": [100 * low, 100 * high],
+        "top5": float(100 * evaluate.topk_correct(outcome.logits, labels, 5).mean()),
+        "flops_per_sample": float(flops.mean()),
+        "flops_saving": float(100 * (1 - flops.mean() / full_flops)),
+        "flops_saving_ci": [100 * flops_low, 100 * flops_high],
+        "flops_saving_paper_formula": 100 * evaluate.paper_flops_saving(outcome.exit_layer, block_share),
+        "exit_distribution": evaluate.exit_distribution(outcome.exit_layer, num_blocks),
+        "quadrants": {**dataclasses.asdict(q), "net_rescue": q.net_rescue},
+    }
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One fitted policy on the test split: what it did per sample, and its metrics."""
+
+    outcome: ExitOutcome
+    flops: np.ndarray  # per sample
+    correct: np.ndarray  # per sample
+    metrics: dict[str, Any]  # :func:`score`
+
+
+class TestBed:
+    """Fits methods (cached on disk) and scores them on the ``test`` split of one config."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, config: HarnessConfig, progress: bool = True):
+        from harness.flops import tower_flops
+
+        self.ctx = Context(config, progress=progress)
+        self.config = self.ctx.config
+        self.test = self.ctx.trace(None, "test")
+        self.labels = np.asarray(self.test.labels)
+        self.num_blocks = self.ctx.backbone.num_blocks
+        self.baseline_correct = np.asarray(self.test.logits).argmax(1) == self.labels
+        tower = tower_flops(self.ctx.backbone)
+        self.full_flops = float(tower["total"])
+        self.block_share = np.asarray(tower["blocks"], dtype=np.float64) / sum(tower["blocks"])
+        self.block_flops = evaluate.BlockFlops(self.ctx.backbone, tower["embed"], tower["head"])
+        n = len(self.labels)
+        self.full = ExitOutcome(np.full(n, self.num_blocks), np.asarray(self.test.logits),
+                                np.full((n, self.num_blocks), self.ctx.num_tokens - 1), np.zeros(n, bool))
+        self._real: dict[str, ExitOutcome] = {}  # fit digest -> real-driver outcome of a token policy
+
+    def fit(self, method: str, seed: int, **config: Any) -> ExitPolicy:
+        """``method`` with ``config`` overrides, fitted on the splits of ``seed`` (cached on disk)."""
+        return fit_policy(self.ctx.with_seed(seed), method, seed, **config)
+
+    def outcome(self, policy: ExitPolicy, desc: str | None = None) -> ExitOutcome:
+        """What ``policy`` does on every test sample: replayed, or under the real driver for a token policy.
+
+        ``desc`` labels the real driver's progress bar.
+        """
+        if not policy.prunes_tokens:
+            return replay(policy, self.test, self.num_blocks, self.ctx.num_tokens - 1)
+        key = fit_digest(policy)
+        if key not in self._real:
+            self._real[key] = real_outcome(self.ctx, policy, self.test, desc=desc)
+        return self._real[key]
+
+    def evaluate(self, policy: ExitPolicy, seed: int, outcome: ExitOutcome | None = None,
+                 desc: str | None = None) -> Evaluation:
+        """``policy``'s outcome (:meth:`outcome` unless given), FLOPs and metrics; ``seed`` seeds the CIs."""
+        outcome = outcome if outcome is not None else self.outcome(policy, desc)
+        flops = outcome_flops(policy, outcome, self.block_flops, self.num_blocks)
+        metrics = score(outcome, self.labels, self.baseline_correct, flops, self.full_flops, self.block_share,
+                        self.num_blocks, seed)
+        return Evaluation(outcome, flops, outcome.predictions == self.labels, metrics)
+
+    def score(self, policy: ExitPolicy, seed: int) -> dict[str, Any]:
+        """The metrics of :meth:`evaluate`."""
+        return self.evaluate(policy, seed).metrics
+
+    def baseline_top1(self, quant: str | None = None) -> float:
+        """Full-depth top-1 (%) on the test split under ``quant`` (default: the run's quantizer)."""
+        trace = self.test if quant is None else self.ctx.trace(quant, "test")
+        return float(100 * np.mean(np.asarray(trace.logits).argmax(1) == self.labels))
