@@ -66,9 +66,26 @@ class Context:
         if quant not in self._backbones:
             quantizer = create_quantizer(quant)
             quantizer.check_device(self.config.device)
+            if quantizer.calibration_split is not None:
+                quantizer.calibrate(self.backbone.visual, self._calibration_images(quantizer))
             visual = quantizer.quantize(self.backbone.visual)
             self._backbones[quant] = (self.backbone.with_visual(visual, quant), quantizer)
         return self._backbones[quant]
+
+    def _calibration_images(self, quantizer: Quantizer) -> torch.Tensor:
+        """Up to ``quantizer.calibration_images`` preprocessed images of its split, evenly spaced, in split order.
+
+        Evenly spaced rather than the first ones: a part stored class by class
+        (an image folder) would otherwise calibrate on a few classes only.
+        """
+        from harness.datasets import ImageBatches
+
+        split = self.splits[quantizer.calibration_split]
+        count = min(quantizer.calibration_images, len(split))
+        chosen = Split(split.part, split.indices[np.linspace(0, len(split) - 1, count).round().astype(np.int64)])
+        batches = ImageBatches(self.dataset, chosen, self.backbone.preprocess, self.config.batch_size,
+                               on_bad_image=self.config.on_bad_image)
+        return torch.cat([images for images, _, _ in batches] or [torch.empty(0)])
 
     def trace(self, quant: str | None, split: str) -> Trace:
         """The cached trace of ``split`` under ``quant``.

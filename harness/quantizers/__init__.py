@@ -11,7 +11,9 @@ Built-ins: ``fp32``, ``int8-dynamic`` (PyTorch's deprecated
 deprecation warning is silenced in our output), ``int8-torchao`` (torchao int8
 weights + per-token dynamic int8 activations) and ``fake-wNaM[-tensor]``
 (fake quantization of every Linear, attention projections included, for a
-precision sweep). More can come from other packages through the entry-point
+precision sweep) and ``smoothquant[-BASE]`` (SmoothQuant smoothing calibrated on
+the ``gate`` split, then BASE, by default ``int8-dynamic``; ``smoothquant-fp32``
+smooths only). More can come from other packages through the entry-point
 group ``harness.quantizers``.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import torch
 from torch import nn
 
 from harness._registry import Registry
@@ -36,6 +39,10 @@ class Quantizer(abc.ABC):
     name: str
     batch_invariant: bool
     devices: tuple[str, ...] = ("cpu", "cuda")
+    # A scheme that needs data names the split it calibrates on; the harness then
+    # calls calibrate() with up to calibration_images images of it before quantize().
+    calibration_split: str | None = None
+    calibration_images: int = 256
 
     def config(self) -> dict[str, Any]:
         """Scheme and parameters, recorded in every result and cache key."""
@@ -49,6 +56,13 @@ class Quantizer(abc.ABC):
     def quantize(self, visual: nn.Module) -> nn.Module:
         """Return a quantized copy of ``visual``; ``visual`` itself is not modified."""
 
+    def calibrate(self, visual: nn.Module, images: torch.Tensor) -> None:
+        """Learn from preprocessed ``images`` [B, 3, H, W] of :attr:`calibration_split` run through ``visual``.
+
+        Called once before :meth:`quantize` when :attr:`calibration_split` is set;
+        whatever it learns must show in :meth:`config` (the cache key).
+        """
+
     def check_device(self, device: str) -> None:
         """Raise QuantizerUnavailable if this scheme cannot run on ``device``."""
         kind = str(device).split(":")[0]
@@ -61,7 +75,7 @@ class Quantizer(abc.ABC):
 QUANTIZERS: Registry[type[Quantizer]] = Registry(
     "quantizer",
     entry_point_group="harness.quantizers",
-    builtin_modules=("harness.quantizers._builtin", "harness.quantizers._fake"),
+    builtin_modules=("harness.quantizers._builtin", "harness.quantizers._fake", "harness.quantizers._smooth"),
 )
 register_quantizer = QUANTIZERS.register
 register_quantizer_family = QUANTIZERS.register_pattern

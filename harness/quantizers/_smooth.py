@@ -1,0 +1,160 @@
+"""SmoothQuant ``smoothquant[-BASE]``: move activation outliers into the weights, then quantize.
+
+SmoothQuant (Xiao et al. 2023) divides each input channel j of a Linear's
+activations X by a factor s_j and multiplies column j of its weight W by the
+same s_j, which leaves ``X @ W.T`` unchanged in exact arithmetic but makes
+the activations easier to quantize when a few channels carry outliers::
+
+    s_j = max|X_j| ** alpha / max_i |W_ij| ** (1 - alpha)
+
+In a pre-norm ViT block the division is free: it is folded into the affine
+parameters of the LayerNorm that produces X. Each block has two such pairs,
+``ln_1`` -> the attention input projection (``attn.in_proj_weight``, shared
+by queries, keys and values) and ``ln_2`` -> ``mlp.c_fc``. ``max|X_j|`` comes
+from calibration images (the ``gate`` split, see :class:`harness.context.Context`).
+
+``smoothquant`` smooths then applies ``int8-dynamic`` (the paper's INT8
+scheme); ``smoothquant-BASE`` applies any other quantizer after smoothing;
+``smoothquant-fp32`` smooths only, which must leave the tower's output
+unchanged up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import ConfigError
+from harness.quantizers import Quantizer, QuantizerUnavailable, create_quantizer, register_quantizer_family
+
+DEFAULT_BASE = "int8-dynamic"
+DEFAULT_ALPHA = 0.5
+# Floor for the maxima and the factors: a dead channel (all zeros) must not give s = 0 or inf.
+_MIN = 1e-5
+# Calibration images per forward pass (bounds memory for large towers).
+_CALIBRATION_BATCH = 64
+
+
+def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-channel factors ``s = act_max ** alpha / weight_max ** (1 - alpha)``.
+
+    Args:
+        act_max: [D] max |X_j| over every calibration token.
+        weight_max: [D] max_i |W_ij| over the following layer's output rows.
+        alpha: migration strength; 0 leaves the activations alone, 1 moves all
+            of their range into the weights.
+    """
+    return (act_max.clamp(min=_MIN) ** alpha / weight_max.clamp(min=_MIN) ** (1 - alpha)).clamp(min=_MIN)
+
+
+def smoothing_pairs(visual: nn.Module) -> list[tuple[str, str]]:
+    """(LayerNorm, the layer it feeds) qualified names, two per block: ln_1 -> attn, ln_2 -> mlp.c_fc.
+
+    Raises:
+        QuantizerUnavailable: a block is not an open_clip pre-norm block with a
+            packed self-attention in-projection and an ``mlp.c_fc`` Linear.
+    """
+    pairs = []
+    for i, block in enumerate(visual.transformer.resblocks):
+        ln_1, ln_2 = getattr(block, "ln_1", None), getattr(block, "ln_2", None)
+        attn, c_fc = getattr(block, "attn", None), getattr(getattr(block, "mlp", None), "c_fc", None)
+        supported = (
+            isinstance(ln_1, nn.LayerNorm) and ln_1.weight is not None
+            and isinstance(ln_2, nn.LayerNorm) and ln_2.weight is not None
+            and isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim
+            and isinstance(c_fc, nn.Linear) and not hasattr(block, "ln_1_kv")
+        )
+        if not supported:
+            raise QuantizerUnavailable(
+                f"smoothquant needs pre-norm blocks (affine ln_1 -> nn.MultiheadAttention with a packed "
+                f"in-projection, affine ln_2 -> mlp.c_fc Linear); block {i} is not one"
+            )
+        prefix = f"transformer.resblocks.{i}"
+        pairs += [(f"{prefix}.ln_1", f"{prefix}.attn"), (f"{prefix}.ln_2", f"{prefix}.mlp.c_fc")]
+    return pairs
+
+
+def _input_weight(module: nn.Module) -> nn.Parameter:
+    """The [out, in] weight that multiplies the LayerNorm output."""
+    return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+
+
+@register_quantizer_family("smoothquant[-BASE]", r"smoothquant(?:-(?P<base>.+))?")
+class SmoothQuant(Quantizer):
+    """SmoothQuant: per-channel smoothing from gate-split activations (alpha 0.5), then BASE (int8-dynamic)."""
+
+    calibration_split = "gate"
+
+    def __init__(self, base: str | None = None, alpha: float = DEFAULT_ALPHA):
+        self.base = create_quantizer(base or DEFAULT_BASE)
+        if self.base.calibration_split is not None:
+            raise ConfigError(f"smoothquant cannot wrap {self.base.name!r}, which needs its own calibration")
+        self.alpha = alpha
+        self.batch_invariant = self.base.batch_invariant  # smoothing only changes static weights
+        self.devices = self.base.devices
+        self.factors: dict[str, torch.Tensor] | None = None  # LayerNorm name -> s, set by calibrate
+        self._calibration: dict[str, Any] | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(),
+                "smoothing": "SmoothQuant: ln_1 -> attn.in_proj and ln_2 -> mlp.c_fc of every block",
+                "smoothing alpha": self.alpha, "base": self.base.config(), "calibration": self._calibration}
+
+    def targets(self, visual: nn.Module) -> list[str]:
+        """The base's targets plus every smoothed layer (their LayerNorms change too)."""
+        names = set(self.base.targets(visual)) | {layer for _, layer in smoothing_pairs(visual)}
+        return [name for name, _ in visual.named_modules() if name in names]
+
+    @torch.no_grad()
+    def calibrate(self, visual: nn.Module, images: torch.Tensor) -> None:
+        """Run ``images`` through ``visual`` and derive the factors from each LayerNorm's output abs-max."""
+        if len(images) == 0:
+            raise ConfigError(f"smoothquant needs calibration images; the {self.calibration_split!r} split gave none")
+        pairs = smoothing_pairs(visual)
+        act_max: dict[str, torch.Tensor] = {}
+
+        def recorder(name: str):
+            def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+                channel_max = output.detach().abs().flatten(0, -2).amax(dim=0).float()
+                act_max[name] = torch.maximum(act_max[name], channel_max) if name in act_max else channel_max
+            return record
+
+        device = next(visual.parameters()).device
+        handles = [visual.get_submodule(norm).register_forward_hook(recorder(norm)) for norm, _ in pairs]
+        try:
+            for start in range(0, len(images), _CALIBRATION_BATCH):
+                visual(images[start:start + _CALIBRATION_BATCH].to(device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.factors = {}
+        for norm, layer in pairs:
+            weight_max = _input_weight(visual.get_submodule(layer)).detach().abs().amax(dim=0).float()
+            self.factors[norm] = smoothing_factors(act_max[norm], weight_max, self.alpha)
+        # The pixels identify the images (split, indices, dataset content, preprocessing) for the cache key.
+        pixels = images.detach().cpu().float().contiguous().numpy().tobytes()
+        self._calibration = {"split": self.calibration_split, "images": len(images),
+                             "images_sha256": hashlib.sha256(pixels).hexdigest()}
+
+    def smooth(self, visual: nn.Module) -> nn.Module:
+        """A copy of ``visual`` with the factors folded in (same function, up to float rounding)."""
+        if self.factors is None:
+            raise RuntimeError("smoothquant: call calibrate(visual, images) before quantize() "
+                               f"(harness.Context does, on the {self.calibration_split!r} split)")
+        smoothed = copy.deepcopy(visual)
+        with torch.no_grad():
+            for norm_name, layer_name in smoothing_pairs(smoothed):
+                norm = smoothed.get_submodule(norm_name)
+                s = self.factors[norm_name].to(norm.weight.device, norm.weight.dtype)
+                norm.weight.div_(s)
+                if norm.bias is not None:
+                    norm.bias.div_(s)
+                _input_weight(smoothed.get_submodule(layer_name)).mul_(s)
+        return smoothed
+
+    def quantize(self, visual: nn.Module) -> nn.Module:
+        return self.base.quantize(self.smooth(visual))
