@@ -92,7 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     methods = resolve_methods(args.methods)
     metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
                                latency_images=args.latency_images, agreement_images=args.agreement_images,
-                               overrides=parse_overrides(args.set, methods))
+                               overrides=parse_overrides(args.set, methods), matched=args.matched_flops)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"results/{stamp}-{config.model}-{config.data}-{config.quant}")
     write_results(out, metrics, predictions)
@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agreement-images", type=int, default=1024,
                    help="test images run through the real driver to report its disagreement with trace replay "
                         "(non-zero only for batch-dependent quantizers); 0 skips")
+    p.add_argument("--matched-flops", action=argparse.BooleanOptionalAction, default=None,
+                   help="sweep the token pruners' keep ratio and compare them with lra-ee at its FLOPs saving "
+                        "(default: on when the run has lra-ee and a pruner, except for --methods all, where the "
+                        "sweep adds minutes)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("profile", help="QIRC noise profile: fp32 vs quantized, block by block",
@@ -266,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_embedded)
 
     p = sub.add_parser("experiment", help="the paper's tables and figures as commands (see README)",
-                       epilog="experiments: all, main (Table 1), ablation (Table 3), rescue (Table 4), "
+                       epilog="experiments: all, main (Table 1), compare (Table 2), ablation (Table 3), rescue (Table 4), "
                               "profile (Fig. 1), pareto (Fig. 2), gates (Fig. 3), pathology (Fig. 4), precision\n"
                               "examples:\n  python -m harness experiment all\n"
                               "  python -m harness experiment ablation --factor head=cls,ssa "

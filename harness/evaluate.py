@@ -116,3 +116,39 @@ def exit_distribution(exit_layer: np.ndarray, num_blocks: int) -> dict[int, floa
     """Share (%) of samples leaving after each block (``num_blocks`` = full depth); zeros omitted."""
     counts = np.bincount(exit_layer, minlength=num_blocks + 1)
     return {layer: float(100 * c / len(exit_layer)) for layer, c in enumerate(counts) if c}
+
+
+def pareto_front(points: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The points (each with ``flops_saving`` and ``top1``) no other point beats on both, by increasing saving."""
+    ordered = sorted(points, key=lambda p: (-p["flops_saving"], -p["top1"]))
+    front, best = [], -np.inf
+    for p in ordered:
+        if p["top1"] > best:
+            front.append(p)
+            best = p["top1"]
+    return sorted(front, key=lambda p: p["flops_saving"])
+
+
+def pareto_interpolate(points: list[dict[str, float]], saving: float) -> tuple[float | None, dict[str, float]]:
+    """Top-1 at ``saving`` on the :func:`pareto_front` of ``points``, and the measured point nearest in saving.
+
+    Top-1 is interpolated linearly between the front's neighbours in saving.
+    Below the front's smallest saving it is that point's top-1 (the method
+    saves more there and no point that saves less is more accurate); above
+    the front's largest saving it is None (no extrapolation).
+
+    Example:
+        >>> pts = [{"flops_saving": 0.0, "top1": 80.0}, {"flops_saving": 20.0, "top1": 70.0},
+        ...        {"flops_saving": 10.0, "top1": 60.0}]
+        >>> pareto_interpolate(pts, 5.0)
+        (77.5, {'flops_saving': 0.0, 'top1': 80.0})
+        >>> pareto_interpolate(pts[1:], 5.0)[0], pareto_interpolate(pts, 25.0)[0]
+        (70.0, None)
+    """
+    front = pareto_front(points)
+    nearest = min(points, key=lambda p: abs(p["flops_saving"] - saving))
+    if not front or saving > front[-1]["flops_saving"]:
+        return None, nearest
+    if saving < front[0]["flops_saving"]:
+        return float(front[0]["top1"]), nearest
+    return float(np.interp(saving, [p["flops_saving"] for p in front], [p["top1"] for p in front])), nearest

@@ -19,6 +19,7 @@ patch tokens survive after a block. They run under the real driver only.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,6 +31,10 @@ import torch
 from harness._registry import Registry
 
 FEATURES = ("cls", "patch_mean", "sav", "patch_tokens", "cls_attention")
+# The reference paper's threshold grid (25 points over [0.20, 0.92]); threshold knobs sweep it
+THRESHOLD_GRID = tuple(float(t) for t in np.linspace(0.20, 0.92, 25))
+# Keep ratios swept by token policies' knobs
+KEEP_RATIO_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class LayerView(abc.ABC):
@@ -203,14 +208,20 @@ class ExitPolicy(abc.ABC):
     fewer tokens. It can only run under the real driver: the features of the
     later blocks depend on the dropped tokens, so cached full-token traces
     cannot be replayed for it. A policy may both prune and exit. Its
-    per-block decision cost goes in :meth:`head_flops`, and
-    :meth:`with_keep_ratio` gives the knob that matched-FLOPs sweeps turn.
+    per-block decision cost goes in :meth:`head_flops`.
+
+    A method's operating point is set by one inference-time :attr:`knob`
+    (an exit threshold, PABEE's patience, a keep ratio) that can be changed
+    on a fitted policy without refitting (:meth:`with_knob`); sweeping it
+    over :attr:`knob_grid` traces the method's accuracy/FLOPs curve.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     needs: ClassVar[frozenset[str]] = frozenset({"cls"})
     prunes_tokens: ClassVar[bool] = False  # True: a token policy (real driver only, see the class docstring)
+    knob: ClassVar[str | None] = None  # what sets the operating point: a Config field unless with_knob says otherwise
+    knob_grid: ClassVar[tuple[float, ...]] = ()  # the knob's values in a sweep
 
     def __init__(self, config: Any = None, **overrides: Any):
         base = config if config is not None else self.Config()
@@ -243,13 +254,19 @@ class ExitPolicy(abc.ABC):
         """Token policies: tokens [B, M, D] appended after the kept ones (EViT's fused token); None: none."""
         return None
 
-    def with_keep_ratio(self, ratio: float) -> "ExitPolicy":
-        """Token policies: this fitted policy keeping ``ratio`` of the tokens where it prunes (no refit).
+    def with_knob(self, value: float) -> "ExitPolicy":
+        """This fitted policy with its :attr:`knob` set to ``value``, sharing the fitted state (no refit).
 
-        Returns ``self`` when ``ratio`` is the policy's own, else a copy; at
-        1.0 nothing may be dropped. The matched-FLOPs comparison sweeps it.
+        Returns ``self`` when ``value`` is the current setting, else a copy.
+        A token policy's knob is its keep ratio; at 1.0 it must drop nothing.
         """
-        raise NotImplementedError(f"method {self.name!r} has no keep ratio")
+        if self.knob is None:
+            raise NotImplementedError(f"method {self.name!r} has no knob to sweep")
+        if getattr(self.config, self.knob) == value:
+            return self
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **{self.knob: value})
+        return other
 
     def head_flops(self, layer: int) -> float:
         """FLOPs per sample of the policy's own head and gate (or token decision) at ``layer``."""

@@ -30,6 +30,7 @@ from harness.config import HarnessConfig
 from harness.context import Context
 from harness.drivers import ExitOutcome, TraceView, run_early_exit
 from harness.errors import ConfigError
+from harness.evaluate import pareto_interpolate
 from harness.policy import METHODS, ExitPolicy, create_method
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION
@@ -160,75 +161,34 @@ def measure_latency(ctx: Context, policies: dict[str, ExitPolicy], images: int, 
     }
 
 
-MATCHED_FLOPS_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # keep ratios of the matched-FLOPs sweep
 MATCHED_FLOPS_REFERENCE = "lra-ee"
 
 
-def pareto_interpolate(points: list[dict[str, float]], saving: float) -> tuple[float | None, dict[str, float]]:
-    """Top-1 at ``saving`` on the Pareto front of ``points`` (each with ``flops_saving`` and ``top1``), and
-    the measured point nearest in saving.
-
-    The front keeps the points no other point beats in both saving and
-    top-1; top-1 is interpolated linearly between its neighbours in saving.
-    Outside the front's range the interpolation is None (no extrapolation).
-
-    Example:
-        >>> pts = [{"flops_saving": 0.0, "top1": 80.0}, {"flops_saving": 20.0, "top1": 70.0},
-        ...        {"flops_saving": 10.0, "top1": 60.0}]
-        >>> pareto_interpolate(pts, 5.0)
-        (77.5, {'flops_saving': 0.0, 'top1': 80.0})
-    """
-    pairs = sorted({(p["flops_saving"], p["top1"]) for p in points})
-    front = [(x, y) for x, y in pairs if not any(a >= x and b >= y and (a, b) != (x, y) for a, b in pairs)]
-    nearest = min(points, key=lambda p: abs(p["flops_saving"] - saving))
-    if not front or not front[0][0] <= saving <= front[-1][0]:
-        return None, nearest
-    return float(np.interp(saving, [x for x, _ in front], [y for _, y in front])), nearest
-
-
-def matched_flops(bed: TestBed, pruners: dict[str, ExitPolicy], first_seed: dict[str, dict[str, Any]],
-                  reference: dict[str, Any], full_point: dict[str, float],
-                  grid: tuple[float, ...] = MATCHED_FLOPS_GRID) -> dict[str, Any]:
+def matched_flops(bed: TestBed, pruners: dict[str, ExitPolicy], reference: dict[str, Any]) -> dict[str, Any]:
     """Token pruners at the FLOPs saving of :data:`MATCHED_FLOPS_REFERENCE` (the paper's Table 2 comparison).
 
-    Each pruner's keep ratio is swept over ``grid`` (its first-seed fit;
-    :meth:`ExitPolicy.with_keep_ratio`, no refit: a learned pruner keeps its
-    trained scores and only its per-block budget changes), every point on
-    the test split under the real driver, except two already measured: the
-    ratio the pruner ran with in this run (its row) and 1.0, where nothing is
-    dropped and the real driver is the full-depth quantized model (its
-    baseline row). Top-1 is then read off each pruner's (FLOPs saving, top-1)
-    Pareto curve at the reference's mean FLOPs saving (:func:`pareto_interpolate`).
+    Each pruner's knob (its keep ratio) is swept on its first-seed fit
+    (:meth:`TestBed.sweep`; no refit: a learned pruner keeps its trained
+    scores and only its per-block budget changes), and top-1 is read off its
+    (FLOPs saving, top-1) Pareto curve at the reference's mean FLOPs saving
+    (:func:`~harness.evaluate.pareto_interpolate`).
 
     Args:
         pruners: method -> its first-seed fitted policy.
-        first_seed: method -> the metrics of its first seed (the run's rows).
         reference: the reference method's row summary (mean top-1 and FLOPs saving).
-        full_point: ``flops_saving`` and ``top1`` of the full-depth quantized model.
     """
     started = time.time()
     target, target_top1 = reference["flops_saving"]["mean"], reference["top1"]["mean"]
     out: dict[str, Any] = {"reference": MATCHED_FLOPS_REFERENCE, "target_saving": target,
-                           "reference_top1": target_top1, "grid": list(grid), "methods": {}}
+                           "reference_top1": target_top1, "methods": {}}
     for name, policy in pruners.items():
-        points = []
-        for ratio in grid:
-            variant = policy.with_keep_ratio(ratio)
-            if variant is policy:
-                metrics, source = first_seed[name], "run row"
-            elif ratio == 1.0:
-                metrics, source = full_point, "full depth (nothing dropped)"
-            else:
-                metrics = bed.evaluate(variant, bed.config.seed, desc=f"{name} keep {ratio:g}").metrics
-                source = "real driver"
-            points.append({"keep_ratio": ratio, "flops_saving": float(metrics["flops_saving"]),
-                           "top1": float(metrics["top1"]), "source": source})
+        points = bed.sweep(policy, bed.config.seed)
         top1, nearest = pareto_interpolate(points, target)
         out["methods"][name] = {
-            "target_saving": target, "top1_at_target": top1,
+            "knob": policy.knob, "target_saving": target, "top1_at_target": top1,
             "delta_vs_reference": None if top1 is None else top1 - target_top1,
             "nearest": nearest, "points": points,
-            "sweep": inspect.getdoc(type(policy).with_keep_ratio).splitlines()[0],  # what the knob changes
+            "sweep": inspect.getdoc(type(policy).with_knob).splitlines()[0],  # what the knob changes
         }
     out["wall_time_s"] = round(time.time() - started, 1)
     return out
@@ -301,9 +261,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         matched = MATCHED_FLOPS_REFERENCE in rows and bool(pruners) and not set(METHODS.names()) <= set(methods)
     comparison = None
     if matched and MATCHED_FLOPS_REFERENCE in rows and pruners:
-        comparison = matched_flops(bed, pruners, {name: rows[name]["per_seed"][0] for name in pruners},
-                                   rows[MATCHED_FLOPS_REFERENCE]["summary"],
-                                   rows[f"full-depth {c.quant}"]["per_seed"][0])
+        comparison = matched_flops(bed, pruners, rows[MATCHED_FLOPS_REFERENCE]["summary"])
     exit_policies = {name: policy for name, policy in fitted.items() if not policy.prunes_tokens}
     metrics = {
         "schema_version": SCHEMA_VERSION,
@@ -385,8 +343,8 @@ def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
                 name,
                 "-" if m["top1_at_target"] is None else f"{m['top1_at_target']:.2f}",
                 "-" if m["delta_vs_reference"] is None else f"{m['delta_vs_reference']:+.2f}",
-                f"{near['keep_ratio']:g} / {near['flops_saving']:.2f} / {near['top1']:.2f}",
-                ", ".join(f"{p['keep_ratio']:g}: {p['flops_saving']:.1f}/{p['top1']:.2f}" for p in m["points"]),
+                f"{near['value']:g} / {near['flops_saving']:.2f} / {near['top1']:.2f}",
+                ", ".join(f"{p['value']:g}: {p['flops_saving']:.1f}/{p['top1']:.2f}" for p in m["points"]),
             ])
         text += (f"\nToken pruners at {matched['reference']}'s FLOPs saving ({matched['target_saving']:.2f}%, "
                  f"top-1 {matched['reference_top1']:.2f}%), keep ratio swept, first seed:\n\n"

@@ -210,6 +210,27 @@ class TestBed:
                         self.num_blocks, seed)
         return Evaluation(outcome, flops, outcome.predictions == self.labels, metrics)
 
+    def sweep(self, policy: ExitPolicy, seed: int) -> list[dict[str, Any]]:
+        """``policy``'s accuracy/FLOPs curve: one point per value of its :attr:`~ExitPolicy.knob_grid`.
+
+        Each point has the knob ``value``, ``top1``, ``flops_saving`` and its
+        ``source``. No refit (:meth:`ExitPolicy.with_knob`). A token policy at
+        keep ratio 1.0 drops nothing, so that point is the full-depth outcome
+        (tests check that the real driver reproduces it exactly).
+        """
+        points = []
+        for value in policy.knob_grid:
+            variant = policy.with_knob(value)
+            if policy.prunes_tokens and value == 1.0:
+                outcome, source = self.full, "full depth (keep 1.0 drops nothing)"
+            else:
+                outcome = self.outcome(variant, desc=f"{policy.name} {policy.knob}={value:g}")
+                source = "real driver" if policy.prunes_tokens else "replay"
+            metrics = self.evaluate(variant, seed, outcome).metrics
+            points.append({"value": value, "top1": metrics["top1"], "flops_saving": metrics["flops_saving"],
+                           "source": source})
+        return points
+
     def score(self, policy: ExitPolicy, seed: int) -> dict[str, Any]:
         """The metrics of :meth:`evaluate`."""
         return self.evaluate(policy, seed).metrics

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.policy import ExitPolicy, FitContext, LayerView
+from harness.policy import THRESHOLD_GRID, ExitPolicy, FitContext, LayerView
+
+# Threshold heads sweep the paper's grid and three high thresholds, for the low-saving end of the curve
+THRESHOLD_KNOB_GRID = (*THRESHOLD_GRID, 0.95, 0.98, 0.99)
 
 
 # Part of the key of cached heads: a change to this file retrains them.

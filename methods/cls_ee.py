@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.policy import Decision, LayerView, register_method
-from methods._heads import HeadsConfig, PerLayerHeads
+from methods._heads import THRESHOLD_KNOB_GRID, HeadsConfig, PerLayerHeads
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ClsEE(PerLayerHeads):
     """CLS-token head per exit layer; exit when its max softmax probability passes a threshold."""
 
     Config = ClsEEConfig
+    knob, knob_grid = "threshold", THRESHOLD_KNOB_GRID
 
     def decide(self, layer: int, view: LayerView) -> Decision:
         logits = self.layer_logits(layer, view)

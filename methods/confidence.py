@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.policy import Decision, LayerView, register_method
-from methods._heads import HeadsConfig, PerLayerHeads
+from methods._heads import THRESHOLD_KNOB_GRID, HeadsConfig, PerLayerHeads
 
 SCORES = ("maxprob", "margin", "entropy")
 
@@ -44,6 +44,7 @@ class Confidence(PerLayerHeads):
     """Per-layer heads; exit when max-prob, top-2 margin or 1-normalised entropy passes one threshold."""
 
     Config = ConfidenceConfig
+    knob, knob_grid = "threshold", THRESHOLD_KNOB_GRID
 
     def decide(self, layer: int, view: LayerView) -> Decision:
         logits = self.layer_logits(layer, view)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.policy import Decision, ExitPolicy, FitContext, LayerView, keep_top, register_method
+from harness.policy import KEEP_RATIO_GRID, Decision, ExitPolicy, FitContext, LayerView, keep_top, register_method
 
 
 @dataclass
@@ -52,6 +52,7 @@ class EViT(ExitPolicy):
     Config = EViTConfig
     needs = frozenset({"cls_attention", "patch_tokens"})
     prunes_tokens = True
+    knob, knob_grid = "keep_rate", KEEP_RATIO_GRID
 
     def __init__(self, config: EViTConfig | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -117,14 +118,6 @@ class EViT(ExitPolicy):
         if self.config.fuse:
             flops += 2 * (present - keep_count(self.config.keep_rate, present)) * d
         return float(flops)
-
-    def with_keep_ratio(self, ratio: float) -> "EViT":
-        """A copy with ``keep_rate=ratio`` (``self`` when that is its own rate)."""
-        if ratio == self.config.keep_rate:
-            return self
-        other = copy.copy(self)
-        other.config = dataclasses.replace(self.config, keep_rate=ratio)
-        return other
 
     def state_dict(self) -> dict:
         return {"num_patches": self.num_patches, "width": self.width}

@@ -21,6 +21,7 @@ block, every sample classified by it, no early exit.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -31,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.policy import Decision, ExitPolicy, FitContext, LayerView, SplitFeatures, register_method
+from harness.policy import (THRESHOLD_GRID, Decision, ExitPolicy, FitContext, LayerView, SplitFeatures,
+                            register_method)
 from methods._heads import ExitHead, head_logits, load_heads, train_heads
 from methods.confidence import confidence_score
 
-GRID = tuple(float(t) for t in np.linspace(0.20, 0.92, 25))  # the paper's 25-point threshold grid
+GRID = THRESHOLD_GRID  # the paper's 25-point threshold grid
 GATE_FLOPS = 8.0  # 3 multiply-adds, the bias and the sigmoid: negligible, but counted
 
 
@@ -229,6 +231,7 @@ class LraEE(ExitPolicy):
     """LRA-EE: gated exits from patch-mean heads at INR-selected layers, thresholds under a FLOPs budget."""
 
     Config = LraEEConfig
+    knob, knob_grid = "shared threshold", THRESHOLD_GRID
 
     def __init__(self, config: LraEEConfig | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -361,6 +364,12 @@ class LraEE(ExitPolicy):
         else:
             score = confidence_score(logits, "maxprob")
         return Decision(exit=score >= self.thresholds[index], logits=logits)
+
+    def with_knob(self, value: float) -> "LraEE":
+        """A copy with one shared threshold ``value`` on every exit layer (fitted heads and gates kept)."""
+        other = copy.copy(self)
+        other.thresholds = [float(value)] * len(self.thresholds)
+        return other
 
     def head_flops(self, layer: int) -> float:
         if str(layer) not in self.heads:

@@ -28,6 +28,7 @@ class Pabee(PerLayerHeads):
     """Per-layer CLS heads, (i+1)-weighted joint loss; exit after `patience` agreeing layers."""
 
     Config = PabeeConfig
+    knob, knob_grid = "patience", tuple(range(1, 9))  # the PABEE paper's range
 
     def __init__(self, config: PabeeConfig | None = None, **overrides):
         super().__init__(config, **overrides)

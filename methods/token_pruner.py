@@ -37,7 +37,7 @@ keep one token count per sample, each pruning block keeps a fixed budget of
 ``round(keep * N)`` of the N tokens present, ranked by the learned score
 (``keep`` is ``target_keep`` unless ``keep_ratio`` says otherwise): the
 ranking is learned, the budget is fixed per block, and matched-FLOPs sweeps
-vary only the budget of one trained pruner (:meth:`TokenPruner.with_keep_ratio`).
+vary only the budget of one trained pruner (:meth:`TokenPruner.with_knob`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.policy import Decision, ExitPolicy, FitContext, LayerView, keep_top, register_method
+from harness.policy import KEEP_RATIO_GRID, Decision, ExitPolicy, FitContext, LayerView, keep_top, register_method
 from harness.quantizers._fake import FakeQuantLinear, fake_quantize
 
 
@@ -232,6 +232,7 @@ class TokenPruner(ExitPolicy):
     Config = TokenPrunerConfig
     needs = frozenset({"patch_tokens"})
     prunes_tokens = True
+    knob, knob_grid = "keep_ratio", KEEP_RATIO_GRID
 
     def __init__(self, config: TokenPrunerConfig | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -343,13 +344,9 @@ class TokenPruner(ExitPolicy):
             return 0.0
         return present * self.nets[str(layer)].flops_per_token()
 
-    def with_keep_ratio(self, ratio: float) -> "TokenPruner":
+    def with_knob(self, value: float) -> "TokenPruner":
         """The same trained scores with another inference budget (``self`` when it is its own)."""
-        if ratio == self.keep:
-            return self
-        other = copy.copy(self)
-        other.config = dataclasses.replace(self.config, keep_ratio=ratio)
-        return other
+        return self if value == self.keep else super().with_knob(value)
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -8,7 +8,7 @@ import pytest
 from harness.config import HarnessConfig
 from harness.errors import ConfigError
 from harness.experiments import names, run_experiments
-from harness.experiments.figures import pareto_front
+from harness.evaluate import pareto_front, pareto_interpolate
 from harness.experiments.tables import PAPER_ABLATION, design, effects, parse_factors
 
 
@@ -45,12 +45,20 @@ def test_pareto_front_keeps_only_undominated_points():
     assert [(p["flops_saving"], p["top1"]) for p in pareto_front(points)] == [(10, 80), (20, 79), (30, 70)]
 
 
+def test_pareto_interpolation_inside_below_and_above_the_front():
+    points = [{"flops_saving": s, "top1": t} for s, t in [(10, 80), (20, 70), (15, 60), (30, 50)]]
+    assert pareto_interpolate(points, 15)[0] == pytest.approx(75.0)  # (15, 60) is dominated: not on the front
+    assert pareto_interpolate(points, 25) == (pytest.approx(60.0), {"flops_saving": 20, "top1": 70})
+    assert pareto_interpolate(points, 4)[0] == 80.0  # every point saves more: the best of them
+    assert pareto_interpolate(points, 31) == (None, {"flops_saving": 30, "top1": 50})
+
+
 @pytest.fixture(scope="module")
 def experiments_out(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiments")
     config = HarnessConfig(limit=64, batch_size=32, cache_dir=str(root / "cache"))
     folders = {}
-    for name in ("main", "pareto", "rescue"):
+    for name in ("main", "pareto", "rescue", "compare"):
         (folder,) = run_experiments(name, config.resolved(), 2 if name == "main" else 1, {"factor": []},
                                     root / "out")
         folders[name] = folder
@@ -86,3 +94,41 @@ def test_unknown_experiment_lists_the_known_ones(tmp_path):
     with pytest.raises(ConfigError, match="known: all, main"):
         run_experiments("table9", HarnessConfig(limit=8, cache_dir=str(tmp_path)).resolved(), 1, {}, tmp_path)
     assert {"main", "ablation", "rescue", "profile", "pareto", "gates", "pathology"} <= set(names())
+
+
+def test_compare_sweeps_every_method_over_its_knob(experiments_out):
+    from harness.policy import METHODS, create_method
+
+    saved = json.loads((experiments_out["compare"] / "data.json").read_text())["data"]
+    assert set(saved["methods"]) == set(METHODS.names())
+    table = (experiments_out["compare"] / "tables.md").read_text()
+    for name, d in saved["methods"].items():
+        policy = create_method(name)
+        assert d["knob"] == policy.knob and [p["value"] for p in d["points"]] == list(policy.knob_grid)
+        # a higher threshold / patience / keep ratio never exits or drops more: saving cannot grow
+        savings = [p["flops_saving"] for p in d["points"]]
+        assert all(a >= b - 1e-9 for a, b in zip(savings, savings[1:])), (name, savings)
+        assert savings[0] > savings[-1]
+        if d["top1_at_target"] is not None:
+            front = [p["top1"] for p in d["front"]]
+            assert min(front) <= d["top1_at_target"] <= max(front)
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
+        assert f"{d['default']['top1']:.2f} / {d['default']['flops_saving']:.2f}" in row
+    assert saved["target_saving"] == saved["methods"]["lra-ee"]["default"]["flops_saving"]
+    assert (experiments_out["compare"] / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_with_knob_copies_the_fitted_policy_and_leaves_it_alone(tmp_path):
+    from harness.testbed import TestBed
+
+    bed = TestBed(HarnessConfig(limit=64, batch_size=32, cache_dir=str(tmp_path)).resolved(), progress=False)
+    for name, value in (("cls-ee", 0.5), ("pabee", 1), ("lra-ee", 0.3)):
+        policy = bed.fit(name, 0)
+        before = bed.score(policy, 0)
+        variant = policy.with_knob(value)
+        assert variant is not policy and bed.score(policy, 0) == before
+        assert bed.score(variant, 0)["flops_saving"] >= before["flops_saving"] - 1e-9  # a lower setting exits more
+        if name != "lra-ee":
+            assert getattr(variant.config, policy.knob) == value
+            assert policy.with_knob(getattr(policy.config, policy.knob)) is policy
+    assert bed.fit("lra-ee", 0).with_knob(0.3).thresholds == [0.3] * len(bed.fit("lra-ee", 0).thresholds)

@@ -197,10 +197,10 @@ def test_keep_ratio_one_reproduces_the_full_depth_quantized_model(tmp_path, quan
     for name in ("evit", "token-pruner"):
         policy = create_method(name)
         policy.fit(ctx.fit_context())
-        outcome = real_outcome(ctx, policy.with_keep_ratio(1.0), test)
+        outcome = real_outcome(ctx, policy.with_knob(1.0), test)
         np.testing.assert_array_equal(outcome.logits, test.logits)
         assert (outcome.tokens == ctx.num_tokens - 1).all()
-        assert all(policy.with_keep_ratio(1.0).head_flops(layer) == 0 for layer in range(1, 13))
+        assert all(policy.with_knob(1.0).head_flops(layer) == 0 for layer in range(1, 13))
         pruned = real_outcome(ctx, policy, test)
         assert (pruned.tokens[:, -1] < ctx.num_tokens - 1).all()
 
@@ -269,9 +269,11 @@ def test_run_compares_the_pruners_with_lra_ee_at_matched_flops(tmp_path):
     for name in ("token-pruner", "evit"):
         m = matched["methods"][name]
         assert m["target_saving"] == target
-        assert [p["keep_ratio"] for p in m["points"]] == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        assert [p["value"] for p in m["points"]] == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
         sources = [p["source"] for p in m["points"]]
-        assert sources.count("real driver") == 4 and sources[2] == "run row"
+        assert sources[:5] == ["real driver"] * 5 and sources[5].startswith("full depth")
+        row = rows[name]["per_seed"][0]  # keep 0.7 is the run's own setting: the same outcome, not re-run
+        assert (m["points"][2]["top1"], m["points"][2]["flops_saving"]) == (row["top1"], row["flops_saving"])
         savings = [p["flops_saving"] for p in m["points"]]
         assert savings == sorted(savings, reverse=True) and savings[-1] == pytest.approx(0, abs=1e-9)
         assert m["nearest"] in m["points"]

@@ -40,7 +40,7 @@ def names() -> list[str]:
 
 
 def _load() -> None:
-    from harness.experiments import figures, precision, tables  # noqa: F401  (registration)
+    from harness.experiments import compare, figures, precision, tables  # noqa: F401  (registration)
 
 
 def run_experiments(name: str, config: HarnessConfig, seeds: int, options: dict[str, Any],

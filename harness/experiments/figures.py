@@ -1,8 +1,9 @@
 """Experiments that end in figures: ``profile`` (Fig. 1), ``pareto`` (Fig. 2), ``gates`` (Fig. 3),
 ``pathology`` (Fig. 4).
 
-Threshold sweeps refit nothing: a fitted LRA-EE's thresholds are replaced
-and the test trace replayed, so a 25-point sweep costs 25 replays.
+Threshold sweeps refit nothing (:meth:`TestBed.sweep`): a fitted LRA-EE's
+thresholds are replaced by one shared value from the paper's 25-point grid
+and the test trace replayed, so a sweep costs 25 replays.
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ import numpy as np
 
 from harness.experiments import experiment
 from harness.experiments.report import Report, paper_numbers
+from harness.evaluate import pareto_front
 from harness.experiments.tables import LRA
 from harness.testbed import TestBed
-
-# The paper's threshold grid: 25 points over [0.20, 0.92]
-GRID = tuple(float(t) for t in np.linspace(0.20, 0.92, 25))
-
 
 def _figure(ncols: int = 1):
     import matplotlib
@@ -28,29 +26,6 @@ def _figure(ncols: int = 1):
 
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
     return fig, axes[0]
-
-
-def threshold_sweep(bed: TestBed, policy, grid: tuple[float, ...] = GRID) -> list[dict[str, float]]:
-    """Top-1 and FLOPs saving of ``policy`` with one shared threshold at each grid point."""
-    fitted = list(policy.thresholds)
-    points = []
-    for t in grid:
-        policy.thresholds = [t] * len(fitted)
-        m = bed.score(policy, bed.config.seed)
-        points.append({"threshold": t, "top1": m["top1"], "flops_saving": m["flops_saving"]})
-    policy.thresholds = fitted
-    return points
-
-
-def pareto_front(points: list[dict[str, float]]) -> list[dict[str, float]]:
-    """Points not beaten on both FLOPs saving and top-1, by increasing saving."""
-    ordered = sorted(points, key=lambda p: (-p["flops_saving"], -p["top1"]))
-    front, best = [], -np.inf
-    for p in ordered:
-        if p["top1"] > best:
-            front.append(p)
-            best = p["top1"]
-    return sorted(front, key=lambda p: p["flops_saving"])
 
 
 @experiment("profile", "Figure 1: QIRC noise profile (fp32 vs quantized, block by block) and INR per layer")
@@ -76,12 +51,12 @@ def pareto(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     seed = bed.config.seed
     policy = bed.fit(LRA, seed)
     fitted = bed.score(policy, seed)
-    points = threshold_sweep(bed, policy)
+    points = bed.sweep(policy, seed)
     front = pareto_front(points)
     reference = bed.baseline_top1()
     report = Report("pareto")
     report.table("LRA-EE with one shared threshold (seed %d)" % seed, ["threshold", "top-1 %", "FLOPs saving %"],
-                 [[f"{p['threshold']:.2f}", f"{p['top1']:.2f}", f"{p['flops_saving']:.2f}"] for p in points])
+                 [[f"{p['value']:.2f}", f"{p['top1']:.2f}", f"{p['flops_saving']:.2f}"] for p in points])
     distribution = fitted["exit_distribution"]
     paper = paper_numbers("pareto")["exit_distribution"]
     report.table("Exit distribution of the fitted LRA-EE (per-layer thresholds)",
@@ -111,13 +86,13 @@ def pareto(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
 @experiment("gates", "Figure 3: heuristic confidence gate vs learned gate over the full threshold sweep")
 def gates(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     seed = bed.config.seed
-    curves = {gate: threshold_sweep(bed, bed.fit(LRA, seed, gate=gate, thresholds="global"))
+    curves = {gate: bed.sweep(bed.fit(LRA, seed, gate=gate, thresholds="global"), seed)
               for gate in ("heuristic", "learned")}
     report = Report("gates")
     rows = []
     for gate, points in curves.items():
         best = max(points, key=lambda p: (p["top1"], p["flops_saving"]))
-        rows.append([gate, f"{best['top1']:.2f}", f"{best['flops_saving']:.2f}", f"{best['threshold']:.2f}",
+        rows.append([gate, f"{best['top1']:.2f}", f"{best['flops_saving']:.2f}", f"{best['value']:.2f}",
                      len(pareto_front(points))])
     report.table(f"Best top-1 over the sweep (seed {seed})",
                  ["gate", "best top-1 %", "its FLOPs saving %", "its threshold", "Pareto points"], rows,
@@ -125,7 +100,7 @@ def gates(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
                       "9.9% saving.")
     fig, (a, b) = _figure(2)
     for gate, points in curves.items():
-        a.plot([p["threshold"] for p in points], [p["top1"] for p in points], "-o", markersize=3, label=gate)
+        a.plot([p["value"] for p in points], [p["top1"] for p in points], "-o", markersize=3, label=gate)
         front = pareto_front(points)
         b.plot([p["flops_saving"] for p in front], [p["top1"] for p in front], "-o", markersize=3, label=gate)
     for ax in (a, b):
@@ -155,11 +130,11 @@ def pathology(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
         without = tuple(sorted(set(kept) - {layer}))
         if not without:
             continue
-        sweeps = {name: threshold_sweep(bed, bed.fit(LRA, seed, exit_layers=layers, thresholds="global"))
+        sweeps = {name: bed.sweep(bed.fit(LRA, seed, exit_layers=layers, thresholds="global"), seed)
                   for name, layers in (("included", with_layer), ("excluded", without))}
         gap = [i["top1"] - e["top1"] for i, e in zip(sweeps["included"], sweeps["excluded"])]
         worst = int(np.argmin(gap))
-        rows.append([layer, f"{min(gap):+.2f}", f"{GRID[worst]:.2f}", f"{max(gap):+.2f}", f"{np.mean(gap):+.2f}"])
+        rows.append([layer, f"{min(gap):+.2f}", f"{sweeps['included'][worst]['value']:.2f}", f"{max(gap):+.2f}", f"{np.mean(gap):+.2f}"])
         curves[layer] = sweeps
     report.table("Top-1 with the layer included minus excluded, over the threshold sweep (points)",
                  ["layer", "worst gap", "at threshold", "best gap", "mean gap"], rows,
@@ -167,7 +142,7 @@ def pathology(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     fig, axes = _figure(max(1, len(curves)))
     for ax, (layer, sweeps) in zip(axes, curves.items()):
         for name, points in sweeps.items():
-            ax.plot([p["threshold"] for p in points], [p["top1"] for p in points], "-o", markersize=3,
+            ax.plot([p["value"] for p in points], [p["top1"] for p in points], "-o", markersize=3,
                     label=f"layer {layer} {name}")
         ax.set(xlabel="threshold", ylabel="top-1 (%)", title=f"layer {layer}")
         ax.legend(fontsize=8)
