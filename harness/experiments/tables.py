@@ -52,25 +52,22 @@ def main(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
             [f"{quant} full depth", f"{reference:.2f}", "0.00", "+0.00", _paper("main", "int8 full depth", "top1"),
              _paper("main", "int8 full depth", "flops_saving")]]
     measured = {}
-    for label, paper_label, switches in [("LRA-EE initial (global threshold)", "lra-ee initial (global threshold)",
-                                          {"thresholds": "global"}),
-                                         ("LRA-EE optimized (LCT)", "lra-ee optimized (lct)", {"thresholds": "lct"})]:
-        runs = [e.metrics for e in over_seeds(bed, seeds, LRA, **switches)]
-        top1 = [m["top1"] for m in runs]
-        measured[label] = {"top1": top1, "flops_saving": [m["flops_saving"] for m in runs]}
-        rows.append([label, pm(top1), pm(measured[label]["flops_saving"]), f"{np.mean(top1) - reference:+.2f}",
+
+    def lra_row(label: str, paper_label: str, testbed: TestBed, **switches: str) -> None:
+        runs = [e.metrics for e in over_seeds(testbed, seeds, LRA, **switches)]
+        top1, saving = [m["top1"] for m in runs], [m["flops_saving"] for m in runs]
+        measured[label] = {"top1": top1, "flops_saving": saving}
+        rows.append([label, pm(top1), pm(saving), f"{np.mean(top1) - reference:+.2f}",
                      _paper("main", paper_label, "top1"), _paper("main", paper_label, "flops_saving")])
+
+    lra_row("LRA-EE initial (global threshold)", "lra-ee initial (global threshold)", bed, thresholds="global")
+    lra_row("LRA-EE optimized (LCT)", "lra-ee optimized (lct)", bed, thresholds="lct")
     smooth = TestBed(dataclasses.replace(bed.config, quant=f"smoothquant-{quant}"), progress=bed.ctx.progress)
     smooth_full = smooth.baseline_top1()
     rows.append([f"smoothquant-{quant} full depth", f"{smooth_full:.2f}", "0.00", f"{smooth_full - reference:+.2f}",
                  "-", "-"])
-    runs = [e.metrics for e in over_seeds(smooth, seeds, LRA)]
-    top1 = [m["top1"] for m in runs]
-    measured["LRA-EE + SmoothQuant"] = {"top1": top1, "flops_saving": [m["flops_saving"] for m in runs],
-                                        "full_depth_top1": smooth_full}
-    rows.append(["LRA-EE + SmoothQuant", pm(top1), pm(measured["LRA-EE + SmoothQuant"]["flops_saving"]),
-                 f"{np.mean(top1) - reference:+.2f}", _paper("main", "lra-ee + smoothquant", "top1"),
-                 _paper("main", "lra-ee + smoothquant", "flops_saving")])
+    lra_row("LRA-EE + SmoothQuant", "lra-ee + smoothquant", smooth)
+    measured["LRA-EE + SmoothQuant"]["full_depth_top1"] = smooth_full
     report.table(f"Main results ({len(bed.labels)} test images, {seeds} seed(s))",
                  ["configuration", "top-1 %", "FLOPs saving %", "delta vs quant", "paper top-1 %",
                   "paper FLOPs saving %"], rows,
