@@ -119,7 +119,7 @@ class Backbone:
             text_precision: ``fp32`` or ``fp16`` for the text tower.
             cache_dir: where to keep the result; ``None`` disables the cache.
         """
-        from harness.zeroshot import class_text_embeddings
+        from harness.zeroshot import zero_shot_weights
 
         if text_precision not in ("fp32", "fp16"):
             raise ConfigError(f"text precision must be fp32 or fp16, not {text_precision!r}")
@@ -136,7 +136,7 @@ class Backbone:
         if text_precision == "fp16":
             # copy the text side only: the vision tower is left out of the copy
             text_model = copy.deepcopy(self.clip, memo={id(self.clip.visual): None}).half()
-        weights = class_text_embeddings(text_model, self.tokenizer, classnames, templates).float()
+        weights = zero_shot_weights(text_model, self.tokenizer, classnames, templates).float()
         if path is not None:
             with atomic_path(path) as tmp:
                 torch.save(weights.cpu(), tmp)
