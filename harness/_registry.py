@@ -37,6 +37,25 @@ def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
     return f"Unknown {kind} {name!r}.{hint} Available: {', '.join(known)}"
 
 
+# Entry points of the harness's own distribution (the built-in plugins) load first.
+HARNESS_DISTRIBUTION = "exitbench"
+
+
+def _distribution(ep) -> str | None:
+    dist = getattr(ep, "dist", None)
+    return getattr(dist, "name", None)
+
+
+def _load_order(ep) -> tuple[bool, str, str]:
+    """Built-ins first, then the others by package and name (not by ``sys.path`` order)."""
+    dist = _distribution(ep) or ""
+    return dist != HARNESS_DISTRIBUTION, dist, ep.name
+
+
+def _qualified_name(obj: object) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
 @dataclass
 class Registry(Generic[T]):
     """Maps names to plugin factories of one kind.
@@ -62,7 +81,8 @@ class Registry(Generic[T]):
 
         def decorator(obj: T) -> T:
             if name in self._entries and self._entries[name] is not obj:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+                raise ValueError(f"{self.kind} {name!r} is registered twice "
+                                 f"(already by {_qualified_name(self._entries[name])})")
             self._entries[name] = obj
             doc = description or (getattr(obj, "__doc__", None) or "").strip()
             self._descriptions[name] = doc.splitlines()[0] if doc else ""
@@ -90,26 +110,36 @@ class Registry(Generic[T]):
         return decorator
 
     def _load(self) -> None:
+        """Import the built-in modules, then every entry point of the group, built-in ones first.
+
+        A plugin may not take a name that is already registered: built-ins
+        load first, so they always win. A plugin that fails to import (any
+        exception, ``sys.exit`` included), or that clashes, is refused as a
+        whole: whatever it registered before failing is rolled back, and the
+        reason is kept in :attr:`load_errors` for ``list`` and ``run`` to show.
+        """
         if self._loaded:
             return
         self._loaded = True
         for module in self.builtin_modules:
             importlib.import_module(module)
-        if self.entry_point_group:
-            for ep in entry_points(group=self.entry_point_group):
-                try:
-                    obj = ep.load()
-                except Exception as exc:  # a broken plugin must not stop the others
-                    self.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
-                    continue
+        if not self.entry_point_group:
+            return
+        for ep in sorted(entry_points(group=self.entry_point_group), key=_load_order):
+            saved = (dict(self._entries), dict(self._descriptions), dict(self._patterns))
+            try:
+                obj = ep.load()
                 # An entry point may name a module whose decorators register its
                 # plugins (so names live in one place), or one plugin object.
-                if isinstance(obj, types.ModuleType):
-                    continue
-                if ep.name in self._entries and self._entries[ep.name] is not obj:
-                    self.load_errors[ep.name] = f"name already taken by {self._entries[ep.name]!r}"
-                    continue
-                self.register(ep.name)(obj)
+                if not isinstance(obj, types.ModuleType):
+                    self.register(ep.name)(obj)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit too: a broken plugin must not stop the others
+                self._entries, self._descriptions, self._patterns = saved
+                origin = _distribution(ep)
+                self.load_errors[ep.name] = (f"{type(exc).__name__}: {exc}"
+                                             + (f" (from package {origin})" if origin else ""))
 
     def get(self, name: str) -> T:
         """Return the entry registered as ``name``.

@@ -77,10 +77,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print()
     names = list_backbones()
     print(f"backbones ({len(names)}): " + ", ".join(names))
-    for registry in (METHODS, QUANTIZERS, DATASETS):
-        for name, error in registry.load_errors.items():
-            print(f"warning: {registry.kind} plugin {name!r} failed to load: {error}", file=sys.stderr)
+    _warn_refused_plugins()
     return 0
+
+
+def _warn_refused_plugins() -> None:
+    """One stderr line per plugin that failed to load or clashed with a registered name."""
+    from harness.datasets import DATASETS
+    from harness.policy import METHODS
+    from harness.quantizers import QUANTIZERS
+
+    for registry in (METHODS, QUANTIZERS, DATASETS):
+        registry.names()  # loads the plugins
+        for name, error in registry.load_errors.items():
+            print(f"warning: {registry.kind} plugin {name!r} refused: {error}", file=sys.stderr)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -89,6 +99,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.run import format_tables, parse_overrides, resolve_methods, run, write_results
 
     config = _config(args).resolved()
+    _warn_refused_plugins()
     methods = resolve_methods(args.methods)
     metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
                                latency_images=args.latency_images, agreement_images=args.agreement_images,

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from harness._registry import Registry, UnknownNameError
@@ -47,10 +49,13 @@ def test_pattern_binds_named_groups():
 
 
 class _FakeEntryPoint:
-    def __init__(self, name, obj=None, error=None):
-        self.name, self._obj, self._error = name, obj, error
+    def __init__(self, name, obj=None, error=None, dist="some-plugin", on_load=None):
+        self.name, self._obj, self._error, self._on_load = name, obj, error, on_load
+        self.dist = types.SimpleNamespace(name=dist)
 
     def load(self):
+        if self._on_load:
+            self._on_load()
         if self._error:
             raise self._error
         return self._obj
@@ -64,7 +69,7 @@ def test_entry_points_load_and_broken_plugins_are_reported(monkeypatch):
     monkeypatch.setattr("harness._registry.entry_points", lambda group: eps if group == "test.group" else [])
     reg: Registry = Registry("widget", entry_point_group="test.group")
     assert reg.get("good") is Good
-    assert reg.load_errors == {"broken": "ImportError: no module named zzz"}
+    assert reg.load_errors == {"broken": "ImportError: no module named zzz (from package some-plugin)"}
     with pytest.raises(UnknownNameError, match="'broken' failed to load: ImportError"):
         reg.get("broken")
     assert "broken" not in reg.names()
@@ -79,7 +84,48 @@ def test_entry_point_may_not_take_a_builtin_name(monkeypatch):
 
     monkeypatch.setattr("harness._registry.entry_points", lambda group: [_FakeEntryPoint("alpha", object)])
     assert reg.get("alpha") is Alpha
-    assert "already taken" in reg.load_errors["alpha"]
+    assert "registered twice" in reg.load_errors["alpha"]
+
+
+def test_builtins_load_first_and_a_clashing_plugin_is_refused_whole(monkeypatch):
+    """A plugin found first on sys.path may not replace a built-in, nor keep what it registered before the clash."""
+    reg: Registry = Registry("widget", entry_point_group="test.group")
+
+    class Impostor:
+        pass
+
+    class Extra:
+        pass
+
+    class Builtin:
+        pass
+
+    def impostor_module():  # registers a new name, then a built-in's name, as a plugin module's decorators do
+        reg.register("extra")(Extra)
+        reg.register("alpha")(Impostor)
+
+    eps = [_FakeEntryPoint("impostor", types.ModuleType("impostor"), on_load=impostor_module, dist="impostor-pkg"),
+           _FakeEntryPoint("builtin", types.ModuleType("builtin"), dist="exitbench",
+                           on_load=lambda: reg.register("alpha")(Builtin))]
+    monkeypatch.setattr("harness._registry.entry_points", lambda group: eps)
+    assert reg.get("alpha") is Builtin
+    assert reg.names() == ["alpha"]  # "extra" rolled back with the refused plugin
+    error = reg.load_errors["impostor"]
+    assert "'alpha' is registered twice" in error and "Builtin" in error and "impostor-pkg" in error
+
+
+def test_a_plugin_that_exits_on_import_is_reported_not_fatal(monkeypatch):
+    def leave():
+        raise SystemExit(3)
+
+    class Good:
+        pass
+
+    eps = [_FakeEntryPoint("quitter", on_load=leave), _FakeEntryPoint("good", Good)]
+    monkeypatch.setattr("harness._registry.entry_points", lambda group: eps)
+    reg: Registry = Registry("widget", entry_point_group="test.group")
+    assert reg.names() == ["good"]
+    assert reg.load_errors["quitter"].startswith("SystemExit: 3")
 
 
 def test_pattern_names_are_contained():
