@@ -113,14 +113,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    from harness.results import refuse_overwrite
+
+    config = _config(args).resolved()
+    out = Path(args.out or f"results/profile/{config.model}-{config.data}-{config.quant}")
+    if not args.overwrite:
+        refuse_overwrite(out)  # now, not after minutes of tracing
+
     from harness import profile
     from harness.context import Context
 
-    ctx = Context(_config(args))
+    ctx = Context(config)
     result = profile.noise_profile(ctx, split=args.split)
     print(profile.format_table(result))
-    c = ctx.config
-    out = Path(args.out or f"results/profile/{c.model}-{c.data}-{c.quant}")
     paths = profile.save(result, out)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -178,9 +183,10 @@ def _cmd_train_embedded(args: argparse.Namespace) -> int:
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from harness import leaderboard
 
-    out = Path(args.out)
-    rows = leaderboard.write(args.results, out)
-    print(f"wrote {out} ({rows} rows from {len(args.results)} results)")
+    results = leaderboard.load_results(args.results)
+    print(f"found {len(results)} run{'' if len(results) == 1 else 's'} under {', '.join(args.results)}")
+    out, rows = leaderboard.write(results, Path(args.out))
+    print(f"wrote {out} ({rows} rows from {len(results)} results)")
     return 0
 
 
@@ -250,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p)
     p.add_argument("--split", default="gate", choices=("heads", "gate", "test"), help="split to profile")
     p.add_argument("--out", default=None, help="output folder (default: results/profile/MODEL-DATA-QUANT)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results in an --out folder that has files (default: refuse, before computing)")
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("zeroshot", help="full-depth zero-shot top-1 under one or more quantizers")
@@ -310,10 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("leaderboard", help="one static HTML page (table, Pareto plot, configs) from run folders",
-                       epilog="examples:\n  python -m harness leaderboard results/*/metrics.json -o leaderboard/index.html",
+                       epilog="examples:\n  python -m harness leaderboard results/ -o leaderboard/index.html\n"
+                              "  python -m harness leaderboard results/baseline results/RUN/metrics.json -o site/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", help="folders written by `run`, or their metrics.json files")
-    p.add_argument("-o", "--out", default="leaderboard/index.html", help="HTML file to write")
+    p.add_argument("results", nargs="+",
+                   help="folders searched for runs at any depth (every folder holding a metrics.json written by "
+                        "`run`; folders starting with '.' are skipped), or metrics.json files")
+    p.add_argument("-o", "--out", default="leaderboard/index.html",
+                   help="HTML file to write, or an existing folder to write index.html into "
+                        "(default: leaderboard/index.html)")
     p.set_defaults(func=_cmd_leaderboard)
     return parser
 

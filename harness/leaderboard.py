@@ -5,7 +5,10 @@ The page is built only from results files (``metrics.json`` written by
 backbone, dataset, quantizer, method and config, a top-1 vs FLOPs saving
 Pareto plot, each row's exit distribution, and every run's config and
 environment. CSS, SVG and script are inline, so the page opens from disk
-with no network. Every string from a results file is HTML-escaped.
+with no network. Every string from a results file is HTML-escaped, and the
+page records no machine paths (:func:`harness.results.without_machine_paths`).
+The template is package data (``harness/templates``), so installed copies
+render the page too.
 """
 
 from __future__ import annotations
@@ -13,44 +16,55 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
 from markupsafe import Markup
 
-import harness
 from harness._io import atomic_write_text
-from harness.results import read_metrics
+from harness.errors import ConfigError
+from harness.results import find_runs, read_metrics, without_machine_paths
 
-# Source checkouts only: the template is not package data, so a wheel install has no leaderboard.
-TEMPLATE_DIR = Path(harness.__file__).resolve().parent.parent / "leaderboard"
-TEMPLATE = "template.html.j2"
+TEMPLATE = resources.files("harness") / "templates" / "leaderboard.html.j2"
 # Okabe-Ito, without its yellow (too light on white): distinct for colour-blind readers.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 
 
 def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Read the ``metrics.json`` of each run folder (or each metrics file given directly).
+    """Read the ``metrics.json`` of every run folder at or below each path (or each metrics file given).
 
     Args:
-        paths: folders written by ``python -m harness run``, or paths to their ``metrics.json``.
+        paths: folders holding folders written by ``python -m harness run`` at any
+            depth (``results/``), such run folders, or their ``metrics.json`` files.
 
     Returns:
-        One dict per path, in the order given: ``path`` (the metrics file), ``label``
-        (its folder's name), ``anchor`` (an HTML id unique on the page) and ``metrics``.
+        One dict per run, in the order of ``paths`` and, below each folder, in sorted
+        order: ``path`` (the metrics file from the given folder's name down, e.g.
+        ``results/RUN/metrics.json``), ``label`` (its folder, shown the same way),
+        ``anchor`` (an HTML id unique on the page) and ``metrics`` (without machine paths).
 
     Raises:
-        ConfigError: a path holds no metrics file, or one that is not JSON or has
-            another schema version.
+        ConfigError: a folder with no run below it; a metrics file that is missing, not
+            JSON, of another schema version or lacking a key the page reads.
     """
     results = []
-    for index, given in enumerate(paths):
-        file, metrics = read_metrics(given)
-        label = file.resolve().parent.name
-        results.append({"path": str(file), "label": label, "anchor": f"run-{index}-{_slug(label)}",
-                        "metrics": metrics})
+    for given in paths:
+        for file in find_runs(given):
+            _, metrics = read_metrics(file)
+            shown = _shown_path(file, Path(given))
+            label = shown.rpartition("/")[0] or shown
+            results.append({"path": shown, "label": label, "anchor": f"run-{len(results)}-{_slug(label)}",
+                            "metrics": without_machine_paths(metrics)})
     return results
+
+
+def _shown_path(file: Path, given: Path) -> str:
+    """``file`` from the given folder's name down: ``results/RUN/metrics.json``, not this machine's folders."""
+    root = os.path.abspath(given if given.is_dir() else file.parent)
+    return Path(os.path.relpath(os.path.abspath(file), os.path.dirname(root))).as_posix()
 
 
 def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -61,7 +75,8 @@ def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     shown once, with the later file's numbers. Percentages are in percent;
     values a run did not record (latency skipped, non-finite numbers) are None.
     ``net_rescue_pct`` is (rescued - lost) over the test samples, against
-    full depth under the same quantizer; the CI is the first seed's.
+    full depth under the same quantizer; the CI is the first seed's. Runs of
+    other weights (another ``weights_sha256``) are other rows.
     """
     rows: dict[tuple[str, ...], dict[str, Any]] = {}
     for result in results:
@@ -85,8 +100,10 @@ def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             total_share = sum(share for _, share in exits)
             mean = _number(top1["mean"])
             low, high = first["top1_ci"]
+            # checkpoint paths are cut to their file name (no machine paths): the digest tells weights apart
+            weights = (run.get("backbone") or {}).get("weights_sha256")
             key = (backbone, dataset, str(quant), name,
-                   json.dumps([run_config, run.get("seeds"), row.get("config")], sort_keys=True, default=str))
+                   json.dumps([run_config, weights, run.get("seeds"), row.get("config")], sort_keys=True, default=str))
             rows[key] = {
                 "anchor": result["anchor"], "run": result["label"],
                 "backbone": backbone, "dataset": dataset, "quantizer": str(quant), "method": name,
@@ -221,30 +238,42 @@ def render(results: list[dict[str, Any]]) -> str:
     return _render(results, leaderboard_rows(results))
 
 
-def write(paths: Iterable[str | Path], out: Path) -> int:
-    """Render the results at ``paths`` to ``out`` atomically; return the number of table rows.
+def write(results: list[dict[str, Any]], out: Path) -> tuple[Path, int]:
+    """Render ``results`` (from :func:`load_results`) to ``out`` atomically.
+
+    Args:
+        results: the runs to show.
+        out: the HTML file to write, or an existing folder to write ``index.html`` into.
+
+    Returns:
+        The file written and the number of table rows.
+
+    Raises:
+        ConfigError: ``out`` cannot be written (a file in its path, no permission).
 
     Example:
-        >>> write(["results/20250101-120000-embedded-embedded-int8-dynamic"], Path("leaderboard/index.html"))
+        >>> write(load_results(["results"]), Path("leaderboard"))
+        (PosixPath('leaderboard/index.html'), 6)
     """
-    results = load_results(paths)
+    out = Path(out) / "index.html" if Path(out).is_dir() else Path(out)
     rows = leaderboard_rows(results)
-    atomic_write_text(Path(out), _render(results, rows))
-    return len(rows)
+    page = _render(results, rows)
+    try:
+        atomic_write_text(out, page)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return out, len(rows)
 
 
 def _render(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     import jinja2
 
-    if not (TEMPLATE_DIR / TEMPLATE).is_file():
-        raise FileNotFoundError(f"leaderboard template {TEMPLATE_DIR / TEMPLATE} not found: the leaderboard "
-                                "needs a source checkout of exitbench (the template is not installed with the package)")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True)
     env.globals["exit_bar"] = exit_bar_svg
     filters = {key: sorted({r[key] for r in rows}) for key in ("backbone", "dataset", "quantizer")}
-    return env.get_template(TEMPLATE).render(rows=rows, runs=[_run_card(r) for r in results],
-                                             filters=filters, pareto=pareto_svg(rows))
+    return env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(
+        rows=rows, runs=[_run_card(r) for r in results], filters=filters, pareto=pareto_svg(rows))
 
 
 def _run_card(result: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from harness.context import Context
 from harness.datasets import ImageBatches
 from harness.errors import DataError
 from harness.provenance import environment
+from harness.results import without_machine_paths
 from harness.trace import layer_features
 
 
@@ -182,7 +183,14 @@ def figure(profile: Profile):
 
 
 def save(profile: Profile, out_dir: Path) -> list[Path]:
-    """Write profile.json, profile.md and the figure into ``out_dir``."""
+    """Write profile.json, profile.md and the figure into ``out_dir``; return the paths.
+
+    The files record no machine paths: no cache folder, checkpoint and bad-image
+    paths cut to their last part (committed results are compared across machines).
+    """
+    profile = replace(profile, bad_images=without_machine_paths(profile.bad_images),
+                      config=without_machine_paths(profile.config),
+                      environment=without_machine_paths(profile.environment))
     atomic_write_text(out_dir / "profile.json", json.dumps(asdict(profile), indent=2) + "\n")
     atomic_write_text(out_dir / "profile.md", format_table(profile) + "\n")
     return [out_dir / "profile.json", out_dir / "profile.md", *plot(profile, out_dir)]

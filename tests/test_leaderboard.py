@@ -18,7 +18,6 @@ from harness.config import HarnessConfig
 from harness.errors import ConfigError
 from harness.run import run, write_results
 
-CHECKOUT_TEMPLATES = Path(__file__).resolve().parent.parent / "leaderboard"
 # the page links to external resources only through these attributes (or CSS @import / url())
 RESOURCE_ATTRIBUTES = {"src", "href", "xlink:href", "srcset", "action", "poster", "data", "background"}
 
@@ -32,12 +31,6 @@ def results(tmp_path_factory) -> tuple[Path, dict]:
                                agreement_images=0)
     write_results(base / "run", metrics, predictions)
     return base / "run", json.loads((base / "run" / "metrics.json").read_text())
-
-
-@pytest.fixture(autouse=True)
-def _checkout_templates(monkeypatch):
-    # tox installs the package without the leaderboard/ folder beside it; test this checkout's template
-    monkeypatch.setattr(leaderboard, "TEMPLATE_DIR", CHECKOUT_TEMPLATES)
 
 
 class Page(HTMLParser):
@@ -177,13 +170,11 @@ def test_a_repeated_results_folder_adds_no_rows(results):
 
 
 def test_cli_writes_the_page(results, tmp_path):
-    if not (Path(leaderboard.__file__).resolve().parent.parent / "leaderboard").is_dir():
-        pytest.skip("harness is installed without its leaderboard/ template folder")
     out = tmp_path / "site" / "index.html"
     proc = subprocess.run([sys.executable, "-m", "harness", "leaderboard", str(results[0]), "-o", str(out)],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"wrote {out} (4 rows from 1 results)"
+    assert proc.stdout.splitlines() == [f"found 1 run under {results[0]}", f"wrote {out} (4 rows from 1 results)"]
     assert len(Page(out.read_text()).rows) == 4
 
 
@@ -200,19 +191,13 @@ def test_unknown_schema_version_is_a_one_line_error(results, tmp_path, capsys):
     assert not (tmp_path / "index.html").exists()
 
 
-def test_missing_template_folder_is_a_clear_error(results, tmp_path, monkeypatch):
-    monkeypatch.setattr(leaderboard, "TEMPLATE_DIR", tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="source checkout"):
-        leaderboard.render(leaderboard.load_results([results[0]]))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium")
 def test_screenshot_is_not_blank(results, tmp_path):
     from PIL import Image
 
     page, png = tmp_path / "index.html", tmp_path / "lb.png"
-    leaderboard.write([results[0]], page)
+    leaderboard.write(leaderboard.load_results([results[0]]), page)
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run",
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1400,1000",
@@ -220,3 +205,79 @@ def test_screenshot_is_not_blank(results, tmp_path):
     assert png.stat().st_size > 10_000
     low, high = Image.open(png).convert("L").getextrema()
     assert low < high
+
+
+BASELINE = Path(__file__).resolve().parent.parent / "results" / "baseline" / "metrics.json"
+
+
+def _baseline_copy(folder: Path, edit=None) -> Path:
+    """``folder/metrics.json``: the committed baseline's metrics, changed by ``edit`` first."""
+    metrics = json.loads(BASELINE.read_text())
+    if edit:
+        edit(metrics)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder / "metrics.json"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("rows"), "missing key 'rows'"),
+    (lambda m: m["rows"]["pabee"].pop("summary"), "missing key 'summary' in rows['pabee']"),
+    (lambda m: m["run"]["config"].pop("quant"), "missing key 'quant' in run['config']"),
+    (lambda m: m["rows"]["lra-ee"]["per_seed"][0]["quadrants"].pop("lost"),
+     "missing key 'lost' in rows['lra-ee']['per_seed'][0]['quadrants']"),
+    (lambda m: m["rows"]["cls-ee"].update(per_seed=[]), "rows['cls-ee']['per_seed'] is empty"),
+    (lambda m: m["rows"]["cls-ee"]["summary"]["top1"].update(mean="high"),
+     "rows['cls-ee']['summary']['top1']['mean'] is a string, expected a number or null"),
+])
+def test_a_results_file_missing_keys_is_a_one_line_error(tmp_path, capsys, edit, message):
+    file = _baseline_copy(tmp_path / "broken", edit)
+    with pytest.raises(ConfigError) as raised:
+        leaderboard.load_results([file.parent])
+    assert str(raised.value) == f"{file}: {message}"
+    assert main(["leaderboard", str(file.parent), "-o", str(tmp_path / "index.html")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {file}: {message}\n"
+    assert not (tmp_path / "index.html").exists()
+
+
+def test_out_may_be_a_folder(tmp_path, capsys):
+    _baseline_copy(tmp_path / "run")
+    (tmp_path / "site").mkdir()
+    assert main(["leaderboard", str(tmp_path / "run"), "-o", str(tmp_path / "site")]) == 0
+    written = tmp_path / "site" / "index.html"
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {written} (6 rows from 1 results)"
+    assert len(Page((tmp_path / "site" / "index.html").read_text()).rows) == 6
+
+
+def test_out_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
+    _baseline_copy(tmp_path / "run")
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["leaderboard", str(tmp_path / "run"), "-o", str(tmp_path / "file" / "index.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot write {tmp_path / 'file' / 'index.html'}: ")
+
+
+def test_folders_are_searched_for_runs_in_sorted_order(tmp_path, capsys):
+    root = tmp_path / "results"
+    _baseline_copy(root / "b" / "second")
+    _baseline_copy(root / "a" / "deeper" / "first", lambda m: m["rows"]["pabee"]["summary"]["top1"].update(mean=1.0))
+    (root / "experiments" / "main").mkdir(parents=True)
+    (root / "experiments" / "main" / "data.json").write_text("{}")  # other results files are not runs
+    _baseline_copy(root / ".run.tmp-123", lambda m: m.pop("rows"))  # a run still being written
+    out = tmp_path / "index.html"
+    assert main(["leaderboard", str(root), "-o", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"found 2 runs under {root}", f"wrote {out} (6 rows from 2 results)"]
+    loaded = leaderboard.load_results([root])
+    assert [r["label"] for r in loaded] == ["results/a/deeper/first", "results/b/second"]
+    page = Page(out.read_text())
+    assert page.row("pabee")[4][1] != "1.00"  # the same row in two runs: the later one (sorted order) is shown
+    assert [r[-1][1] for r in page.rows] == ["results/b/second"] * 6
+
+
+def test_a_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert main(["leaderboard", str(tmp_path / "empty"), "-o", str(tmp_path / "index.html")]) == 2
+    assert capsys.readouterr().err == (f"error: no run under {tmp_path / 'empty'}: no metrics.json in it or its "
+                                       "subfolders (pass folders written by `python -m harness run`)\n")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from harness.context import Context, HarnessConfig
@@ -48,3 +50,40 @@ def test_coarser_quantization_drifts_more(ctx):
         assert b.patch_mean_cosine < a.patch_mean_cosine <= 1 + 1e-6
     # error accumulates with depth under 4-bit activations
     assert harsh.layers[-1].quant_error > harsh.layers[0].quant_error
+
+
+def test_existing_results_are_not_overwritten_and_nothing_is_computed(tmp_path, capsys, monkeypatch):
+    import harness.context
+    from harness.cli import main
+
+    def no_computation(*args, **kwargs):
+        raise AssertionError("the output folder is checked before any computation")
+
+    monkeypatch.setattr(harness.context, "Context", no_computation)
+    out = tmp_path / "profile"
+    out.mkdir()
+    (out / "profile.json").write_text("committed")
+    assert main(["profile", "--limit", "24", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: {out} holds results already; pass --overwrite to replace them, "
+                                       "or another --out\n")
+    assert (out / "profile.json").read_text() == "committed"
+
+
+def test_overwrite_replaces_results_and_profile_json_records_no_machine_paths(tmp_path, capsys):
+    from pathlib import Path
+
+    import harness
+    from harness.cli import main
+
+    out, cache = tmp_path / "profile", tmp_path / "cache"
+    out.mkdir()
+    (out / "profile.json").write_text("committed")
+    assert main(["profile", "--limit", "24", "--batch-size", "12", "--quant", "fake-w8a8", "--cache-dir", str(cache),
+                 "--out", str(out), "--overwrite"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"wrote {out / 'profile.json'}")
+    text = (out / "profile.json").read_text()
+    saved = json.loads(text)
+    assert saved["quant"] == "fake-w8a8" and saved["samples"] == 24
+    assert str(cache) not in text and str(Path(harness.__file__).resolve().parent.parent) not in text
+    assert "cache_dir" not in saved["config"]["config"]
+    assert saved["config"]["backbone"]["pretrained"].endswith("/open_clip_model.safetensors")
