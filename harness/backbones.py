@@ -222,18 +222,76 @@ def state_dict_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _load_tensors(path: Path) -> Any:
+    """The object stored in ``path``, read without running code from the file.
+
+    Not open_clip's ``load_state_dict``: on a TypeError it retries ``torch.load``
+    without ``weights_only``, and with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` set
+    that retry unpickles anything (a crafted file ran ``os.system``). Passing
+    ``weights_only=True`` explicitly is what keeps that variable out: torch lets
+    it decide only when the caller does not pass ``weights_only``.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unwrap_state_dict(checkpoint: Any) -> Any:
+    """open_clip's unwrapping: a training checkpoint's ``state_dict`` entry, DDP's ``module.`` prefix."""
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    prefix = "module."
+    if isinstance(checkpoint, dict) and checkpoint and all(str(k).startswith(prefix) for k in checkpoint):
+        checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items()}
+    return checkpoint
+
+
+def _first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """``"KEY has N NaN/Inf values of M"`` for the first tensor holding any, else None."""
+    for key, tensor in state.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            return f"{key} has {int((~torch.isfinite(tensor)).sum())} NaN/Inf values of {tensor.numel()}"
+    return None
+
+
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    from open_clip.factory import load_state_dict
+    """The state dict of tensors in ``path`` (safetensors, or ``torch.load(weights_only=True)``).
+
+    Raises:
+        CheckpointError: empty or unreadable file, pickled objects, not a state
+            dict of tensors, or NaN/Inf weights (a model that would run at chance).
+    """
+    import pickle
 
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     try:
-        state = load_state_dict(str(path), weights_only=True)
+        state = _unwrap_state_dict(_load_tensors(path))
+    except pickle.UnpicklingError:  # torch's own message invites weights_only=False: not here
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it holds pickled Python objects (or is damaged), which are never "
+            f"loaded because they can run code; pass a .safetensors file or a state dict saved with torch.save"
+        ) from None
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        # torch and safetensors say what failed, but some messages are a bare key: keep the type
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}" if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({reason[:200]}); pass a .safetensors file or a state dict "
+            f"saved with torch.save"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+        raise CheckpointError(
+            f"checkpoint {path} does not hold a state dict of tensors ({type(state).__name__}); "
+            f"save model.state_dict() with safetensors or torch.save"
+        )
+    bad = _first_non_finite(state)
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} has non-finite weights ({bad}); the model would run at chance: "
+            f"pass a checkpoint saved before training diverged"
+        )
     return state
 
 

@@ -21,6 +21,8 @@ WNID = re.compile(r"n\d{8}")
 class ImageNet(ImageFolder):
     """ImageNet-1k val folder, one sub-folder per WordNet id (--data-root DIR)."""
 
+    empty_class_fix = "extract the missing val images (50 per class) into them"
+
     def _class_metadata(self, folders: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         others = [f for f in folders if not WNID.fullmatch(f)]
         if len(folders) != NUM_CLASSES or others:
