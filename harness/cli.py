@@ -42,6 +42,21 @@ def _add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...]
                            choices=f.metadata["choices"], help=f.metadata["help"])
 
 
+def _at_least(minimum: int):
+    """argparse type: an integer >= ``minimum`` (argparse names the flag in its one-line error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _config(args: argparse.Namespace, **overrides: object) -> "HarnessConfig":
     from harness.config import HarnessConfig
 
@@ -96,19 +111,25 @@ def _warn_refused_plugins() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     import datetime
 
-    from harness.run import format_tables, parse_overrides, resolve_methods, run, write_results
+    from harness.run import check_out, format_tables, parse_overrides, resolve_methods, run, write_results
 
     config = _config(args).resolved()
     _warn_refused_plugins()
     methods = resolve_methods(args.methods)
-    metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
-                               latency_images=args.latency_images, agreement_images=args.agreement_images,
-                               overrides=parse_overrides(args.set, methods), matched=args.matched_flops)
+    overrides = parse_overrides(args.set, methods)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"results/{stamp}-{config.model}-{config.data}-{config.quant}")
+    check_out(out)  # now, not after minutes of work
+    metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
+                               latency_images=args.latency_images, agreement_images=args.agreement_images,
+                               overrides=overrides, matched=args.matched_flops)
     write_results(out, metrics, predictions)
     print(format_tables(metrics, fmt="simple"))
     print(f"wrote {out} ({metrics['run']['wall_time_s']} s)")
+    if metrics["failures"]:
+        print(f"error: {len(metrics['failures'])} method(s) failed: {', '.join(metrics['failures'])} "
+              "(the others' results are written)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -236,13 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_arguments(p)
     p.add_argument("--methods", default="all", help="'all' or a comma-separated list (see `list`)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds re-drawing head init, data order and gate split")
+    p.add_argument("--seeds", type=_at_least(1), default=3, help="seeds re-drawing head init, data order and gate split")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="change a method's config (repeatable; `list` shows the options), e.g. pabee.patience=4")
     p.add_argument("--out", default=None, help="results folder (default: results/TIME-MODEL-DATA-QUANT)")
     p.add_argument("--no-latency", action="store_true", help="skip the real-driver latency measurement")
-    p.add_argument("--latency-images", type=int, default=32, help="test images timed by the real driver")
-    p.add_argument("--agreement-images", type=int, default=1024,
+    p.add_argument("--latency-images", type=_at_least(1), default=32,
+                   help="test images timed by the real driver (--no-latency skips the pass)")
+    p.add_argument("--agreement-images", type=_at_least(0), default=1024,
                    help="test images run through the real driver to report its disagreement with trace replay "
                         "(non-zero only for batch-dependent quantizers); 0 skips")
     p.add_argument("--matched-flops", action=argparse.BooleanOptionalAction, default=None,
@@ -274,16 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=("trace", "quant"), default="trace",
                    help="trace: trace driver vs plain encode_image; quant: --quants side by side")
     p.add_argument("--quants", default="fp32,int8-dynamic,int8-torchao", help="quantizers for --suite quant")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (medians reported)")
+    p.add_argument("--rounds", type=_at_least(1), default=3, help="interleaved timing rounds (medians reported)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("train-embedded", help="train the embedded default CLIP on Fashion-MNIST")
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist",
                    help="folder with the Fashion-MNIST IDX .gz files (Debian: dataset-fashion-mnist)")
-    p.add_argument("--epochs", type=int, default=7)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke test)")
+    p.add_argument("--epochs", type=_at_least(1), default=7)
+    p.add_argument("--seed", type=_at_least(0), default=0)
+    p.add_argument("--max-steps", type=_at_least(1), default=None, help="stop after N steps (smoke test)")
     p.add_argument("--evaluate-only", action="store_true",
                    help="only re-measure the card's zero-shot accuracies of the shipped weights")
     p.set_defaults(func=_cmd_train_embedded)
@@ -297,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="experiment name, or 'all'")
     _add_config_arguments(p)
-    p.add_argument("--seeds", type=int, default=3, help="seeds for the experiments that report mean +- std")
+    p.add_argument("--seeds", type=_at_least(1), default=3, help="seeds for the experiments that report mean +- std")
     p.add_argument("--factor", action="append", default=[], metavar="NAME=LEVEL,LEVEL",
                    help="ablation: an lra-ee switch and its levels (repeatable; default: the paper's five "
                         "configurations); head=cls,ssa is an alias of feature=cls,patch_mean")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import embedded
+from harness.options import check_config, option
 
 # The quantizer used when none is given: the paper's scheme for real CLIP
 # models; for the embedded model the mildest scheme that shows collapse there
@@ -29,8 +30,8 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("exitbench"))
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, min: int | None = None) -> Any:
+    return option(default, help=help, choices=choices, min=min)
 
 
 @dataclasses.dataclass
@@ -44,19 +45,23 @@ class HarnessConfig:
     data_root: str | None = _opt(None, "dataset folder (default: the dataset's own)")
     quant: str | None = _opt(None, "quantizer (default: int8-dynamic; for 'embedded' "
                                    f"{embedded.DEFAULT_QUANT}, see README)")
-    seed: int = _opt(0, "split seed, and the seed of a random init")
-    limit: int | None = _opt(None, "cap every split at N samples (quick runs)")
-    batch_size: int = _opt(256, "batch size (matters for batch-dependent quantizers)")
+    seed: int = _opt(0, "split seed, and the seed of a random init", min=0)
+    limit: int | None = _opt(None, "cap every split at N samples (quick runs)", min=1)
+    batch_size: int = _opt(256, "batch size (matters for batch-dependent quantizers)", min=1)
     device: str = _opt("cpu", "torch device: cpu or cuda")
     text_precision: str = _opt("fp32", "text tower precision for the zero-shot classifier", ("fp32", "fp16"))
     cache_dir: str | None = _opt(None, "trace cache folder (default: $EXITBENCH_CACHE or the user cache dir)")
     on_bad_image: str = _opt("skip", "bad image files: 'skip' (and list them) or 'fail'", ("skip", "fail"))
-    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", min=1)
 
     def resolved(self) -> "HarnessConfig":
-        """A copy with defaults filled in (quantizer, cache dir)."""
+        """A checked copy with defaults filled in (quantizer, cache dir).
+
+        Raises:
+            ConfigError: a value of the wrong type or out of range, named as its flag.
+        """
         return dataclasses.replace(
-            self,
+            check_config(self, as_flags=True),
             quant=self.quant or default_quantizer(self.model),
             cache_dir=str(Path(self.cache_dir) if self.cache_dir else default_cache_dir()),
         )

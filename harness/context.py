@@ -21,15 +21,29 @@ import torch
 from harness.backbones import Backbone, backbone_config, create_backbone
 from harness.config import HarnessConfig
 from harness.datasets import Dataset, Split, create_dataset
+from harness.errors import ConfigError
 from harness.policy import FitContext
 from harness.quantizers import Quantizer, create_quantizer
 from harness.trace import Trace, trace_split
+
+def _check_device(device: str) -> None:
+    """Raise ConfigError for a device torch does not know or cannot use here."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: the harness runs on cpu or cuda only")
+
 
 class Context:
     """Lazily built, cached objects for one :class:`HarnessConfig`."""
 
     def __init__(self, config: HarnessConfig, progress: bool = True):
         self.config = config.resolved()
+        _check_device(self.config.device)
         self.progress = progress
         self._backbones: dict[str, tuple[Backbone, Quantizer]] = {}
         self._traces: dict[tuple[str, str, bytes], Trace] = {}

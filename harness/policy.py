@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from harness._registry import Registry
+from harness.errors import ConfigError
+from harness.options import check_config
 
 FEATURES = ("cls", "patch_mean", "sav", "patch_tokens", "cls_attention")
 # The reference paper's threshold grid (25 points over [0.20, 0.92]); threshold knobs sweep it
@@ -224,8 +226,22 @@ class ExitPolicy(abc.ABC):
     knob_grid: ClassVar[tuple[float, ...]] = ()  # the knob's values in a sweep
 
     def __init__(self, config: Any = None, **overrides: Any):
+        """
+        Raises:
+            ConfigError: an override names no option, or a value of the wrong type or out
+                of range (:func:`harness.options.check_config`; block bounds are checked
+                later, against the backbone: :meth:`check_blocks`).
+        """
         base = config if config is not None else self.Config()
-        self.config = dataclasses.replace(base, **overrides) if overrides else base
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(base)})
+        if unknown:
+            raise ConfigError(f"{self.name or type(self).__name__} has no option {unknown[0]!r} "
+                              f"(options: {', '.join(f.name for f in dataclasses.fields(base))})")
+        self.config = check_config(dataclasses.replace(base, **overrides) if overrides else base)
+
+    def check_blocks(self, num_blocks: int) -> None:
+        """Raise ConfigError if an option that names blocks or counts them is out of 1..``num_blocks``."""
+        check_config(self.config, num_blocks)
 
     @abc.abstractmethod
     def fit(self, ctx: FitContext) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import types
@@ -100,6 +101,26 @@ def read_metrics(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if problem:
         raise ConfigError(f"{file}: {problem}")
     return file, metrics
+
+
+def json_text(value: Any) -> str:
+    """Strict JSON text of a results value: NaN and infinities become null (bare ``NaN`` is not JSON).
+
+    numpy scalars become plain numbers; indented, ending in a newline.
+    """
+    return json.dumps(_plain(value), indent=2, allow_nan=False) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def find_runs(path: str | Path) -> list[Path]:

@@ -18,7 +18,10 @@ import dataclasses
 import inspect
 import json
 import statistics
+import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,12 @@ from harness._io import atomic_path, atomic_write_text
 from harness.config import HarnessConfig
 from harness.context import Context
 from harness.drivers import ExitOutcome, TraceView, run_early_exit
-from harness.errors import ConfigError
+from harness.datasets import ImageBatches, Split
+from harness.errors import ConfigError, DataError
 from harness.evaluate import pareto_interpolate
 from harness.policy import METHODS, ExitPolicy, create_method
 from harness.provenance import environment
-from harness.results import SCHEMA_VERSION
+from harness.results import SCHEMA_VERSION, json_text, without_machine_paths
 from harness.testbed import FullDepth, TestBed
 
 
@@ -66,7 +70,35 @@ def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str,
         except json.JSONDecodeError:
             value = raw
         overrides.setdefault(method, {})[key] = tuple(value) if isinstance(value, list) else value
+        try:
+            create_method(method, **{key: overrides[method][key]})
+        except ConfigError as exc:
+            raise ConfigError(f"--set {method}.{exc}") from None
     return overrides
+
+
+def check_methods(methods: list[str], overrides: dict[str, dict[str, Any]], num_blocks: int) -> None:
+    """Raise ConfigError, before any work, if a method's options do not fit a ``num_blocks``-block backbone."""
+    for name in methods:
+        try:
+            create_method(name, **overrides.get(name, {})).check_blocks(num_blocks)
+        except ConfigError as exc:
+            source = "--set " if name in overrides else "default option "
+            raise ConfigError(f"{source}{name}.{exc} (the backbone has {num_blocks} blocks)") from None
+
+
+def check_out(out: Path) -> None:
+    """Raise ConfigError now, not after the run, if the results folder ``out`` cannot be written."""
+    if out.exists():
+        raise ConfigError(f"--out {out}: exists already; pass another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else (exc.strerror or str(exc))
+        raise ConfigError(f"--out {out}: cannot write there ({reason}); pass another --out") from None
 
 
 def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, float]:
@@ -86,16 +118,24 @@ def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, flo
     return accuracy
 
 
-def _test_images(ctx: Context, count: int) -> torch.Tensor:
-    """The first ``count`` images of the test split, preprocessed, in split order."""
+def _test_images(ctx: Context, count: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The readable ones among the first ``count`` test images, preprocessed, and their dataset indices.
+
+    Read through :class:`~harness.datasets.ImageBatches` like every other pass,
+    so ``--on-bad-image`` applies here too.
+    """
     backbone, _ = ctx.quantized()
     split = ctx.splits["test"]
-    indices = split.indices[: min(count, len(split))]
-    return torch.stack([backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in indices])
+    first = Split(split.part, split.indices[:count])
+    batches = list(ImageBatches(ctx.dataset, first, backbone.preprocess, ctx.config.batch_size,
+                                on_bad_image=ctx.config.on_bad_image))
+    if not batches:
+        raise DataError(f"none of the first {count} test images can be read (see --on-bad-image)")
+    return torch.cat([images for images, _, _ in batches]), np.concatenate([indices for _, _, indices in batches])
 
 
 def driver_agreement(ctx: Context, policies: dict[str, ExitPolicy], replayed: dict[str, ExitOutcome],
-                     images: int) -> dict[str, Any]:
+                     trace_indices: np.ndarray, images: int) -> dict[str, Any]:
     """How often the real driver and trace replay disagree, on the first ``images`` test images.
 
     Replay classifies with features traced in full batches; the real driver
@@ -104,9 +144,14 @@ def driver_agreement(ctx: Context, policies: dict[str, ExitPolicy], replayed: di
     activation scales) a sample's features depend on who else is still in the
     batch, and this is the share of images whose exit layer or prediction
     changes. ``full-depth`` isolates the effect of batch composition alone.
+    ``replayed`` outcomes have one row per entry of ``trace_indices`` (the test
+    trace's dataset indices); images the trace skipped are skipped here too.
     """
     backbone, quantizer = ctx.quantized()
-    x = _test_images(ctx, images)
+    x, indices = _test_images(ctx, images)
+    rows = np.searchsorted(trace_indices, indices)
+    if not np.array_equal(np.asarray(trace_indices)[np.minimum(rows, len(trace_indices) - 1)], indices):
+        raise RuntimeError("an image read for the agreement pass is not in the test trace")
     size = ctx.config.batch_size
     result: dict[str, Any] = {"images": len(x), "batch_size": size, "batch_invariant": quantizer.batch_invariant,
                               "methods": {}}
@@ -116,8 +161,8 @@ def driver_agreement(ctx: Context, policies: dict[str, ExitPolicy], replayed: di
         predictions = np.concatenate([p.predictions for p in parts])
         reference = replayed[name]
         result["methods"][name] = {
-            "prediction": float(100 * np.mean(predictions != reference.predictions[: len(x)])),
-            "exit_layer": float(100 * np.mean(exit_layer != reference.exit_layer[: len(x)])),
+            "prediction": float(100 * np.mean(predictions != reference.predictions[rows])),
+            "exit_layer": float(100 * np.mean(exit_layer != reference.exit_layer[rows])),
         }
     return result
 
@@ -129,7 +174,7 @@ def measure_latency(ctx: Context, policies: dict[str, ExitPolicy], images: int, 
     machine noise hits them alike; warm-up runs are excluded.
     """
     backbone, _ = ctx.quantized()
-    x = _test_images(ctx, images)
+    x, _ = _test_images(ctx, images)
     count = len(x)
     batch = x[: min(ctx.config.batch_size, count)]
     contenders = {"full-depth": FullDepth(), **policies}
@@ -221,12 +266,24 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
 
     ``agreement_images`` test images (0: none) also go through the real
     driver to measure its disagreement with replay (:func:`driver_agreement`).
+
+    A method that raises while it is fitted or scored loses its row, not the
+    run: the others are evaluated, and ``metrics["failures"]`` says which
+    failed and why (one line each; the traceback with ``EXITBENCH_DEBUG=1``).
+
+    Raises:
+        ConfigError: before any work, for options that cannot work.
     """
     import pandas as pd
     from tqdm import tqdm
 
     started = time.time()
-    bed = TestBed(config)
+    if seeds < 1 or latency_images < 1 or agreement_images < 0:
+        raise ConfigError(f"seeds ({seeds}) and latency_images ({latency_images}) must be at least 1, "
+                          f"agreement_images ({agreement_images}) at least 0")
+    ctx = Context(config)
+    check_methods(methods, overrides or {}, ctx.backbone.num_blocks)
+    bed = TestBed(config, context=ctx)
     c, test, labels = bed.config, bed.test, bed.labels
     rows, frames = {}, []
     for name, quant in (("full-depth fp32", "fp32"), (f"full-depth {c.quant}", None)):
@@ -237,20 +294,18 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
 
     fitted: dict[str, ExitPolicy] = {}
     replayed: dict[str, ExitOutcome] = {"full-depth": bed.full}
+    failures: dict[str, str] = {}
     bar = tqdm(total=len(methods) * seeds, desc="fit and replay", unit="fit", disable=not bed.ctx.progress)
     for name in methods:
-        per_seed = []
-        for s in range(seeds):
-            seed = c.seed + s
-            bar.set_postfix_str(f"{name} seed {seed}")
-            policy = bed.fit(name, seed, **(overrides or {}).get(name, {}))
-            fitted.setdefault(name, policy)
-            result = bed.evaluate(policy, seed, desc=f"{name} seed {seed} (real driver)")
-            replayed.setdefault(name, result.outcome)
-            result.metrics["layer_accuracy"] = layer_accuracy(policy, test, bed.ctx.classifier.shape[0])
-            per_seed.append(result.metrics)
-            frames.append(_frame(name, seed, test, result.outcome, result.flops))
-            bar.update()
+        try:
+            per_seed, method_frames = _fit_and_score(bed, name, seeds, (overrides or {}).get(name, {}), fitted,
+                                                     replayed, bar)
+        except Exception as exc:  # one broken method must not lose the others' results
+            failures[name] = _failure(name, exc)
+            fitted.pop(name, None)
+            replayed.pop(name, None)
+            continue
+        frames += method_frames
         rows[name] = {"per_seed": per_seed, "kind": "method", "config": fitted[name].describe()["config"]}
     bar.close()
 
@@ -266,19 +321,60 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     metrics = {
         "schema_version": SCHEMA_VERSION,
         "run": {**bed.ctx.describe(), "methods": methods, "overrides": overrides or {}, "seeds": seeds,
-                "test_samples": len(labels),
-                "bad_images": test.bad_images, "full_depth_flops": bed.full_flops,
-                "wall_time_s": None},
+                "test_samples": len(labels), "bad_images": _bad_images(bed.ctx),
+                "full_depth_flops": bed.full_flops, "wall_time_s": None},
+        "failures": failures,
         "environment": environment(),
         "rows": rows,
         "latency": measure_latency(bed.ctx, fitted, latency_images, latency_repeats) if latency else None,
-        "driver_agreement": driver_agreement(bed.ctx, exit_policies, replayed, agreement_images)
+        "driver_agreement": driver_agreement(bed.ctx, exit_policies, replayed, test.indices, agreement_images)
         if agreement_images else None,
     }
     if comparison is not None:
         metrics["matched_flops"] = comparison
     metrics["run"]["wall_time_s"] = round(time.time() - started, 1)
     return metrics, pd.concat(frames, ignore_index=True)
+
+
+def _fit_and_score(bed: TestBed, name: str, seeds: int, config: dict[str, Any], fitted: dict[str, ExitPolicy],
+                   replayed: dict[str, ExitOutcome], bar) -> tuple[list[dict[str, Any]], list["pd.DataFrame"]]:  # noqa: F821
+    """``name`` fitted and scored for each seed: (per-seed metrics, per-sample frames).
+
+    The first seed's fitted policy and outcome go into ``fitted`` and ``replayed``.
+    """
+    per_seed, frames = [], []
+    for s in range(seeds):
+        seed = bed.config.seed + s
+        bar.set_postfix_str(f"{name} seed {seed}")
+        policy = bed.fit(name, seed, **config)
+        fitted.setdefault(name, policy)
+        result = bed.evaluate(policy, seed, desc=f"{name} seed {seed} (real driver)")
+        replayed.setdefault(name, result.outcome)
+        result.metrics["layer_accuracy"] = layer_accuracy(policy, bed.test, bed.ctx.classifier.shape[0])
+        per_seed.append(result.metrics)
+        frames.append(_frame(name, seed, bed.test, result.outcome, result.flops))
+        bar.update()
+    return per_seed, frames
+
+
+def _failure(name: str, exc: Exception) -> str:
+    """One line saying why ``name`` failed, printed now (with the traceback under ``EXITBENCH_DEBUG=1``)."""
+    import os
+
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+    if os.environ.get("EXITBENCH_DEBUG"):
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"\nerror: method {name} failed, its row is left out: {reason}", file=sys.stderr)
+    return reason
+
+
+def _bad_images(ctx: Context) -> dict[str, list[dict]]:
+    """The images skipped as unreadable in each split (split -> entries of ``ImageBatches.bad_images``)."""
+    out = {}
+    for name, split in ctx.splits.items():
+        members = set(split.indices.tolist())
+        out[name] = [b for b in ctx.trace(None, name).bad_images if b["index"] in members]
+    return out
 
 
 def _frame(method: str, seed: int, trace, outcome: ExitOutcome, flops: np.ndarray) -> "pd.DataFrame":  # noqa: F821
@@ -326,6 +422,8 @@ def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
              f"{run_info['test_samples']} test images, {run_info['seeds']} seed(s)")
     table = tabulate(table_rows(metrics), headers=TABLE_HEADERS, tablefmt=fmt, disable_numparse=True)
     text = f"{title}\n\n{table}\n"
+    for name, reason in (metrics.get("failures") or {}).items():
+        text += f"\n{name}: FAILED, no row ({reason})\n"
     agreement = metrics.get("driver_agreement")
     if agreement:
         kind = "batch-invariant" if agreement["batch_invariant"] else "batch-dependent"
@@ -361,7 +459,8 @@ def write_results(out: Path, metrics: dict[str, Any], predictions: "pd.DataFrame
         raise ConfigError(f"results folder {out} exists already; pass another --out")
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        atomic_write_text(tmp / "config.json", json.dumps(metrics["run"]["config"], indent=2) + "\n")
-        atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n")
+        metrics = {**metrics, "run": without_machine_paths(metrics["run"])}
+        atomic_write_text(tmp / "config.json", json_text(metrics["run"]["config"]))
+        atomic_write_text(tmp / "metrics.json", json_text(metrics))
         predictions.to_parquet(tmp / "predictions.parquet", index=False)
         atomic_write_text(tmp / "tables.md", format_tables(metrics))

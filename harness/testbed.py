@@ -167,10 +167,11 @@ class TestBed:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, config: HarnessConfig, progress: bool = True):
+    def __init__(self, config: HarnessConfig, progress: bool = True, context: Context | None = None):
+        """``context``: an already built :class:`Context` of ``config`` to reuse (its backbone, caches)."""
         from harness.flops import tower_flops
 
-        self.ctx = Context(config, progress=progress)
+        self.ctx = context if context is not None else Context(config, progress=progress)
         self.config = self.ctx.config
         self.test = self.ctx.trace(None, "test")
         self.labels = np.asarray(self.test.labels)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.options import option
 from harness.policy import THRESHOLD_GRID, ExitPolicy, FitContext, LayerView
 
 # Threshold heads sweep the paper's grid and three high thresholds, for the low-saving end of the curve
@@ -116,11 +117,11 @@ def load_heads(state: dict, layers: list[int], embed_dim: int) -> nn.ModuleDict:
 
 @dataclass
 class HeadsConfig:
-    feature: str = "cls"  # head input: "cls" (CLS token) or "patch_mean" (SSA)
-    exit_layers: tuple[int, ...] | None = None  # default: every block but the last
-    epochs: int = 3  # head training: Adam, batch 64, lr 5e-4 (the paper's recipe)
-    batch_size: int = 64
-    lr: float = 5e-4
+    feature: str = option("cls", choices=("cls", "patch_mean"))  # head input: "cls" (CLS token) or "patch_mean" (SSA)
+    exit_layers: tuple[int, ...] | None = option(None, blocks=True)  # default: every block but the last
+    epochs: int = option(3, min=1)  # head training: Adam, batch 64, lr 5e-4 (the paper's recipe)
+    batch_size: int = option(64, min=1)
+    lr: float = option(5e-4, above=0)
 
 
 class PerLayerHeads(ExitPolicy, abc.ABC):
@@ -130,8 +131,6 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
 
     def __init__(self, config: HeadsConfig | None = None, **overrides):
         super().__init__(config, **overrides)
-        if self.config.feature not in ("cls", "patch_mean"):
-            raise ValueError(f"{self.name}: feature must be 'cls' or 'patch_mean', not {self.config.feature!r}")
         self.needs = frozenset({self.config.feature})
         self.heads = nn.ModuleDict()
         self.classifier = torch.zeros(0)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.options import option
 from harness.policy import Decision, LayerView, register_method
 from methods._heads import THRESHOLD_KNOB_GRID, HeadsConfig, PerLayerHeads
 
 
 @dataclass
 class ClsEEConfig(HeadsConfig):
-    threshold: float = 0.9  # exit when max softmax probability >= threshold
+    threshold: float = option(0.9, min=0, max=1)  # exit when max softmax probability >= threshold
 
 
 @register_method("cls-ee")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.options import option
 from harness.policy import Decision, LayerView, register_method
 from methods._heads import THRESHOLD_KNOB_GRID, HeadsConfig, PerLayerHeads
 
@@ -35,8 +36,8 @@ def confidence_score(logits: torch.Tensor, score: str) -> torch.Tensor:
 @dataclass
 class ConfidenceConfig(HeadsConfig):
     # margin by default: maxprob with one threshold is what cls-ee already does
-    score: str = "margin"  # maxprob | margin | entropy
-    threshold: float = 0.8  # exit when score >= threshold
+    score: str = option("margin", choices=SCORES)  # maxprob | margin | entropy
+    threshold: float = option(0.8, min=0, max=1)  # exit when score >= threshold (every score is in [0, 1])
 
 
 @register_method("confidence")

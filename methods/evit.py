@@ -25,14 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.options import BLOCKS_BUT_LAST, option
 from harness.policy import KEEP_RATIO_GRID, Decision, ExitPolicy, FitContext, LayerView, keep_top, register_method
 
 
 @dataclass
 class EViTConfig:
-    keep_rate: float = 0.7  # share of the present patch tokens kept at each pruning block (count rounded up)
-    prune_after: tuple[int, ...] = (3, 6, 9)  # prune the tokens leaving these blocks (1-based)
-    fuse: bool = False  # replace the dropped tokens by one token, their CLS-attention-weighted mean
+    keep_rate: float = option(0.7, above=0, max=1)  # share of the present patch tokens kept at each pruning block (count rounded up)
+    prune_after: tuple[int, ...] = option((3, 6, 9), blocks=True, max=BLOCKS_BUT_LAST)  # prune the tokens leaving these blocks (1-based)
+    fuse: bool = option(False)  # replace the dropped tokens by one token, their CLS-attention-weighted mean
 
 
 def keep_count(rate: float, present: int) -> int:
@@ -56,10 +57,6 @@ class EViT(ExitPolicy):
 
     def __init__(self, config: EViTConfig | None = None, **overrides):
         super().__init__(config, **overrides)
-        if isinstance(self.config.prune_after, list):
-            self.config = dataclasses.replace(self.config, prune_after=tuple(self.config.prune_after))
-        if not 0 < self.config.keep_rate <= 1:
-            raise ValueError(f"evit: keep_rate must be in (0, 1], not {self.config.keep_rate}")
         self.num_patches = 0  # the backbone's patch tokens and width, for head_flops (set by fit)
         self.width = 0
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.options import option
 from harness.policy import (THRESHOLD_GRID, Decision, ExitPolicy, FitContext, LayerView, SplitFeatures,
                             register_method)
 from methods._heads import ExitHead, head_logits, load_heads, train_heads
@@ -43,24 +44,20 @@ GATE_FLOPS = 8.0  # 3 multiply-adds, the bias and the sigmoid: negligible, but c
 
 @dataclass
 class LraEEConfig:
-    feature: str = "patch_mean"  # head input: "patch_mean" (SSA: LayerNorm of the patch-token mean) or "cls"
-    supervision: str = "distilled"  # "distilled" (CE + 1 - cos to the fp32 final embedding) or "hard" (CE only)
-    distill_weight: float = 1.0  # weight of the cosine term in "distilled" supervision
-    routing: str = "adaptive"  # "adaptive" (gated exits) or "last" (recalibration control: one head after the last block)
-    gate: str = "learned"  # "learned" (logistic gate on conf, margin, SAV) or "heuristic" (max softmax probability)
-    gate_steps: int = 300  # full-batch Adam steps of each learned gate
-    gate_lr: float = 1e-2  # the paper's gate learning rate
-    exit_layers: str | tuple[int, ...] = "inr"  # "inr" (last third, low-INR layers pruned), "all", or explicit blocks
-    kappa: float = 0.5  # "inr": drop a candidate whose INR < kappa * mean INR of the candidates
-    thresholds: str = "lct"  # "lct" (one threshold per exit layer) or "global" (one shared threshold)
-    max_flops_fraction: float = 0.9  # budget: mean FLOPs on the gate split <= this share of the full-depth blocks
-    epochs: int = 3  # head training: Adam, batch 64, lr 5e-4 (the paper's recipe)
-    batch_size: int = 64
-    lr: float = 5e-4
-
-
-_CHOICES = {"feature": ("patch_mean", "cls"), "supervision": ("distilled", "hard"), "routing": ("adaptive", "last"),
-            "gate": ("learned", "heuristic"), "thresholds": ("lct", "global")}
+    feature: str = option("patch_mean", choices=("patch_mean", "cls"))  # head input: "patch_mean" (SSA: LayerNorm of the patch-token mean) or "cls"
+    supervision: str = option("distilled", choices=("distilled", "hard"))  # "distilled" (CE + 1 - cos to the fp32 final embedding) or "hard" (CE only)
+    distill_weight: float = option(1.0, min=0)  # weight of the cosine term in "distilled" supervision
+    routing: str = option("adaptive", choices=("adaptive", "last"))  # "adaptive" (gated exits) or "last" (recalibration control: one head after the last block)
+    gate: str = option("learned", choices=("learned", "heuristic"))  # "learned" (logistic gate on conf, margin, SAV) or "heuristic" (max softmax probability)
+    gate_steps: int = option(300, min=1)  # full-batch Adam steps of each learned gate
+    gate_lr: float = option(1e-2, above=0)  # the paper's gate learning rate
+    exit_layers: str | tuple[int, ...] = option("inr", choices=("inr", "all"), blocks=True)  # "inr" (last third, low-INR layers pruned), "all", or explicit blocks
+    kappa: float = option(0.5, min=0)  # "inr": drop a candidate whose INR < kappa * mean INR of the candidates
+    thresholds: str = option("lct", choices=("lct", "global"))  # "lct" (one threshold per exit layer) or "global" (one shared threshold)
+    max_flops_fraction: float = option(0.9, above=0, max=1)  # budget: mean FLOPs on the gate split <= this share of the full-depth blocks
+    epochs: int = option(3, min=1)  # head training: Adam, batch 64, lr 5e-4 (the paper's recipe)
+    batch_size: int = option(64, min=1)
+    lr: float = option(5e-4, above=0)
 
 
 def inr(quantized: np.ndarray, fp32: np.ndarray) -> float:
@@ -244,15 +241,6 @@ class LraEE(ExitPolicy):
         self.report: dict = {}  # fit diagnostics: INR, gate-split accuracy and FLOPs, whether the budget was met
 
     def _check_config(self) -> None:
-        for field, allowed in _CHOICES.items():
-            if getattr(self.config, field) not in allowed:
-                raise ValueError(f"lra-ee: {field} must be one of {', '.join(allowed)}, "
-                                 f"not {getattr(self.config, field)!r}")
-        layers = self.config.exit_layers
-        if isinstance(layers, list):
-            self.config = replace(self.config, exit_layers=tuple(layers))
-        elif not (layers in ("inr", "all") or isinstance(layers, tuple)):
-            raise ValueError(f"lra-ee: exit_layers must be 'inr', 'all' or a tuple of blocks, not {layers!r}")
         self.needs = frozenset({self.config.feature} | ({"sav"} if self.config.gate == "learned" else set()))
 
     # -- fitting ---------------------------------------------------------------------------------

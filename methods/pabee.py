@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from harness.options import BLOCKS, option
 from harness.policy import Decision, LayerView, register_method
 from methods._heads import HeadsConfig, PerLayerHeads
 
 
 @dataclass
 class PabeeConfig(HeadsConfig):
-    patience: int = 3  # consecutive agreeing layers needed to exit (the paper sweeps 1..8)
+    patience: int = option(3, min=1, max=BLOCKS)  # consecutive agreeing layers needed to exit (the paper sweeps 1..8)
 
 
 @register_method("pabee")

@@ -53,22 +53,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.errors import ConfigError
+from harness.options import BLOCKS_BUT_LAST, option
 from harness.policy import KEEP_RATIO_GRID, Decision, ExitPolicy, FitContext, LayerView, keep_top, register_method
 from harness.quantizers._fake import FakeQuantLinear, fake_quantize
 
 
 @dataclass
 class TokenPrunerConfig:
-    target_keep: float = 0.7  # share of the present patch tokens kept per pruning block: usage target and budget
-    keep_ratio: float | None = None  # inference budget per pruning block if not target_keep (sweeps; no retraining)
-    prune_after: tuple[int, ...] = (3, 6, 9)  # prune the tokens leaving these blocks (1-based)
-    estimator: str = "score-function"  # gradient of the hard decisions: "score-function" or "straight-through"
-    samples: int = 2  # score-function: decision draws per image; each draw's baseline is the others' mean cost
-    epochs: int = 1  # passes over the heads split
-    batch_size: int = 64  # images per step
-    lr: float = 3e-3  # Adam, decayed to zero on a cosine
-    usage_weight: float = 2.0  # weight of the keep-ratio loss (DynamicViT's)
-    temperature: float = 1.0  # of the Gumbel-sigmoid (straight-through: the slope of its gradient)
+    target_keep: float = option(0.7, above=0, max=1)  # share of the present patch tokens kept per pruning block: usage target and budget
+    keep_ratio: float | None = option(None, above=0, max=1)  # inference budget per pruning block if not target_keep (sweeps; no retraining)
+    prune_after: tuple[int, ...] = option((3, 6, 9), blocks=True, max=BLOCKS_BUT_LAST)  # prune the tokens leaving these blocks (1-based)
+    estimator: str = option("score-function", choices=("score-function", "straight-through"))  # gradient of the hard decisions: "score-function" or "straight-through"
+    samples: int = option(2, min=1)  # score-function: decision draws per image; each draw's baseline is the others' mean cost
+    epochs: int = option(1, min=1)  # passes over the heads split
+    batch_size: int = option(64, min=1)  # images per step
+    lr: float = option(3e-3, above=0)  # Adam, decayed to zero on a cosine
+    usage_weight: float = option(2.0, min=0)  # weight of the keep-ratio loss (DynamicViT's)
+    temperature: float = option(1.0, above=0)  # of the Gumbel-sigmoid (straight-through: the slope of its gradient)
 
 
 ESTIMATORS = ("score-function", "straight-through")
@@ -236,17 +238,9 @@ class TokenPruner(ExitPolicy):
 
     def __init__(self, config: TokenPrunerConfig | None = None, **overrides):
         super().__init__(config, **overrides)
-        c = self.config
-        if isinstance(c.prune_after, list):
-            self.config = c = dataclasses.replace(c, prune_after=tuple(c.prune_after))
-        for field in ("target_keep", "keep_ratio"):
-            value = getattr(c, field)
-            if value is not None and not 0 < value <= 1:
-                raise ValueError(f"token-pruner: {field} must be in (0, 1], not {value}")
-        if c.estimator not in ESTIMATORS:
-            raise ValueError(f"token-pruner: estimator must be one of {', '.join(ESTIMATORS)}, not {c.estimator!r}")
-        if c.estimator == "score-function" and c.samples < 2:
-            raise ValueError("token-pruner: the score-function estimator needs samples >= 2 (for its baseline)")
+        if self.config.estimator == "score-function" and self.config.samples < 2:
+            raise ConfigError(f"samples={self.config.samples}: the score-function estimator needs at least 2 "
+                              "(each draw's baseline is the others' mean)")
         self.nets = nn.ModuleDict()
         self.num_patches = 0
         self.report: dict = {}  # training diagnostics: images, steps, seconds, last losses

@@ -252,7 +252,7 @@ def test_distilled_and_hard_heads_differ(ctx):
 
 
 def test_bad_switch_names_the_choices():
-    with pytest.raises(ValueError, match="gate must be one of learned, heuristic"):
+    with pytest.raises(ValueError, match="gate='oracle': must be one of 'learned', 'heuristic'"):
         create_method("lra-ee", gate="oracle")
-    with pytest.raises(ValueError, match="exit_layers must be"):
+    with pytest.raises(ValueError, match="exit_layers='some': must be one of 'inr', 'all', or a list of blocks"):
         create_method("lra-ee", exit_layers="some")

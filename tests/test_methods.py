@@ -60,7 +60,7 @@ def test_confidence_scores_by_hand():
 
 
 def test_head_feature_must_exist():
-    with pytest.raises(ValueError, match="feature must be"):
+    with pytest.raises(ValueError, match="feature='attention': must be one of 'cls', 'patch_mean'"):
         create_method("confidence", feature="attention")
 
 

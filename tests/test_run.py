@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -157,3 +158,36 @@ def test_set_overrides_a_method_config_and_is_recorded(tmp_path):
                          overrides={"pabee": {"patience": 11}})
     assert metrics["rows"]["pabee"]["config"]["patience"] == 11 and metrics["run"]["overrides"]
     assert set(frame[frame.method == "pabee"].exit_layer) == {12}  # 11 agreeing layers never happen before 12
+
+
+def test_a_bad_test_image_is_skipped_by_every_pass_and_rows_stay_aligned(tmp_path, embedded_dataset):
+    """--on-bad-image skip holds after the trace: agreement and latency read through the same batching,
+    and the agreement pass compares each image with its own trace row."""
+    from harness.datasets import create_dataset
+    from harness.datasets.fashion_mnist import CLASSES
+
+    root = tmp_path / "folder"
+    labels = embedded_dataset.labels("test")
+    for i in range(120):
+        folder = root / CLASSES[labels[i]].replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        embedded_dataset.read_image("test", i).save(folder / f"{i:03d}.png")
+    dataset = create_dataset("imagefolder", str(root))
+    test = dataset.splits(0)["test"]
+    bad = Path(dataset.describe_sample("all", int(test.indices[3])))
+    bad.write_bytes(b"")  # the fourth test image: every later row would shift by one if misaligned
+    heads_bad = Path(dataset.describe_sample("all", int(dataset.splits(0)["heads"].indices[0])))
+    heads_bad.write_bytes(b"not an image")
+
+    config = HarnessConfig(data="imagefolder", data_root=str(root), quant="fp32", batch_size=16,
+                           cache_dir=str(tmp_path / "cache"))
+    metrics, _ = run(config, ["cls-ee"], seeds=1, latency=True, latency_images=8, latency_repeats=1,
+                     agreement_images=60)
+    bad_images = metrics["run"]["bad_images"]
+    assert [b["sample"] for b in bad_images["test"]] == [str(bad)]
+    assert [b["sample"] for b in bad_images["heads"]] == [str(heads_bad)]
+    assert bad_images["gate"] == []
+    assert metrics["driver_agreement"]["images"] == 59
+    # fp32 is batch-invariant: the real driver reproduces every replayed row exactly when rows line up
+    assert all(d == {"prediction": 0.0, "exit_layer": 0.0} for d in metrics["driver_agreement"]["methods"].values())
+    assert metrics["latency"]["images"] == 7
