@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from harness import embedded
-from harness._io import atomic_path
 from harness._registry import UnknownNameError, unknown_name_message
+from harness.cache import cached_state, source_digest
 from harness.errors import ConfigError, UserError
 
 EMBEDDED = embedded.NAME
@@ -119,28 +119,26 @@ class Backbone:
             text_precision: ``fp32`` or ``fp16`` for the text tower.
             cache_dir: where to keep the result; ``None`` disables the cache.
         """
-        from harness.zeroshot import zero_shot_weights
+        from importlib.metadata import version
+
+        from harness import zeroshot
 
         if text_precision not in ("fp32", "fp16"):
             raise ConfigError(f"text precision must be fp32 or fp16, not {text_precision!r}")
-        key = hashlib.sha256(
-            repr((self.weights_sha256, list(classnames), list(templates), text_precision)).encode()
-        ).hexdigest()[:24]
-        path = cache_dir / "classifiers" / f"{key}.pt" if cache_dir else None
-        if path is not None and path.is_file():
-            try:
-                return torch.load(path, weights_only=True).to(self.device)
-            except Exception:  # a damaged cache file is rebuilt below
-                path.unlink(missing_ok=True)
-        text_model = self.clip
-        if text_precision == "fp16":
-            # copy the text side only: the vision tower is left out of the copy
-            text_model = copy.deepcopy(self.clip, memo={id(self.clip.visual): None}).half()
-        weights = zero_shot_weights(text_model, self.tokenizer, classnames, templates).float()
-        if path is not None:
-            with atomic_path(path) as tmp:
-                torch.save(weights.cpu(), tmp)
-        return weights
+
+        def build() -> torch.Tensor:
+            text_model = self.clip
+            if text_precision == "fp16":
+                # copy the text side only: the vision tower is left out of the copy
+                text_model = copy.deepcopy(self.clip, memo={id(self.clip.visual): None}).half()
+            return zeroshot.zero_shot_weights(text_model, self.tokenizer, classnames, templates).float().cpu()
+
+        if cache_dir is None:
+            return build().to(self.device)
+        fields = {"weights_sha256": self.weights_sha256, "classnames": list(classnames), "templates": list(templates),
+                  "text_precision": text_precision, "code": source_digest([Path(__file__), Path(zeroshot.__file__)]),
+                  "versions": [torch.__version__, version("open_clip_torch")]}
+        return cached_state(cache_dir, "classifiers", fields, build, "zero-shot classifier").to(self.device)
 
     @property
     def logit_scale(self) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from harness.backbones import Backbone, backbone_config, create_backbone
+from harness.cache import cached_state, fit_fields
 from harness.config import HarnessConfig
 from harness.datasets import Dataset, Split, create_dataset
 from harness.errors import ConfigError
@@ -162,25 +163,11 @@ class Context:
             yield images, labels
 
     def _stored_fit(self, quant: str | None, seed: int, name: str, build: Callable[[], dict]) -> dict:
-        """:meth:`FitContext.cached` on disk: keyed by ``name``, the fit splits' traces and rows, and the seed."""
-        import hashlib
-        import json
-
-        from harness._io import atomic_path
-
-        data = [(t.meta["key"], hashlib.sha256(np.asarray(t.indices).tobytes()).hexdigest())
-                for t in (self.trace(quant, "heads"), self.trace(quant, "gate"))]
-        key = hashlib.sha256(json.dumps([name, data, seed]).encode()).hexdigest()[:32]
-        path = self.cache_dir / "fits" / f"{key}.pt"
-        if path.is_file():
-            try:
-                return torch.load(path, weights_only=True)
-            except Exception:  # a damaged entry is rebuilt below
-                path.unlink(missing_ok=True)
-        result = build()
-        with atomic_path(path) as tmp:
-            torch.save(result, tmp)
-        return result
+        """:meth:`FitContext.cached` on disk: keyed by ``name``, the code that defines ``build``, the fit
+        splits' traces and rows, and the seed."""
+        traces = (self.trace(quant, "heads"), self.trace(quant, "gate"))
+        fields = {"name": name, **fit_fields(traces, seed, [build.__module__])}
+        return cached_state(self.cache_dir, "fits", fields, build, f"fit {name!r}")
 
     @cached_property
     def num_tokens(self) -> int:

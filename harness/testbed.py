@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from harness import evaluate
-from harness._io import atomic_path
+from harness.cache import cached_state, fit_fields
 from harness.config import HarnessConfig
 from harness.context import Context
 from harness.drivers import ExitOutcome, replay, run_early_exit
@@ -42,32 +40,32 @@ class FullDepth(ExitPolicy):
         raise AssertionError("FullDepth has no exit layers")
 
 
-def _policy_key(policy: ExitPolicy, fit_ctx: FitContext) -> str:
-    """Cache key of a fitted policy: its config, its code, the data it fits on, the seed."""
-    code = hashlib.sha256()
-    for file in sorted(Path(inspect.getfile(type(policy))).parent.glob("*.py")):
-        code.update(file.read_bytes())
+def _policy_key(policy: ExitPolicy, fit_ctx: FitContext) -> dict[str, Any]:
+    """Cache key fields of a fitted policy: its config, the code of its class hierarchy (outside plugins and
+    the shared bases they build on) and of the harness, the FLOPs, the data it fits on, the seed."""
     # the fp32 twin of the heads split is fixed by the heads trace's key, so it needs no entry here
-    data = [(t.meta["key"], hashlib.sha256(np.asarray(t.indices).tobytes()).hexdigest())
-            for t in (fit_ctx.heads, fit_ctx.gate)]
-    blob = json.dumps([policy.describe(), code.hexdigest(), data, fit_ctx.seed], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return {"policy": policy.describe(), "block_flops": fit_ctx.block_flops,
+            **fit_fields((fit_ctx.heads, fit_ctx.gate), fit_ctx.seed, [cls.__module__ for cls in type(policy).__mro__])}
 
 
 def fit_policy(ctx: Context, name: str, seed: int, **config: Any) -> ExitPolicy:
-    """A fitted ``name`` (with ``config`` overrides) for ``seed``, from the cache when an identical fit exists."""
+    """A fitted ``name`` (with ``config`` overrides) for ``seed``, from the cache when an identical fit exists.
+
+    Raises:
+        TypeError: the policy's state holds something other than tensors and plain values.
+    """
     policy = create_method(name, **config)
     fit_ctx = ctx.fit_context(seed=seed)
-    path = ctx.cache_dir / "policies" / f"{_policy_key(policy, fit_ctx)}.pt"
-    if path.is_file():
-        try:
-            policy.load_state_dict(torch.load(path, weights_only=True))
-            return policy
-        except Exception:  # a damaged entry is refitted below
-            path.unlink(missing_ok=True)
-    policy.fit(fit_ctx)
-    with atomic_path(path) as tmp:
-        torch.save(policy.state_dict(), tmp)
+    fitted: list[bool] = []  # set by a fresh fit, which needs no reload from its own state
+
+    def fit() -> dict[str, Any]:
+        policy.fit(fit_ctx)
+        fitted.append(True)
+        return policy.state_dict()
+
+    state = cached_state(ctx.cache_dir, "policies", _policy_key(policy, fit_ctx), fit, f"method {name!r}")
+    if not fitted:
+        policy.load_state_dict(state)
     return policy
 
 

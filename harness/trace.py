@@ -6,29 +6,28 @@ variance SAV = mean_i ||z_i - mean(z)||^2 over patch tokens, plus the final
 image embedding and zero-shot logits. Policies are fitted and swept on
 traces with no further backbone forward.
 
-Cache layout: ``<cache_dir>/traces/<key>/`` holds one ``.npy`` file per array
-and ``meta.json`` (key fields, shapes, a blake2b digest per file, skipped
-images). Arrays are filled batch by batch through memory maps, so memory
-stays bounded, in a temporary directory that is renamed into place only when
-complete (atomic). A missing, truncated or corrupt entry is rebuilt.
+Cache layout: a :mod:`harness.cache` entry ``<cache_dir>/traces/<key>/``
+with one ``.npy`` file per array and ``meta.json`` (key fields, a blake2b
+digest per file, rows, skipped images). Arrays are filled batch by batch
+through memory maps, so memory stays bounded, in the entry's temporary
+folder; the cache renames it into place when complete and checks every file
+on load.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from harness._io import file_digest
-from harness.config import default_cache_dir
 from harness.backbones import Backbone
+from harness.cache import Entry, get_or_build, source_digest
+from harness.config import default_cache_dir
 from harness.datasets import Dataset, ImageBatches, Split
 from harness.quantizers import Quantizer
 
@@ -93,14 +92,10 @@ class Trace:
 
 
 def _code_sha256() -> str:
-    """Hash of the source that computes traced numbers, so a code change invalidates old entries."""
+    """Digest of the source that computes traced numbers, so a code change invalidates old entries."""
     from harness import backbones, quantizers
 
-    files = [Path(__file__), Path(backbones.__file__), *sorted(Path(quantizers.__file__).parent.glob("*.py"))]
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
+    return source_digest([Path(__file__), Path(backbones.__file__), *Path(quantizers.__file__).parent.glob("*.py")])
 
 
 def trace_key(
@@ -132,20 +127,10 @@ def trace_key(
     }
 
 
-def load_trace(path: Path, verify: bool = True) -> Trace | None:
-    """Open a cache entry; ``None`` if it is missing, incomplete, truncated or corrupt."""
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        arrays = {}
-        for name in _ARRAYS:
-            file = path / f"{name}.npy"
-            info = meta["files"][name]
-            if file.stat().st_size != info["bytes"] or (verify and file_digest(file, "blake2b") != info["blake2b"]):
-                return None
-            arrays[name] = np.load(file, mmap_mode="r")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return Trace(path=path, meta=meta, **arrays)
+def _open(entry: Entry) -> Trace:
+    """The trace in a verified cache entry, its arrays memory-mapped."""
+    arrays = {name: np.load(entry.path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    return Trace(path=entry.path, meta=entry.meta, **arrays)
 
 
 @torch.inference_mode()
@@ -212,14 +197,6 @@ def _run_backbone(
     return row
 
 
-def _remove_stale_tmp(root: Path) -> None:
-    """Delete temporary entries left by processes that died mid-trace."""
-    for tmp in root.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _keep_rows(file: Path, rows: int, chunk: int = 4096) -> None:
     """Rewrite an .npy file with only its first ``rows`` rows, chunk by chunk."""
     full = np.load(file, mmap_mode="r")
@@ -252,35 +229,12 @@ def trace_split(
     """
     if backbone.quantizer != quantizer.name:
         raise ValueError(f"backbone runs {backbone.quantizer!r} but quantizer is {quantizer.name!r}")
-    key = trace_key(backbone, quantizer, dataset, split, classifier, batch_size)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    root = (cache_dir or default_cache_dir()) / "traces"
-    path = root / digest
-    cached = load_trace(path)
-    if cached is not None:
-        return cached
-    shutil.rmtree(path, ignore_errors=True)  # incomplete or corrupt: rebuild
 
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(root)
-    tmp = root / f".{digest}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    def build(folder: Path) -> dict[str, Any]:
         batches = ImageBatches(dataset, split, backbone.preprocess, batch_size, on_bad_image=on_bad_image)
         desc = f"trace {backbone.name}/{quantizer.name} {dataset.name}:{split.part}" if progress else None
-        rows = _run_backbone(backbone, batches, classifier, tmp, len(split.indices), desc)
-        files = {name: {"bytes": (tmp / f"{name}.npy").stat().st_size,
-                        "blake2b": file_digest(tmp / f"{name}.npy", "blake2b")} for name in _ARRAYS}
-        meta = {"key": key, "rows": rows, "bad_images": batches.bad_images, "files": files}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process finished the same entry first
-            if load_trace(path) is None:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    trace = load_trace(path, verify=False)
-    assert trace is not None
-    return trace
+        rows = _run_backbone(backbone, batches, classifier, folder, len(split.indices), desc)
+        return {"rows": rows, "bad_images": batches.bad_images}
+
+    key = trace_key(backbone, quantizer, dataset, split, classifier, batch_size)
+    return _open(get_or_build(cache_dir or default_cache_dir(), "traces", key, build))

@@ -6,10 +6,11 @@ import torch
 from PIL import Image
 
 from harness.backbones import Backbone
+from harness.cache import DamagedEntry, read_entry
 from harness.context import Context, HarnessConfig
 from harness.datasets import Split, create_dataset
 from harness.quantizers import create_quantizer
-from harness.trace import layer_features, load_trace, trace_split
+from harness.trace import layer_features, trace_split
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_second_run_hits_the_cache(ctx, cache_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "meta"])
-def test_damaged_entry_is_detected_and_rebuilt(ctx, damage):
+def test_damaged_entry_is_detected_and_rebuilt(ctx, damage, capsys):
     trace = ctx.trace("fp32", "test")
     path, original = trace.path, np.array(trace.patch_mean)
     victim = path / "patch_mean.npy"
@@ -80,9 +81,12 @@ def test_damaged_entry_is_detected_and_rebuilt(ctx, damage):
         victim.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
     else:
         (path / "meta.json").write_text("{")
-    assert load_trace(path) is None
+    with pytest.raises(DamagedEntry):
+        read_entry(path)
+    capsys.readouterr()
     rebuilt = Context(ctx.config, progress=False).trace("fp32", "test")
-    assert load_trace(path) is not None
+    assert f"note: cache entry {path} is corrupt" in capsys.readouterr().err
+    read_entry(path)
     assert np.array_equal(np.array(rebuilt.patch_mean), original)
 
 

@@ -1,0 +1,149 @@
+"""The on-disk caches (classifiers, traces, fits, fitted policies): keys, digests, save checks, unwritable folders."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from harness.cli import main
+from harness.config import HarnessConfig
+from harness.context import Context
+from harness.policy import METHODS, create_method
+from harness.testbed import fit_digest, fit_policy
+from methods.cls_ee import ClsEE
+
+PLUGIN = '''
+from harness.policy import Decision
+from methods._heads import PerLayerHeads
+
+
+class CacheTestPlugin(PerLayerHeads):
+    """An outside method built on the shared heads: exit when a head is at least half sure."""
+
+    name = "cache-test-plugin"
+    fits = 0
+
+    def fit(self, ctx):
+        type(self).fits += 1
+        super().fit(ctx)
+
+    def decide(self, layer, view):
+        logits = self.layer_logits(layer, view)
+        return Decision(exit=logits.softmax(-1).amax(-1) >= 0.5, logits=logits)
+'''
+
+
+def _context(cache_dir) -> Context:
+    return Context(HarnessConfig(limit=64, batch_size=64, cache_dir=str(cache_dir)), progress=False)
+
+
+@pytest.fixture(scope="module")
+def _warm_cache(tmp_path_factory):
+    """A cache holding the classifier and the traces of the fit splits, built once for this module."""
+    root = tmp_path_factory.mktemp("warm") / "cache"
+    _context(root).fit_context()
+    return root
+
+
+@pytest.fixture
+def warm_dir(_warm_cache, tmp_path):
+    """This test's own copy of the warm cache (the tests damage their entries)."""
+    return shutil.copytree(_warm_cache, tmp_path / "cache")
+
+
+def _register(monkeypatch, cls) -> None:
+    """Register ``cls`` under ``cls.name`` for this test only."""
+    METHODS.names()  # load the built-ins first, so they do not replace the registry's entries later
+    monkeypatch.setitem(METHODS._entries, cls.name, cls)
+
+
+def test_outside_plugin_refits_after_a_change_to_a_base_module(tmp_path, warm_dir, monkeypatch):
+    import methods._heads
+
+    plugin_file = tmp_path / "plugin" / "cache_test_plugin.py"  # another package's folder, not methods/
+    plugin_file.parent.mkdir()
+    plugin_file.write_text(PLUGIN)
+    spec = importlib.util.spec_from_file_location("cache_test_plugin", plugin_file)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "cache_test_plugin", module)
+    spec.loader.exec_module(module)
+    plugin = module.CacheTestPlugin
+    _register(monkeypatch, plugin)
+    # methods/_heads.py as another checkout would have it: a copy we may edit
+    heads_copy = tmp_path / "methods" / "_heads.py"
+    heads_copy.parent.mkdir()
+    shutil.copy(methods._heads.__file__, heads_copy)
+    monkeypatch.setattr(methods._heads, "__file__", str(heads_copy))
+
+    ctx = _context(warm_dir)
+    fit_policy(ctx, plugin.name, 0, epochs=1)
+    fit_policy(ctx, plugin.name, 0, epochs=1)
+    assert plugin.fits == 1  # unchanged code: cached
+    with heads_copy.open("a") as fh:
+        fh.write("# a one-line change\n")
+    fit_policy(ctx, plugin.name, 0, epochs=1)
+    assert plugin.fits == 2
+
+
+def _classifier(ctx: Context) -> str:
+    classifier = ctx.backbone.zero_shot_classifier(ctx.dataset.classnames, ctx.dataset.templates,
+                                                   ctx.config.text_precision, ctx.cache_dir)  # as ctx.classifier
+    return hashlib.sha256(classifier.numpy().tobytes()).hexdigest()
+
+
+def _heads_fit(ctx: Context) -> str:
+    policy = create_method("cls-ee", epochs=1)
+    policy.fit(ctx.fit_context())  # through FitContext.cached, not the policy cache
+    return fit_digest(policy)
+
+
+def _policy(ctx: Context) -> str:
+    return fit_digest(fit_policy(ctx, "cls-ee", 0, epochs=1))
+
+
+@pytest.mark.parametrize("kind, result", [("classifiers", _classifier), ("fits", _heads_fit),
+                                          ("policies", _policy)])
+def test_a_flipped_byte_is_detected_and_rebuilt(kind, result, warm_dir, capsys):
+    ctx = _context(warm_dir)  # each result reads its cache entry again: the context keeps no copy
+    fresh = result(ctx)
+    [entry] = (warm_dir / kind).rglob("*.pt")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, inside the stored numbers
+    entry.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    assert result(ctx) == fresh
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: cache entry")]
+    assert len(notes) == 1 and f"/{kind}/" in notes[0] and "corrupt" in notes[0] and "rebuilding" in notes[0]
+    result(ctx)
+    assert "note:" not in capsys.readouterr().err  # the rebuilt entry is sound
+
+
+class NumpyState(ClsEE):
+    """A method whose state holds a numpy array: torch.save takes it, torch.load(weights_only=True) does not."""
+
+    name = "numpy-state"
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "calibration": np.zeros(3)}
+
+
+def test_a_state_that_cannot_be_loaded_back_fails_at_save(warm_dir, monkeypatch):
+    _register(monkeypatch, NumpyState)
+    with pytest.raises(TypeError, match=r"method 'numpy-state'.*'calibration'.*numpy\.ndarray"):
+        fit_policy(_context(warm_dir), "numpy-state", 0, epochs=1)
+    assert not list((warm_dir / "policies").rglob("*.pt"))
+
+
+def test_unwritable_cache_folder_is_a_one_line_config_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file where the cache's parent folder should be")
+    folder = tmp_path / "file" / "cache"
+    code = main(["profile", "--limit", "8", "--cache-dir", str(folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert str(folder) in err and "--cache-dir" in err and "EXITBENCH_CACHE" in err
