@@ -165,13 +165,12 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     from tabulate import tabulate
 
     from harness import bench
     from harness.context import Context
     from harness.provenance import environment
+    from harness.results import results_json
 
     ctx = Context(_config(args))
     if args.suite == "trace":
@@ -185,7 +184,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**result, **ctx.describe(), "environment": environment()}, indent=2) + "\n")
+        out.write_text(results_json({**result, **ctx.describe(), "environment": environment()}))
         print(f"wrote {out}")
     return 0
 

@@ -103,21 +103,22 @@ def read_metrics(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return file, metrics
 
 
-def json_text(value: Any) -> str:
-    """Strict JSON text of a results value: NaN and infinities become null (bare ``NaN`` is not JSON).
+def results_json(value: Any) -> str:
+    """The text of a results file: strict JSON with no machine paths (:func:`without_machine_paths`).
 
-    numpy scalars become plain numbers; indented, ending in a newline.
+    NaN and infinities become null (bare ``NaN`` is not JSON); numpy scalars
+    and arrays become plain numbers and lists. Indented, ending in a newline.
     """
-    return json.dumps(_plain(value), indent=2, allow_nan=False) + "\n"
+    return json.dumps(without_machine_paths(_plain(value)), indent=2, allow_nan=False) + "\n"
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        value = value.tolist()  # an array -> nested lists, a scalar -> a Python number
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -37,7 +37,7 @@ from harness.errors import ConfigError, DataError
 from harness.evaluate import pareto_interpolate
 from harness.policy import METHODS, ExitPolicy, create_method
 from harness.provenance import environment
-from harness.results import SCHEMA_VERSION, json_text, without_machine_paths
+from harness.results import SCHEMA_VERSION, results_json
 from harness.testbed import FullDepth, TestBed
 
 
@@ -459,8 +459,7 @@ def write_results(out: Path, metrics: dict[str, Any], predictions: "pd.DataFrame
         raise ConfigError(f"results folder {out} exists already; pass another --out")
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        metrics = {**metrics, "run": without_machine_paths(metrics["run"])}
-        atomic_write_text(tmp / "config.json", json_text(metrics["run"]["config"]))
-        atomic_write_text(tmp / "metrics.json", json_text(metrics))
+        atomic_write_text(tmp / "config.json", results_json(metrics["run"]["config"]))
+        atomic_write_text(tmp / "metrics.json", results_json(metrics))
         predictions.to_parquet(tmp / "predictions.parquet", index=False)
         atomic_write_text(tmp / "tables.md", format_tables(metrics))

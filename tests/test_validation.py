@@ -13,7 +13,7 @@ from harness.cli import main
 from harness.config import HarnessConfig
 from harness.errors import ConfigError
 from harness.policy import METHODS, ExitPolicy
-from harness.results import json_text
+from harness.results import results_json
 from harness.run import check_methods, parse_overrides, run, write_results
 
 
@@ -113,9 +113,10 @@ def test_out_is_checked_before_any_work(tmp_path, capsys):
 
 
 def test_results_json_is_strict():
-    text = json_text({"top1": float("nan"), "saving": np.float32(0.5), "inf": [float("inf"), 1]})
+    text = results_json({"top1": float("nan"), "saving": np.float32(0.5), "inf": [float("inf"), 1],
+                         "curve": np.array([0.5, np.nan]), "cache_dir": "/tmp/x", "pretrained": "/home/me/w.pt"})
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
-        "top1": None, "saving": 0.5, "inf": [None, 1]}
+        "top1": None, "saving": 0.5, "inf": [None, 1], "curve": [0.5, None], "pretrained": ".../w.pt"}
 
 
 class _FailsToFit(ExitPolicy):

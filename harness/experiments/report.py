@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness._io import atomic_path, atomic_write_text
+from harness.results import results_json
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.json")
 
@@ -56,8 +57,7 @@ class Report:
             tmp.mkdir(parents=True)
             atomic_write_text(tmp / "tables.md", f"# {self.name}\n\n" + self.render() + "\n")
             atomic_write_text(tmp / "tables.tex", self.render("latex"))
-            atomic_write_text(tmp / "data.json", json.dumps({"experiment": self.name, **context, "data": self.data},
-                                                           indent=2, default=_plain) + "\n")
+            atomic_write_text(tmp / "data.json", results_json({"experiment": self.name, **context, "data": self.data}))
             for stem, figure in self.figures.items():
                 for suffix in ("png", "svg"):
                     figure.savefig(tmp / f"{stem}.{suffix}", dpi=150, bbox_inches="tight")
@@ -66,12 +66,3 @@ class Report:
         return sorted(out.iterdir())
 
 
-def _plain(value: Any) -> Any:
-    """JSON for numpy scalars and arrays."""
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
