@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -65,3 +68,28 @@ def count_calls(monkeypatch):
         return calls
 
     return wrap
+
+
+@pytest.fixture(scope="session")
+def install_plugin():
+    """``install_plugin(tmp_path, name, module, source, site)``: a real package whose ``harness.methods`` entry
+    point names ``module`` (holding ``source``), pip-installed into the folder ``site``."""
+
+    def install(tmp_path, name: str, module: str, source: str, site) -> None:
+        pkg = tmp_path / name
+        (pkg / module).mkdir(parents=True)
+        (pkg / module / "__init__.py").write_text(source)
+        (pkg / "pyproject.toml").write_text(textwrap.dedent(f"""
+            [build-system]
+            requires = ["setuptools"]
+            build-backend = "setuptools.build_meta"
+            [project]
+            name = "{name}"
+            version = "0.1"
+            [project.entry-points."harness.methods"]
+            {module} = "{module}"
+        """))
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
+
+    return install

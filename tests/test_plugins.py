@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -30,31 +29,13 @@ sys.exit("this plugin exits on import")
 '''
 
 
-def _install(tmp_path, name: str, module: str, source: str, site) -> None:
-    pkg = tmp_path / name
-    (pkg / module).mkdir(parents=True)
-    (pkg / module / "__init__.py").write_text(source)
-    (pkg / "pyproject.toml").write_text(textwrap.dedent(f"""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "{name}"
-        version = "0.1"
-        [project.entry-points."harness.methods"]
-        {module} = "{module}"
-    """))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
-def hostile_site(tmp_path_factory):
+def hostile_site(tmp_path_factory, install_plugin):
     """A folder on PYTHONPATH (so first on sys.path) with an impostor plugin and one that calls sys.exit."""
     tmp_path = tmp_path_factory.mktemp("plugins")
     site = tmp_path / "site"
-    _install(tmp_path, "impostor-plugin", "impostor", IMPOSTOR, site)
-    _install(tmp_path, "quitter-plugin", "quitter", QUITTER, site)
+    install_plugin(tmp_path, "impostor-plugin", "impostor", IMPOSTOR, site)
+    install_plugin(tmp_path, "quitter-plugin", "quitter", QUITTER, site)
     return {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
             "EXITBENCH_CACHE": str(tmp_path / "cache")}
 

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -112,23 +111,9 @@ class Halfway(ExitPolicy):
 '''
 
 
-def test_plugin_from_another_package_runs_through_run(tmp_path):
-    pkg = tmp_path / "plugin"
-    (pkg / "halfway_plugin").mkdir(parents=True)
-    (pkg / "halfway_plugin" / "__init__.py").write_text(PLUGIN)
-    (pkg / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "halfway-plugin"
-        version = "0.1"
-        [project.entry-points."harness.methods"]
-        halfway = "halfway_plugin"
-    """))
+def test_plugin_from_another_package_runs_through_run(tmp_path, install_plugin):
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
+    install_plugin(tmp_path, "halfway-plugin", "halfway_plugin", PLUGIN, site)
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = tmp_path / "results"
     proc = subprocess.run(
