@@ -198,10 +198,15 @@ def read_predictions(metrics_file: str | Path) -> pd.DataFrame | None:
 
 
 def config_differences(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Names of the settings (config fields, seeds, test size) in which two runs differ."""
+    """Names of the settings (config fields, seeds, test size) in which two runs differ.
+
+    A field that one file lacks (written before the option existed) counts as its default.
+    """
     a, b = baseline["run"], current["run"]
+    defaults = {f.name: f.default for f in dataclasses.fields(HarnessConfig)}
     fields = sorted(set(a["config"]) | set(b["config"]))
-    diffs = [f for f in fields if f not in _LOCAL_FIELDS and a["config"].get(f) != b["config"].get(f)]
+    diffs = [f for f in fields if f not in _LOCAL_FIELDS
+             and a["config"].get(f, defaults.get(f)) != b["config"].get(f, defaults.get(f))]
     diffs += [k for k in ("seeds", "test_samples") if a.get(k) != b.get(k)]
     return diffs + (["method overrides"] if _overrides(a) != _overrides(b) else [])
 

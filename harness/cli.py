@@ -37,9 +37,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...]
     for f in dataclasses.fields(HarnessConfig):
         if f.name in skip:
             continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if hints[f.name] is bool:
+            group.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
         kind = int if hints[f.name] in (int, typing.Optional[int]) else str
-        group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
-                           choices=f.metadata["choices"], help=f.metadata["help"])
+        group.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
 
 
 def _at_least(minimum: int):

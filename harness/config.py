@@ -52,7 +52,13 @@ class HarnessConfig:
     text_precision: str = _opt("fp32", "text tower precision for the zero-shot classifier", ("fp32", "fp16"))
     cache_dir: str | None = _opt(None, "trace cache folder (default: $EXITBENCH_CACHE or the user cache dir)")
     on_bad_image: str = _opt("skip", "bad image files: 'skip' (and list them) or 'fail'", ("skip", "fail"))
+    allow_empty_classes: bool = _opt(False, "imagefolder/imagenet: keep class folders that hold no images as "
+                                            "classes (refused by default)")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", min=1)
+
+    def dataset_options(self) -> dict[str, Any]:
+        """Keywords for :func:`~harness.datasets.create_dataset` beyond name and root (only those set)."""
+        return {"allow_empty_classes": True} if self.allow_empty_classes else {}
 
     def resolved(self) -> "HarnessConfig":
         """A checked copy with defaults filled in (quantizer, cache dir).

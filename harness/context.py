@@ -63,7 +63,8 @@ class Context:
 
     @cached_property
     def dataset(self) -> Dataset:
-        return create_dataset(self.config.data, self.config.data_root, on_bad_image=self.config.on_bad_image)
+        return create_dataset(self.config.data, self.config.data_root, on_bad_image=self.config.on_bad_image,
+                              **self.config.dataset_options())
 
     @cached_property
     def splits(self) -> dict[str, Split]:

@@ -160,3 +160,32 @@ def test_cli_run_with_a_failing_method_writes_the_others_and_exits_1(tmp_path, m
     assert "error: method fails-to-fit failed, its row is left out: RuntimeError: head training diverged" in err
     assert err.splitlines()[-1] == ("error: 1 method(s) failed: fails-to-fit (the others' results are written)")
     assert "pabee" in json.loads((out / "metrics.json").read_text())["rows"]
+
+
+def test_empty_class_folders_are_refused_unless_the_flag_allows_them(tmp_path, capsys, fmnist_images):
+    from harness.context import Context
+
+    root = tmp_path / "folder"
+    for name in ("bag", "coat"):
+        (root / name).mkdir(parents=True)
+    for i, image in enumerate(fmnist_images[0][:6]):
+        image.save(root / "bag" / f"{i}.png")
+    (root / "sandal").mkdir()  # empty
+    code, err = _cli(capsys, "run", "--data", "imagefolder", "--data-root", str(root), "--methods", "cls-ee",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "2 class folders hold no images: coat, sandal" in err and "--allow-empty-classes" in err
+    config = HarnessConfig(data="imagefolder", data_root=str(root), allow_empty_classes=True,
+                           cache_dir=str(tmp_path / "cache"))
+    assert Context(config).dataset.classnames == ("bag", "coat", "sandal")
+
+
+def test_results_from_before_an_option_existed_compare_as_its_default():
+    from harness.check import config_differences
+
+    old = {"run": {"config": {"model": "embedded", "quant": "fp32"}, "seeds": 3, "test_samples": 10}}
+    new = {"run": {"config": {"model": "embedded", "quant": "fp32", "allow_empty_classes": False}, "seeds": 3,
+                   "test_samples": 10}}
+    assert config_differences(old, new) == []
+    new["run"]["config"]["allow_empty_classes"] = True
+    assert config_differences(old, new) == ["allow_empty_classes"]

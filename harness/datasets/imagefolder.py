@@ -198,7 +198,7 @@ class ImageFolder(Dataset):
             raise DataError(
                 f"{_plural(len(empty), 'class folder')} {'holds' if len(empty) == 1 else 'hold'} no images: "
                 f"{', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''} in {self.root}; each would be a class "
-                f"no sample has: {self.empty_class_fix}, or keep them with allow_empty_classes=True"
+                f"no sample has: {self.empty_class_fix}, or keep them with --allow-empty-classes (allow_empty_classes=True)"
             )
         self._labels = np.repeat(np.arange(len(folders), dtype=np.int64), [len(files) for files in scan.files])
         self._labels.setflags(write=False)
