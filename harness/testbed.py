@@ -3,8 +3,9 @@
 :class:`TestBed` is the one code path behind ``run``, ``check`` and every
 experiment. Exit policies are scored by replaying the test trace; token
 policies (whose later features depend on the tokens they drop) run the
-test images through the real driver, and their outcomes are memoised per
-fitted state, so a training-free pruner is evaluated once for all seeds.
+test images through the real driver, and their outcomes are kept in the cache
+per fitted state (:func:`stored_real_outcome`), so a training-free pruner is
+evaluated once for all seeds and a warm run replays every real-driver pass.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from harness import evaluate
-from harness.cache import cached_state, fit_fields
+from harness.cache import cached_state, code_fields, fit_fields
 from harness.config import HarnessConfig
 from harness.context import Context
 from harness.drivers import ExitOutcome, replay, run_early_exit
@@ -118,6 +119,28 @@ def real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = Non
                          for f in dataclasses.fields(ExitOutcome)))
 
 
+def stored_real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = None) -> ExitOutcome:
+    """:func:`real_outcome`, kept in the cache: a warm run, another seed of a seed-independent fit, or a
+    sweep point seen before replays it instead of running the backbone again.
+
+    The key is the fitted state (:func:`fit_digest`), the test trace's key and rows (backbone, weights,
+    quantizer, data), the batch size and the code of the policy's class hierarchy and the real driver.
+    """
+    fields = {"fit": fit_digest(policy), "trace": trace.meta["key"],
+              "rows": hashlib.sha256(np.asarray(trace.indices).tobytes()).hexdigest(),
+              "batch_size": ctx.config.batch_size,
+              "code": code_fields([*(cls.__module__ for cls in type(policy).__mro__), "harness.drivers",
+                                   "harness.testbed"])}
+
+    def run() -> dict[str, torch.Tensor]:
+        outcome = real_outcome(ctx, policy, trace, desc=desc)
+        return {f.name: torch.from_numpy(np.ascontiguousarray(getattr(outcome, f.name)))
+                for f in dataclasses.fields(ExitOutcome)}
+
+    state = cached_state(ctx.cache_dir, "outcomes", fields, run, f"method {policy.name!r}")
+    return ExitOutcome(**{name: value.numpy() for name, value in state.items()})
+
+
 def outcome_flops(policy: ExitPolicy, outcome: ExitOutcome, block_flops: evaluate.BlockFlops,
                   num_blocks: int) -> np.ndarray:
     """FLOPs per sample of ``outcome``: blocks at their token counts, plus the policy's heads/decisions.
@@ -182,7 +205,6 @@ class TestBed:
         n = len(self.labels)
         self.full = ExitOutcome(np.full(n, self.num_blocks), np.asarray(self.test.logits),
                                 np.full((n, self.num_blocks), self.ctx.num_tokens - 1), np.zeros(n, bool))
-        self._real: dict[str, ExitOutcome] = {}  # fit digest -> real-driver outcome of a token policy
 
     def fit(self, method: str, seed: int, **config: Any) -> ExitPolicy:
         """``method`` with ``config`` overrides, fitted on the splits of ``seed`` (cached on disk)."""
@@ -195,10 +217,7 @@ class TestBed:
         """
         if not policy.prunes_tokens:
             return replay(policy, self.test, self.num_blocks, self.ctx.num_tokens - 1)
-        key = fit_digest(policy)
-        if key not in self._real:
-            self._real[key] = real_outcome(self.ctx, policy, self.test, desc=desc)
-        return self._real[key]
+        return stored_real_outcome(self.ctx, policy, self.test, desc)
 
     def evaluate(self, policy: ExitPolicy, seed: int, outcome: ExitOutcome | None = None,
                  desc: str | None = None) -> Evaluation:

@@ -6,6 +6,7 @@ import copy
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -297,3 +298,21 @@ def test_the_matched_flops_sweep_needs_lra_ee_and_is_opt_in_for_all(tmp_path, mo
     assert "matched_flops" not in run(config, ["evit", "lra-ee"], **quick)[0]
     metrics = run(config, ["evit", "lra-ee"], matched=True, **quick)[0]
     assert set(metrics["matched_flops"]["methods"]) == {"evit"}
+
+
+def test_real_driver_outcomes_are_cached_across_seeds_and_runs(tmp_path, count_calls):
+    """evit's fit does not depend on the seed: its real-driver pass runs once for 2 seeds, and not at all when
+    the run is repeated; the replayed outcome is the one measured."""
+    import harness.testbed as testbed
+
+    config = HarnessConfig(limit=32, batch_size=16, cache_dir=str(tmp_path))
+    calls = count_calls(testbed, "real_outcome")
+    first, frame = run(config, ["evit"], seeds=2, latency=False, agreement_images=0)
+    assert calls["n"] == 1
+    again, frame_again = run(config, ["evit"], seeds=2, latency=False, agreement_images=0)
+    assert calls["n"] == 1
+    assert again["rows"]["evit"]["per_seed"] == first["rows"]["evit"]["per_seed"]
+    pd.testing.assert_frame_equal(frame_again, frame)
+    other = HarnessConfig(limit=32, batch_size=8, cache_dir=str(tmp_path))  # another batch: another entry
+    run(other, ["evit"], seeds=1, latency=False, agreement_images=0)
+    assert calls["n"] == 2
