@@ -186,12 +186,17 @@ def code_fields(modules: Iterable[str]) -> dict[str, Any]:
                          for top in sorted(packages)}}
 
 
+def trace_fields(trace: Any) -> tuple[dict[str, Any], str]:
+    """What identifies the rows of a :class:`~harness.trace.Trace`: its cache key and a digest of its indices."""
+    return trace.meta["key"], hashlib.sha256(np.asarray(trace.indices).tobytes()).hexdigest()
+
+
 def fit_fields(traces: Sequence[Any], seed: int, modules: Iterable[str]) -> dict[str, Any]:
     """Key fields of a fit on ``traces`` (:class:`~harness.trace.Trace`) with ``seed`` by the code of ``modules``.
 
     The harness's :data:`FIT_MODULES` are added to ``modules``.
     """
-    return {"data": [(t.meta["key"], hashlib.sha256(np.asarray(t.indices).tobytes()).hexdigest()) for t in traces],
+    return {"data": [trace_fields(t) for t in traces],
             "seed": seed,
             "code": code_fields([*modules, *FIT_MODULES])}
 

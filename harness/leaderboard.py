@@ -70,8 +70,8 @@ def _shown_path(file: Path, given: Path) -> str:
 def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (backbone, dataset, quantizer, method, config) over ``results``, in the order given.
 
-    The config is the run's (its cache folder aside), its seed count and the
-    method's own. A row found again in a later results file (a rerun) is
+    The config is the run's (as :func:`load_results` gives it: without machine
+    fields such as the cache folder), its seed count and the method's own. A row found again in a later results file (a rerun) is
     shown once, with the later file's numbers. Percentages are in percent;
     values a run did not record (latency skipped, non-finite numbers) are None.
     ``net_rescue_pct`` is (rescued - lost) over the test samples, against
@@ -89,7 +89,6 @@ def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         reference = metrics["rows"].get(f"full-depth {quant}")
         reference_top1 = _number(reference["summary"]["top1"]["mean"]) if reference else None
         latency = (metrics.get("latency") or {}).get("methods", {})
-        run_config = {k: v for k, v in config.items() if k != "cache_dir"}
         for name, row in metrics["rows"].items():
             first, top1 = row["per_seed"][0], row["summary"]["top1"]
             # the latency reference is full depth under the run's quantizer, stored as "full-depth"
@@ -103,7 +102,7 @@ def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # checkpoint paths are cut to their file name (no machine paths): the digest tells weights apart
             weights = (run.get("backbone") or {}).get("weights_sha256")
             key = (backbone, dataset, str(quant), name,
-                   json.dumps([run_config, weights, run.get("seeds"), row.get("config")], sort_keys=True, default=str))
+                   json.dumps([config, weights, run.get("seeds"), row.get("config")], sort_keys=True, default=str))
             rows[key] = {
                 "anchor": result["anchor"], "run": result["label"],
                 "backbone": backbone, "dataset": dataset, "quantizer": str(quant), "method": name,

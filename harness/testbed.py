@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from harness import evaluate
-from harness.cache import cached_state, code_fields, fit_fields
+from harness.cache import cached_state, code_fields, fit_fields, trace_fields
 from harness.config import HarnessConfig
 from harness.context import Context
 from harness.drivers import ExitOutcome, replay, run_early_exit
@@ -126,9 +126,7 @@ def stored_real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | Non
     The key is the fitted state (:func:`fit_digest`), the test trace's key and rows (backbone, weights,
     quantizer, data), the batch size and the code of the policy's class hierarchy and the real driver.
     """
-    fields = {"fit": fit_digest(policy), "trace": trace.meta["key"],
-              "rows": hashlib.sha256(np.asarray(trace.indices).tobytes()).hexdigest(),
-              "batch_size": ctx.config.batch_size,
+    fields = {"fit": fit_digest(policy), "trace": trace_fields(trace), "batch_size": ctx.config.batch_size,
               "code": code_fields([*(cls.__module__ for cls in type(policy).__mro__), "harness.drivers",
                                    "harness.testbed"])}
 
