@@ -228,7 +228,7 @@ def rerun(baseline: dict[str, Any], cache_dir: str | None = None) -> tuple[dict[
     saved = {k: v for k, v in baseline["run"]["config"].items() if k in fields and k not in _LOCAL_FIELDS}
     config = HarnessConfig(**saved, cache_dir=cache_dir)
     return run(config, baseline["run"]["methods"], baseline["run"]["seeds"], latency=False,
-               agreement_images=0, overrides=_overrides(baseline["run"]))
+               agreement_images=0, overrides=_overrides(baseline["run"]), budgets=tuple(baseline["run"]["budgets"]))
 
 
 def format_checks(checks: list[RowCheck]) -> str:

@@ -114,9 +114,11 @@ def _warn_refused_plugins() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     import datetime
 
+    from harness.protocol import parse_budgets
     from harness.run import check_out, format_tables, parse_overrides, resolve_methods, run, write_results
 
     config = _config(args).resolved()
+    budgets = parse_budgets(args.budgets)
     _warn_refused_plugins()
     methods = resolve_methods(args.methods)
     overrides = parse_overrides(args.set, methods)
@@ -125,7 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_out(out)  # now, not after minutes of work
     metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
                                latency_images=args.latency_images, agreement_images=args.agreement_images,
-                               overrides=overrides, matched=args.matched_flops)
+                               overrides=overrides, matched=args.matched_flops, budgets=budgets)
     write_results(out, metrics, predictions)
     print(format_tables(metrics, fmt="simple"))
     print(f"wrote {out} ({metrics['run']['wall_time_s']} s)")
@@ -209,7 +211,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     results = leaderboard.load_results(args.results)
     print(f"found {len(results)} run{'' if len(results) == 1 else 's'} under {', '.join(args.results)}")
     out, rows = leaderboard.write(results, Path(args.out))
-    print(f"wrote {out} ({rows} rows from {len(results)} results)")
+    print(f"wrote {out} and {out.parent / leaderboard.CSV_NAME} ({rows} rows from {len(results)} results)")
     return 0
 
 
@@ -258,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_at_least(1), default=3, help="seeds re-drawing head init, data order and gate split")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="change a method's config (repeatable; `list` shows the options), e.g. pabee.patience=4")
+    p.add_argument("--budgets", default="10,25,40",
+                   help="FLOPs-saving budgets in percent: at each, every method's and control's operating point is "
+                        "the knob value with the best gate-split top-1 among those saving at least the budget on "
+                        "gate (never chosen on test)")
     p.add_argument("--out", default=None, help="results folder (default: results/TIME-MODEL-DATA-QUANT)")
     p.add_argument("--no-latency", action="store_true", help="skip the real-driver latency measurement")
     p.add_argument("--latency-images", type=_at_least(1), default=32,

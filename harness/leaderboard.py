@@ -2,7 +2,9 @@
 
 The page is built only from results files (``metrics.json`` written by
 ``python -m harness run``): a sortable, filterable table with one row per
-backbone, dataset, quantizer, method and config, a top-1 vs FLOPs saving
+backbone, dataset, quantizer, method (or control) and config at its default
+setting, and one per operating point chosen on the gate split at each
+FLOPs budget (also written as CSV beside the page), a top-1 vs FLOPs saving
 Pareto plot, each row's exit distribution, and every run's config and
 environment. CSS, SVG and script are inline, so the page opens from disk
 with no network. Every string from a results file is HTML-escaped, and the
@@ -103,10 +105,12 @@ def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             weights = (run.get("backbone") or {}).get("weights_sha256")
             key = (backbone, dataset, str(quant), name,
                    json.dumps([config, weights, run.get("seeds"), row.get("config")], sort_keys=True, default=str))
+            kind = row.get("kind", "method")
             rows[key] = {
                 "anchor": result["anchor"], "run": result["label"],
                 "backbone": backbone, "dataset": dataset, "quantizer": str(quant), "method": name,
-                "kind": row.get("kind", "method"), "method_config": row.get("config"),
+                "kind": kind, "method_config": row.get("config"), "point": DEFAULT_POINT[kind], "budget": None,
+                "knobs": None, "routing_gain": None,
                 "seeds": len(row["per_seed"]), "test_samples": run.get("test_samples"),
                 "top1_mean": mean, "top1_std": _number(top1["std"]),
                 "top1_ci": (_number(low), _number(high)),
@@ -120,7 +124,49 @@ def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "mean_exit": sum(layer * share for layer, share in exits) / total_share if total_share else None,
                 "num_blocks": (run.get("backbone") or {}).get("blocks"),
             }
+            for point in (row.get("operating_points") or {}).get("summary", []):
+                if point["reached"]:
+                    rows[(*key, str(point["budget"]))] = _budget_row(rows[key], point, reference_top1)
     return list(rows.values())
+
+
+# What a row's "operating point" column says for a row measured at its default setting, by kind
+DEFAULT_POINT = {"baseline": "full depth", "control": "last block (recalibration)", "method": "default knob"}
+
+
+def _budget_row(row: dict[str, Any], point: dict[str, Any], reference_top1: float | None) -> dict[str, Any]:
+    """``row``'s method at one budget: its operating point chosen on gate, scored on test (seed means)."""
+    mean = _number(point["test_top1"]["mean"])
+    knobs = ["fit to budget" if k is None else f"{k:g}" for k in point["knobs"]]
+    return {
+        **row, "point": f"≥ {point['budget']:g}% saving on gate", "budget": point["budget"],
+        "knobs": "/".join(knobs), "seeds": point["reached"],
+        "top1_mean": mean, "top1_std": _number(point["test_top1"]["std"]), "top1_ci": (None, None),
+        "delta": mean - reference_top1 if mean is not None and reference_top1 is not None else None,
+        "flops_saving": _number(point["test_saving"]["mean"]),
+        "routing_gain": _number((point.get("routing_gain") or {}).get("mean")),
+        "latency_throughput_saving": None, "latency_batch1_saving": None,
+        "net_rescue": None, "net_rescue_pct": None, "exits": [], "mean_exit": None,
+    }
+
+
+CSV_COLUMNS = ("backbone", "dataset", "quantizer", "method", "kind", "point", "budget", "knobs", "seeds",
+               "test_samples", "top1_mean", "top1_std", "delta", "flops_saving", "routing_gain",
+               "latency_throughput_saving", "latency_batch1_saving", "net_rescue_pct", "mean_exit", "run")
+CSV_NAME = "leaderboard.csv"
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """The table's rows as CSV text (:data:`CSV_COLUMNS`; empty cells for values a run did not record)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow(["" if r[c] is None else r[c] for c in CSV_COLUMNS])
+    return text.getvalue()
 
 
 def pareto_svg(rows: list[dict[str, Any]]) -> Markup:
@@ -245,7 +291,8 @@ def write(results: list[dict[str, Any]], out: Path) -> tuple[Path, int]:
         out: the HTML file to write, or an existing folder to write ``index.html`` into.
 
     Returns:
-        The file written and the number of table rows.
+        The page written and the number of table rows. The rows also go to
+        :data:`CSV_NAME` beside the page, which links to it.
 
     Raises:
         ConfigError: ``out`` cannot be written (a file in its path, no permission).
@@ -259,6 +306,7 @@ def write(results: list[dict[str, Any]], out: Path) -> tuple[Path, int]:
     page = _render(results, rows)
     try:
         atomic_write_text(out, page)
+        atomic_write_text(out.parent / CSV_NAME, rows_csv(rows))
     except OSError as exc:
         raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out, len(rows)
@@ -272,7 +320,7 @@ def _render(results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     env.globals["exit_bar"] = exit_bar_svg
     filters = {key: sorted({r[key] for r in rows}) for key in ("backbone", "dataset", "quantizer")}
     return env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(
-        rows=rows, runs=[_run_card(r) for r in results], filters=filters, pareto=pareto_svg(rows))
+        rows=rows, runs=[_run_card(r) for r in results], filters=filters, pareto=pareto_svg(rows), csv_name=CSV_NAME)
 
 
 def _run_card(result: dict[str, Any]) -> dict[str, Any]:

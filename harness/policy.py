@@ -221,6 +221,7 @@ class ExitPolicy(abc.ABC):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     needs: ClassVar[frozenset[str]] = frozenset({"cls"})
+    kind: ClassVar[str] = "method"  # "control" for the harness's own controls (harness.controls)
     prunes_tokens: ClassVar[bool] = False  # True: a token policy (real driver only, see the class docstring)
     knob: ClassVar[str | None] = None  # what sets the operating point: a Config field unless with_knob says otherwise
     knob_grid: ClassVar[tuple[float, ...]] = ()  # the knob's values in a sweep
@@ -287,6 +288,12 @@ class ExitPolicy(abc.ABC):
     def head_flops(self, layer: int) -> float:
         """FLOPs per sample of the policy's own head and gate (or token decision) at ``layer``."""
         return 0.0
+
+    def budget_config(self, saving: float) -> dict[str, Any]:
+        """Config overrides under which the method fits its own operating point for a FLOPs saving of at
+        least ``saving`` % (LRA-EE's thresholds under a budget), or ``{}``: the harness then picks the
+        :attr:`knob` value on the ``gate`` split (:mod:`harness.protocol`)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

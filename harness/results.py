@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypedDict, Union
 from harness.errors import ConfigError
 
 # Version of the metrics.json layout; bump it when a field changes meaning or moves.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Marks a list of the layout below that needs at least one item.
 NON_EMPTY = "non-empty"
 # Fields that say where things were on one machine, not what was computed.
@@ -52,8 +52,10 @@ class SeedMetrics(TypedDict):
 
 
 class Row(TypedDict):
-    """One method (or full-depth baseline) of a run."""
+    """One method, control or full-depth baseline of a run (methods and controls also hold
+    ``operating_points``: per budget, chosen on the gate split; see :mod:`harness.protocol`)."""
 
+    kind: str  # "baseline", "control" or "method"
     per_seed: Annotated[list[SeedMetrics], NON_EMPTY]
     summary: Summary
 
@@ -68,6 +70,7 @@ class RunInfo(TypedDict):
     config: RunConfig
     methods: list[str]
     seeds: int
+    budgets: list[float]  # FLOPs-saving budgets (percent) of the operating points
 
 
 class Metrics(TypedDict):

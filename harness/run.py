@@ -36,6 +36,8 @@ from harness.datasets import ImageBatches, Split
 from harness.errors import ConfigError, DataError
 from harness.evaluate import pareto_interpolate
 from harness.policy import METHODS, ExitPolicy, create_method
+from harness.protocol import (DEFAULT_BUDGETS, OperatingPoint, best_control, control_points, method_points,
+                              routing_gain, summarize)
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION, results_json
 from harness.testbed import FullDepth, TestBed
@@ -251,11 +253,18 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = True,
         latency_images: int = 32, latency_repeats: int = 3, agreement_images: int = 1024,
         overrides: dict[str, dict[str, Any]] | None = None,
-        matched: bool | None = None) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
-    """Fit and evaluate ``methods`` over ``seeds``; return (metrics, per-sample predictions).
+        matched: bool | None = None,
+        budgets: tuple[float, ...] = DEFAULT_BUDGETS) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
+    """Fit and evaluate ``methods`` and the controls over ``seeds``; return (metrics, per-sample predictions).
 
     ``overrides`` maps a method to config values that replace its defaults
     (:func:`parse_overrides`).
+
+    Each method and control row holds its default setting's metrics and,
+    under ``operating_points``, one point per FLOPs-saving budget in
+    ``budgets``, chosen on the ``gate`` split and scored on ``test``
+    (:mod:`harness.protocol`); a method's points carry its routing gain over
+    the best control at the same budget.
 
     Token pruners are evaluated under the real driver. ``matched``: sweep
     their keep ratio for the matched-FLOPs comparison with ``lra-ee``
@@ -295,18 +304,36 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     fitted: dict[str, ExitPolicy] = {}
     replayed: dict[str, ExitOutcome] = {"full-depth": bed.full}
     failures: dict[str, str] = {}
-    bar = tqdm(total=len(methods) * seeds, desc="fit and replay", unit="fit", disable=not bed.ctx.progress)
+    seed_list = [c.seed + s for s in range(seeds)]
+    bar = tqdm(total=(len(methods) + 1) * seeds, desc="fit, choose on gate, score", unit="fit",
+               disable=not bed.ctx.progress)
+    controls: list[dict[str, list[OperatingPoint | None]]] = []
+    for seed in seed_list:
+        bar.set_postfix_str(f"controls seed {seed}")
+        controls.append(control_points(bed, seed, budgets))
+        bar.update()
+    for name in controls[0]:
+        per_seed = []
+        for seed in seed_list:
+            result = bed.evaluate(bed.fit_control(name, seed), seed)  # the last block: recalibration
+            per_seed.append(result.metrics)
+            frames.append(_frame(name, seed, test, result.outcome, result.flops))
+        points = [[None if p is None else p.as_dict() for p in seed_controls[name]] for seed_controls in controls]
+        control = bed.fit_control(name, c.seed)
+        rows[name] = {"per_seed": per_seed, "kind": control.kind, "config": control.describe()["config"],
+                      "operating_points": {"per_seed": points, "summary": summarize(points, budgets)}}
     for name in methods:
         try:
-            per_seed, method_frames = _fit_and_score(bed, name, seeds, (overrides or {}).get(name, {}), fitted,
-                                                     replayed, bar)
+            per_seed, points, method_frames = _fit_and_score(bed, name, seed_list, (overrides or {}).get(name, {}),
+                                                             fitted, replayed, bar, budgets, controls)
         except Exception as exc:  # one broken method must not lose the others' results
             failures[name] = _failure(name, exc)
             fitted.pop(name, None)
             replayed.pop(name, None)
             continue
         frames += method_frames
-        rows[name] = {"per_seed": per_seed, "kind": "method", "config": fitted[name].describe()["config"]}
+        rows[name] = {"per_seed": per_seed, "kind": fitted[name].kind, "config": fitted[name].describe()["config"],
+                      "operating_points": {"per_seed": points, "summary": summarize(points, budgets)}}
     bar.close()
 
     for row in rows.values():
@@ -321,6 +348,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     metrics = {
         "schema_version": SCHEMA_VERSION,
         "run": {**bed.ctx.describe(), "methods": methods, "overrides": overrides or {}, "seeds": seeds,
+                "budgets": list(budgets), "controls": list(controls[0]),
                 "test_samples": len(labels), "bad_images": _bad_images(bed.ctx),
                 "full_depth_flops": bed.full_flops, "wall_time_s": None},
         "failures": failures,
@@ -336,15 +364,17 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     return metrics, pd.concat(frames, ignore_index=True)
 
 
-def _fit_and_score(bed: TestBed, name: str, seeds: int, config: dict[str, Any], fitted: dict[str, ExitPolicy],
-                   replayed: dict[str, ExitOutcome], bar) -> tuple[list[dict[str, Any]], list["pd.DataFrame"]]:  # noqa: F821
-    """``name`` fitted and scored for each seed: (per-seed metrics, per-sample frames).
+def _fit_and_score(bed: TestBed, name: str, seeds: list[int], config: dict[str, Any],
+                   fitted: dict[str, ExitPolicy], replayed: dict[str, ExitOutcome], bar,
+                   budgets: tuple[float, ...], controls: list[dict[str, list[OperatingPoint | None]]],
+                   ) -> tuple[list[dict[str, Any]], list[list[dict[str, Any] | None]], list["pd.DataFrame"]]:  # noqa: F821
+    """``name`` fitted and scored for each seed at its default setting and at each budget.
 
+    Returns (per-seed metrics, per-seed operating points with their routing gains, per-sample frames).
     The first seed's fitted policy and outcome go into ``fitted`` and ``replayed``.
     """
-    per_seed, frames = [], []
-    for s in range(seeds):
-        seed = bed.config.seed + s
+    per_seed, points, frames = [], [], []
+    for seed, seed_controls in zip(seeds, controls):
         bar.set_postfix_str(f"{name} seed {seed}")
         policy = bed.fit(name, seed, **config)
         fitted.setdefault(name, policy)
@@ -353,8 +383,10 @@ def _fit_and_score(bed: TestBed, name: str, seeds: int, config: dict[str, Any], 
         result.metrics["layer_accuracy"] = layer_accuracy(policy, bed.test, bed.ctx.classifier.shape[0])
         per_seed.append(result.metrics)
         frames.append(_frame(name, seed, bed.test, result.outcome, result.flops))
+        points.append([None if point is None else {**point.as_dict(), **routing_gain(point, best_control(seed_controls, i))}
+                       for i, point in enumerate(method_points(bed, name, seed, budgets, config))])
         bar.update()
-    return per_seed, frames
+    return per_seed, points, frames
 
 
 def _failure(name: str, exc: Exception) -> str:
@@ -402,8 +434,9 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
         s, first = row["summary"], row["per_seed"][0]
         pm = lambda k: f"{s[k]['mean']:.2f}" + (f" ± {s[k]['std']:.2f}" if len(row["per_seed"]) > 1 else "")  # noqa: E731
         lat = latency.get(name if row["kind"] == "method" else "", None)
+        label = f"{name} (last block: recalibration)" if row["kind"] == "control" else name
         out.append([
-            name,
+            label,
             f"{pm('top1')} [{first['top1_ci'][0]:.2f}, {first['top1_ci'][1]:.2f}]",
             f"{s['top1']['mean'] - reference:+.2f}",
             pm("flops_saving"),
@@ -414,6 +447,45 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+OPERATING_POINT_HEADERS = ["budget %", "row", "kind", "knob chosen on gate (per seed)", "test top-1 %",
+                           "test FLOPs saving %", "gate top-1 / saving %", "routing gain vs best control (p per seed)"]
+
+
+def _pm(stat: dict[str, Any], seeds: int) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if seeds > 1 else "")
+
+
+def operating_point_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """One row per (budget, control or method): the operating points chosen on ``gate``, scored on ``test``."""
+    out = []
+    for i, budget in enumerate(metrics["run"]["budgets"]):
+        for name, row in metrics["rows"].items():
+            if "operating_points" not in row:
+                continue
+            s = row["operating_points"]["summary"][i]
+            seeds = [p[i] for p in row["operating_points"]["per_seed"]]
+            if not s["reached"]:
+                out.append([f"{budget:g}", name, row["kind"], "out of reach on gate", "-", "-", "-", "-"])
+                continue
+            knob = "/".join("fit to budget" if p is None or p["knob"] is None else f"{p['knob']:g}"
+                            for p in seeds if p is not None)
+            gain = "-"
+            if s["routing_gain"]["mean"] is not None:
+                controls = sorted({f"{p['control']}@{p['control_knob']:g}" for p in seeds if p and p.get("control")})
+                gain = (f"{_pm(s['routing_gain'], s['reached'])} vs {', '.join(controls)} (p "
+                        + "/".join(f"{p['routing_p']:.2g}" for p in seeds if p and p.get("routing_p") is not None)
+                        + ")")
+            out.append([
+                f"{budget:g}", name, row["kind"],
+                knob + (f" ({s['reached']} of {s['seeds']} seeds reach it)" if s["reached"] < s["seeds"] else ""),
+                _pm(s["test_top1"], s["reached"]), _pm(s["test_saving"], s["reached"]),
+                f"{s['gate_top1']['mean']:.2f} / {s['gate_saving']['mean']:.2f}", gain,
+            ])
+    return out
+
+
 def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
     from tabulate import tabulate
 
@@ -421,7 +493,12 @@ def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
     title = (f"{run_info['backbone']['model']} / {run_info['config']['quant']} / {run_info['dataset']['name']}: "
              f"{run_info['test_samples']} test images, {run_info['seeds']} seed(s)")
     table = tabulate(table_rows(metrics), headers=TABLE_HEADERS, tablefmt=fmt, disable_numparse=True)
-    text = f"{title}\n\n{table}\n"
+    text = (f"{title}\n\nOperating points: for each FLOPs-saving budget, the knob with the best gate-split "
+            "top-1 among those saving at least the budget on gate (controls: the exit block); scored on test. "
+            "Routing gain: test top-1 minus the control with the best gate top-1 at that budget.\n\n"
+            + tabulate(operating_point_rows(metrics), headers=OPERATING_POINT_HEADERS, tablefmt=fmt,
+                       disable_numparse=True)
+            + f"\n\nDefault settings (knobs at their defaults, not chosen):\n\n{table}\n")
     for name, reason in (metrics.get("failures") or {}).items():
         text += f"\n{name}: FAILED, no row ({reason})\n"
     agreement = metrics.get("driver_agreement")

@@ -55,7 +55,11 @@ def fit_policy(ctx: Context, name: str, seed: int, **config: Any) -> ExitPolicy:
     Raises:
         TypeError: the policy's state holds something other than tensors and plain values.
     """
-    policy = create_method(name, **config)
+    return fit_instance(ctx, create_method(name, **config), seed)
+
+
+def fit_instance(ctx: Context, policy: ExitPolicy, seed: int) -> ExitPolicy:
+    """``policy`` (a method or a control) fitted for ``seed``, from the cache when an identical fit exists."""
     fit_ctx = ctx.fit_context(seed=seed)
     fitted: list[bool] = []  # set by a fresh fit, which needs no reload from its own state
 
@@ -64,7 +68,7 @@ def fit_policy(ctx: Context, name: str, seed: int, **config: Any) -> ExitPolicy:
         fitted.append(True)
         return policy.state_dict()
 
-    state = cached_state(ctx.cache_dir, "policies", _policy_key(policy, fit_ctx), fit, f"method {name!r}")
+    state = cached_state(ctx.cache_dir, "policies", _policy_key(policy, fit_ctx), fit, f"{policy.kind} {policy.name!r}")
     if not fitted:
         policy.load_state_dict(state)
     return policy
@@ -93,8 +97,8 @@ def fit_digest(policy: ExitPolicy) -> str:
     return digest.hexdigest()
 
 
-def real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = None) -> ExitOutcome:
-    """``policy`` on the whole test split under the real driver, in batches of the run's batch size.
+def real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = None, split: str = "test") -> ExitOutcome:
+    """``policy`` on the whole ``split`` (``trace``'s) under the real driver, in batches of the run's batch size.
 
     The batches are the trace's (split order, bad images skipped alike), so
     the rows line up with ``trace`` and, for a batch-dependent quantizer, a
@@ -106,7 +110,7 @@ def real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = Non
     from harness.datasets import ImageBatches
 
     backbone, _ = ctx.quantized()
-    batches = ImageBatches(ctx.dataset, ctx.splits["test"], backbone.preprocess, ctx.config.batch_size,
+    batches = ImageBatches(ctx.dataset, ctx.splits[split], backbone.preprocess, ctx.config.batch_size,
                            on_bad_image=ctx.config.on_bad_image)
     parts, indices = [], []
     for images, _, batch_indices in tqdm(batches, desc=desc, unit="batch", leave=False,
@@ -114,16 +118,17 @@ def real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = Non
         parts.append(run_early_exit(policy, backbone, images, ctx.classifier))
         indices.append(batch_indices)
     if not np.array_equal(np.concatenate(indices) if indices else np.zeros(0, np.int64), np.asarray(trace.indices)):
-        raise RuntimeError("the real driver's test images do not match the test trace's rows")
+        raise RuntimeError(f"the real driver's {split} images do not match the {split} trace's rows")
     return ExitOutcome(*(np.concatenate([getattr(p, f.name) for p in parts])
                          for f in dataclasses.fields(ExitOutcome)))
 
 
-def stored_real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = None) -> ExitOutcome:
+def stored_real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | None = None,
+                        split: str = "test") -> ExitOutcome:
     """:func:`real_outcome`, kept in the cache: a warm run, another seed of a seed-independent fit, or a
     sweep point seen before replays it instead of running the backbone again.
 
-    The key is the fitted state (:func:`fit_digest`), the test trace's key and rows (backbone, weights,
+    The key is the fitted state (:func:`fit_digest`), the trace's key and rows (backbone, weights,
     quantizer, data), the batch size and the code of the policy's class hierarchy and the real driver.
     """
     fields = {"fit": fit_digest(policy), "trace": trace_fields(trace), "batch_size": ctx.config.batch_size,
@@ -131,12 +136,19 @@ def stored_real_outcome(ctx: Context, policy: ExitPolicy, trace, desc: str | Non
                                    "harness.testbed"])}
 
     def run() -> dict[str, torch.Tensor]:
-        outcome = real_outcome(ctx, policy, trace, desc=desc)
+        outcome = real_outcome(ctx, policy, trace, desc=desc, split=split)
         return {f.name: torch.from_numpy(np.ascontiguousarray(getattr(outcome, f.name)))
                 for f in dataclasses.fields(ExitOutcome)}
 
     state = cached_state(ctx.cache_dir, "outcomes", fields, run, f"method {policy.name!r}")
     return ExitOutcome(**{name: value.numpy() for name, value in state.items()})
+
+
+def drops_nothing(policy: ExitPolicy) -> bool:
+    """A token policy at keep ratio 1.0 that exits nobody: its outcome is full depth's, no driver needed
+    (tests check that the real driver reproduces it exactly)."""
+    return (policy.prunes_tokens and not policy.exit_layers() and policy.knob is not None
+            and getattr(policy.config, policy.knob, None) == 1.0)
 
 
 def outcome_flops(policy: ExitPolicy, outcome: ExitOutcome, block_flops: evaluate.BlockFlops,
@@ -200,22 +212,47 @@ class TestBed:
         self.full_flops = float(tower["total"])
         self.block_share = np.asarray(tower["blocks"], dtype=np.float64) / sum(tower["blocks"])
         self.block_flops = evaluate.BlockFlops(self.ctx.backbone, tower["embed"], tower["head"])
-        n = len(self.labels)
-        self.full = ExitOutcome(np.full(n, self.num_blocks), np.asarray(self.test.logits),
-                                np.full((n, self.num_blocks), self.ctx.num_tokens - 1), np.zeros(n, bool))
+        self.full = self.full_outcome(self.test)
 
     def fit(self, method: str, seed: int, **config: Any) -> ExitPolicy:
         """``method`` with ``config`` overrides, fitted on the splits of ``seed`` (cached on disk)."""
         return fit_policy(self.ctx.with_seed(seed), method, seed, **config)
 
-    def outcome(self, policy: ExitPolicy, desc: str | None = None) -> ExitOutcome:
-        """What ``policy`` does on every test sample: replayed, or under the real driver for a token policy.
+    def fit_control(self, name: str, seed: int) -> ExitPolicy:
+        """The control ``name`` (:mod:`harness.controls`), fitted on the splits of ``seed`` (cached on disk)."""
+        from harness.controls import create_control
 
+        return fit_instance(self.ctx.with_seed(seed), create_control(name), seed)
+
+    def outcome(self, policy: ExitPolicy, desc: str | None = None, split: str = "test",
+                seed: int | None = None) -> ExitOutcome:
+        """What ``policy`` does on every sample of ``split``: replayed, or under the real driver for a token policy.
+
+        ``split`` is ``test`` (the same for every seed) or ``gate`` of ``seed``.
         ``desc`` labels the real driver's progress bar.
         """
+        ctx = self.ctx if split == "test" else self.ctx.with_seed(seed)
+        trace = self.test if split == "test" else ctx.trace(None, split)
         if not policy.prunes_tokens:
-            return replay(policy, self.test, self.num_blocks, self.ctx.num_tokens - 1)
-        return stored_real_outcome(self.ctx, policy, self.test, desc)
+            return replay(policy, trace, self.num_blocks, self.ctx.num_tokens - 1)
+        if drops_nothing(policy):
+            return self.full_outcome(trace)
+        return stored_real_outcome(ctx, policy, trace, desc, split)
+
+    def full_outcome(self, trace) -> ExitOutcome:
+        """Every sample of ``trace`` through every block with all its tokens, classified by the backbone."""
+        n = len(trace)
+        return ExitOutcome(np.full(n, self.num_blocks), np.asarray(trace.logits),
+                           np.full((n, self.num_blocks), self.ctx.num_tokens - 1), np.zeros(n, bool))
+
+    def gate_point(self, policy: ExitPolicy, seed: int, desc: str | None = None) -> dict[str, float]:
+        """``policy``'s top-1 and FLOPs saving (%) on the ``gate`` split of ``seed``: what operating points
+        are chosen on (never ``test``)."""
+        outcome = self.outcome(policy, desc, split="gate", seed=seed)
+        labels = np.asarray(self.ctx.with_seed(seed).trace(None, "gate").labels)
+        flops = outcome_flops(policy, outcome, self.block_flops, self.num_blocks)
+        return {"top1": float(100 * np.mean(outcome.predictions == labels)),
+                "flops_saving": float(100 * (1 - flops.mean() / self.full_flops))}
 
     def evaluate(self, policy: ExitPolicy, seed: int, outcome: ExitOutcome | None = None,
                  desc: str | None = None) -> Evaluation:
@@ -230,17 +267,15 @@ class TestBed:
         """``policy``'s accuracy/FLOPs curve: one point per value of its :attr:`~ExitPolicy.knob_grid`.
 
         Each point has the knob ``value``, ``top1``, ``flops_saving`` and its
-        ``source``. No refit (:meth:`ExitPolicy.with_knob`). A token policy at
-        keep ratio 1.0 drops nothing, so that point is the full-depth outcome
-        (tests check that the real driver reproduces it exactly).
+        ``source``. No refit (:meth:`ExitPolicy.with_knob`).
         """
         points = []
         for value in policy.knob_grid:
             variant = policy.with_knob(value)
-            if policy.prunes_tokens and value == 1.0:
-                outcome, source = self.full, "full depth (keep 1.0 drops nothing)"
+            outcome = self.outcome(variant, desc=f"{policy.name} {policy.knob}={value:g}")
+            if drops_nothing(variant):
+                source = "full depth (keep 1.0 drops nothing)"
             else:
-                outcome = self.outcome(variant, desc=f"{policy.name} {policy.knob}={value:g}")
                 source = "real driver" if policy.prunes_tokens else "replay"
             metrics = self.evaluate(variant, seed, outcome).metrics
             points.append({"value": value, "top1": metrics["top1"], "flops_saving": metrics["flops_saving"],

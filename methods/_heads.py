@@ -1,10 +1,4 @@
-"""Exit heads shared by the method plugins: features -> CLIP-space class scores.
-
-A head maps a layer's feature (CLS token or patch-token mean) into the
-image-embedding space and scores it by cosine similarity with the zero-shot
-text classifier, times CLIP's temperature, so its logits are comparable with
-the full-depth model's. Sizes scale with the backbone: width -> width ->
-embed_dim (768 -> 768 -> 512 on ViT-B/32).
+"""Per-layer exit heads shared by the method plugins (the heads themselves: :mod:`harness.heads`).
 
 :class:`PerLayerHeads` is the base of the methods that put one such head
 after each exit layer (cls-ee, pabee, confidence); they differ in how the
@@ -17,96 +11,15 @@ import abc
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Callable
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from harness.heads import ExitHead, head_logits, load_heads, train_heads
 from harness.options import option
 from harness.policy import THRESHOLD_GRID, ExitPolicy, FitContext, LayerView
 
 # Threshold heads sweep the paper's grid and three high thresholds, for the low-saving end of the curve
 THRESHOLD_KNOB_GRID = (*THRESHOLD_GRID, 0.95, 0.98, 0.99)
-
-
-class ExitHead(nn.Module):
-    """LayerNorm -> Linear(width, width) -> GELU -> Linear(width, embed_dim)."""
-
-    def __init__(self, width: int, embed_dim: int, hidden: int | None = None):
-        super().__init__()
-        hidden = hidden or width
-        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Image-space embedding (not normalised)."""
-        return self.net(features)
-
-    def flops(self) -> float:
-        """Multiply-adds x 2 of the two Linear layers for one sample."""
-        return float(sum(2 * m.in_features * m.out_features for m in self.net if isinstance(m, nn.Linear)))
-
-
-def head_logits(embedding: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Cosine similarity with the class embeddings, times CLIP's temperature."""
-    return logit_scale * F.normalize(embedding, dim=-1) @ classifier.T
-
-
-def train_heads(
-    heads: dict[int, ExitHead],
-    features: dict[int, np.ndarray],
-    labels: np.ndarray,
-    classifier: torch.Tensor,
-    logit_scale: float,
-    seed: int,
-    weights: dict[int, float] | None = None,
-    epochs: int = 3,
-    batch_size: int = 64,
-    lr: float = 5e-4,
-    extra_loss: Callable[[int, torch.Tensor, np.ndarray], torch.Tensor] | None = None,
-) -> None:
-    """Train heads jointly with a weighted sum of their cross-entropies (Adam, seeded order).
-
-    Args:
-        heads: layer -> head; features: layer -> [N, width] inputs.
-        weights: layer -> loss weight (default 1 each); normalised to sum to 1.
-        extra_loss: optional ``f(layer, embedding, batch_indices)`` added to a
-            head's loss (LRA-EE's distillation toward the fp32 embedding).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    x = {layer: torch.from_numpy(np.array(f, dtype=np.float32)) for layer, f in features.items()}  # copies
-    y = torch.from_numpy(np.array(labels, dtype=np.int64))
-    w = weights or {layer: 1.0 for layer in heads}
-    total = sum(w.values())
-    params = [p for head in heads.values() for p in head.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    for head in heads.values():
-        head.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen)
-        for start in range(0, len(y), batch_size):
-            idx = order[start:start + batch_size]
-            loss = torch.zeros(())
-            for layer, head in heads.items():
-                embedding = head(x[layer][idx])
-                term = F.cross_entropy(head_logits(embedding, classifier, logit_scale), y[idx])
-                if extra_loss is not None:
-                    term = term + extra_loss(layer, embedding, idx.numpy())
-                loss = loss + w[layer] / total * term
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    for head in heads.values():
-        head.eval().requires_grad_(False)
-
-
-def load_heads(state: dict, layers: list[int], embed_dim: int) -> nn.ModuleDict:
-    """Rebuild frozen per-layer :class:`ExitHead` modules (keys: layer numbers) from a state dict."""
-    width = state[f"{layers[0]}.net.0.weight"].shape[0]
-    heads = nn.ModuleDict({str(layer): ExitHead(width, embed_dim) for layer in layers})
-    heads.load_state_dict(state)
-    return heads.eval().requires_grad_(False)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -32,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.heads import ExitHead, head_logits, load_heads, train_heads
 from harness.options import option
 from harness.policy import (THRESHOLD_GRID, Decision, ExitPolicy, FitContext, LayerView, SplitFeatures,
                             register_method)
-from methods._heads import ExitHead, head_logits, load_heads, train_heads
 from methods.confidence import confidence_score
 
 GRID = THRESHOLD_GRID  # the paper's 25-point threshold grid
@@ -284,15 +285,22 @@ class LraEE(ExitPolicy):
         return prune_layers(candidates, values, c.kappa)
 
     def _fit_heads(self, ctx: FitContext, layers: list[int]) -> None:
+        """Train the heads, once per recipe: fits that differ only in gates, thresholds or budget share them."""
         c = self.config
-        torch.manual_seed(ctx.seed)
-        heads = {layer: ExitHead(ctx.width, ctx.embed_dim) for layer in layers}
-        features = getattr(ctx.heads, c.feature)
-        extra = self._distillation_loss(ctx) if c.supervision == "distilled" else None
-        train_heads(heads, {layer: features[:, layer] for layer in layers}, ctx.heads.labels, self.classifier,
-                    self.logit_scale, seed=ctx.seed, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                    extra_loss=extra)
-        self.heads = nn.ModuleDict({str(layer): head for layer, head in heads.items()})
+
+        def train() -> dict:
+            torch.manual_seed(ctx.seed)
+            heads = {layer: ExitHead(ctx.width, ctx.embed_dim) for layer in layers}
+            features = getattr(ctx.heads, c.feature)
+            extra = self._distillation_loss(ctx) if c.supervision == "distilled" else None
+            train_heads(heads, {layer: features[:, layer] for layer in layers}, ctx.heads.labels, self.classifier,
+                        self.logit_scale, seed=ctx.seed, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
+                        extra_loss=extra)
+            return nn.ModuleDict({str(layer): head for layer, head in heads.items()}).state_dict()
+
+        recipe = json.dumps(["lra-ee-heads", c.feature, c.supervision, c.distill_weight, c.epochs, c.batch_size,
+                             c.lr, layers])
+        self.heads = load_heads(ctx.cached(recipe, train), layers, ctx.embed_dim)
 
     def _distillation_loss(self, ctx: FitContext):
         """``train_heads``' extra loss: weight * (1 - cos(head embedding, fp32 final embedding of the same image))."""
@@ -358,6 +366,13 @@ class LraEE(ExitPolicy):
         other = copy.copy(self)
         other.thresholds = [float(value)] * len(self.thresholds)
         return other
+
+    def budget_config(self, saving: float) -> dict:
+        """LCT fits its thresholds under a FLOPs budget itself: at ``saving`` %, the budget is the rest.
+
+        The recalibration control (``routing="last"``) has no budget to fit and is swept like any method.
+        """
+        return {"max_flops_fraction": 1 - saving / 100} if self.config.routing == "adaptive" else {}
 
     def head_flops(self, layer: int) -> float:
         if str(layer) not in self.heads:

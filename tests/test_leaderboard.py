@@ -33,6 +33,12 @@ def results(tmp_path_factory) -> tuple[Path, dict]:
     return base / "run", json.loads((base / "run" / "metrics.json").read_text())
 
 
+def table_rows(metrics: dict) -> int:
+    """Rows the leaderboard shows for one run: each row at its default setting, and each budget it reached."""
+    return len(metrics["rows"]) + sum(point["reached"] > 0 for row in metrics["rows"].values()
+                                      for point in row.get("operating_points", {}).get("summary", []))
+
+
 class Page(HTMLParser):
     """The parts of a rendered page the tests look at."""
 
@@ -85,9 +91,10 @@ class Page(HTMLParser):
         if self._details:
             self.details_text[self._details] += data
 
-    def row(self, method: str) -> list[tuple[dict[str, str | None], str]]:
-        """The table row whose method column (the 4th) reads ``method``."""
-        (found,) = [r for r in self.rows if r[3][1] == method]
+    def row(self, method: str, budget: float | None = None) -> list[tuple[dict[str, str | None], str]]:
+        """The table row of ``method`` (4th column, after a control's tag) at ``budget`` (None: its default)."""
+        (found,) = [r for r in self.rows if r[3][0]["data-sort"] == method
+                    and r[4][0]["data-sort"] == ("" if budget is None else str(budget))]
         return found
 
 
@@ -122,9 +129,10 @@ def test_page_needs_no_network(results):
 def test_every_column_sorts_and_every_cell_has_a_sort_key(results):
     _, metrics = results
     page = Page(leaderboard.render(leaderboard.load_results([results[0]])))
-    assert len(page.headers) == 13
+    assert len(page.headers) == 15
     assert all(h.get("data-type") in ("num", "str") for h in page.headers)
-    assert len(page.rows) == len(metrics["rows"]) == 4  # two baselines and two methods
+    assert len(metrics["rows"]) == 6  # two baselines, two controls and two methods at their default settings
+    assert len(page.rows) == table_rows(metrics) > 6  # and at each budget they reach
     for row in page.rows:
         assert len(row) == len(page.headers)
         assert all("data-sort" in attrs for attrs, _ in row)
@@ -143,20 +151,30 @@ def test_table_numbers_are_the_metrics(results):
         first, mean = row["per_seed"][0], row["summary"]["top1"]["mean"]
         assert [text for _, text in cells[:3]] == [metrics["run"]["backbone"]["model"],
                                                    metrics["run"]["dataset"]["name"], quant]
-        assert cells[4][1] == f"{mean:.2f}" and float(cells[4][0]["data-sort"]) == pytest.approx(mean)
-        assert cells[5][1] == f"[{first['top1_ci'][0]:.2f}, {first['top1_ci'][1]:.2f}]"
-        assert cells[6][1] == f"{mean - reference:+.2f}"
-        assert cells[7][1] == f"{row['summary']['flops_saving']['mean']:.1f}"
-        assert cells[10][1] == f"{100 * first['quadrants']['net_rescue'] / 32:+.1f}"
+        assert cells[3][1] == ("control " if row["kind"] == "control" else "") + name
+        assert cells[5][1] == f"{mean:.2f}" and float(cells[5][0]["data-sort"]) == pytest.approx(mean)
+        assert cells[6][1] == f"[{first['top1_ci'][0]:.2f}, {first['top1_ci'][1]:.2f}]"
+        assert cells[7][1] == f"{mean - reference:+.2f}"
+        assert cells[8][1] == f"{row['summary']['flops_saving']['mean']:.1f}"
+        assert cells[12][1] == f"{100 * first['quadrants']['net_rescue'] / 32:+.1f}"
         exits = {int(k): v for k, v in first["exit_distribution"].items()}
-        assert float(cells[11][0]["data-sort"]) == pytest.approx(sum(k * v for k, v in exits.items()) / 100)
+        assert float(cells[13][0]["data-sort"]) == pytest.approx(sum(k * v for k, v in exits.items()) / 100)
+        for point in row.get("operating_points", {}).get("summary", []):
+            if point["reached"]:  # the budget's row: its operating point on test, and its routing gain
+                cells = page.row(name, point["budget"])
+                assert cells[5][1] == f"{point['test_top1']['mean']:.2f}"
+                assert cells[8][1] == f"{point['test_saving']['mean']:.1f}"
+                gain = point.get("routing_gain", {}).get("mean")
+                assert cells[9][1] == ("–" if gain is None else f"{gain:+.2f}")
     for name in ("cls-ee", "pabee"):
         latency = metrics["latency"]["methods"][name]
         cells = page.row(name)
-        assert cells[8][1] == f"{latency['throughput_saving']:.1f}"
-        assert cells[9][1] == f"{latency['batch1_saving']:.1f}"
-    assert page.row("full-depth fp32")[8] == ({"class": "n", "data-sort": ""}, "–")  # not measured: sorts last
-    (anchor,) = {a["href"] for tag, a in page.tags if tag == "a"}  # each row links to its run's details
+        assert cells[10][1] == f"{latency['throughput_saving']:.1f}"
+        assert cells[11][1] == f"{latency['batch1_saving']:.1f}"
+    assert page.row("full-depth fp32")[10] == ({"class": "n", "data-sort": ""}, "–")  # not measured: sorts last
+    # each row links to its run's details; the page's one other link is its rows as CSV
+    assert {a["href"] for tag, a in page.tags if tag == "a" and not a["href"].startswith("#")} == {"leaderboard.csv"}
+    (anchor,) = {a["href"] for tag, a in page.tags if tag == "a" and a["href"].startswith("#")}
     details = page.details_text[anchor.lstrip("#")]
     assert f"{metrics['run']['test_samples']} test samples" in details
     assert f"wall time {metrics['run']['wall_time_s']:.1f} s" in details
@@ -165,7 +183,7 @@ def test_table_numbers_are_the_metrics(results):
 
 def test_a_repeated_results_folder_adds_no_rows(results):
     loaded = leaderboard.load_results([results[0], results[0] / "metrics.json"])
-    assert len(leaderboard.leaderboard_rows(loaded)) == 4
+    assert len(leaderboard.leaderboard_rows(loaded)) == table_rows(results[1])
     assert len(Page(leaderboard.render(loaded)).ids & {r["anchor"] for r in loaded}) == 2
 
 
@@ -174,8 +192,10 @@ def test_cli_writes_the_page(results, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness", "leaderboard", str(results[0]), "-o", str(out)],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [f"found 1 run under {results[0]}", f"wrote {out} (4 rows from 1 results)"]
-    assert len(Page(out.read_text()).rows) == 4
+    assert proc.stdout.splitlines() == [f"found 1 run under {results[0]}", f"wrote {out} and {out.parent / 'leaderboard.csv'} ({table_rows(results[1])} rows from 1 results)"]
+    assert len(Page(out.read_text()).rows) == table_rows(results[1])
+    csv = (out.parent / "leaderboard.csv").read_text().splitlines()
+    assert len(csv) == 1 + table_rows(results[1]) and csv[0].startswith("backbone,dataset,quantizer,method,kind")
 
 
 def test_unknown_schema_version_is_a_one_line_error(results, tmp_path, capsys):
@@ -208,6 +228,7 @@ def test_screenshot_is_not_blank(results, tmp_path):
 
 
 BASELINE = Path(__file__).resolve().parent.parent / "results" / "baseline" / "metrics.json"
+ROWS = table_rows(json.loads(BASELINE.read_text()))
 
 
 def _baseline_copy(folder: Path, edit=None) -> Path:
@@ -246,8 +267,8 @@ def test_out_may_be_a_folder(tmp_path, capsys):
     (tmp_path / "site").mkdir()
     assert main(["leaderboard", str(tmp_path / "run"), "-o", str(tmp_path / "site")]) == 0
     written = tmp_path / "site" / "index.html"
-    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {written} (6 rows from 1 results)"
-    assert len(Page((tmp_path / "site" / "index.html").read_text()).rows) == 6
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {written} and {written.parent / 'leaderboard.csv'} ({ROWS} rows from 1 results)"
+    assert len(Page((tmp_path / "site" / "index.html").read_text()).rows) == ROWS
 
 
 def test_out_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
@@ -268,7 +289,7 @@ def test_folders_are_searched_for_runs_in_sorted_order(tmp_path, capsys):
     out = tmp_path / "index.html"
     assert main(["leaderboard", str(root), "-o", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"found 2 runs under {root}", f"wrote {out} (6 rows from 2 results)"]
+    assert lines == [f"found 2 runs under {root}", f"wrote {out} and {out.parent / 'leaderboard.csv'} ({2 * ROWS} rows from 2 results)"]
     loaded = leaderboard.load_results([root])
     assert [r["label"] for r in loaded] == ["results/a/deeper/first", "results/b/second"]
     page = Page(out.read_text())

@@ -65,7 +65,7 @@ def test_head_feature_must_exist():
 
 
 def test_methods_with_one_head_recipe_train_the_heads_once(tmp_path, count_calls):
-    import methods._heads as heads_module
+    import methods._heads as heads_module  # trains through harness.heads.train_heads, imported there
     from harness.config import HarnessConfig
     from harness.context import Context
 

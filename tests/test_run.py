@@ -39,10 +39,10 @@ def test_results_folder_and_tables(tmp_path):
     out = tmp_path / "results"
     write_results(out, metrics, predictions)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["schema_version"] == 1 and saved["run"]["config"]["quant"] == metrics["run"]["config"]["quant"]
+    assert saved["schema_version"] == 2 and saved["run"]["config"]["quant"] == metrics["run"]["config"]["quant"]
     assert saved["environment"]["packages"]["torch"]
     frame = pd.read_parquet(out / "predictions.parquet")
-    assert len(frame) == 32 * (2 + 2 * 2)  # 2 baselines + 2 methods x 2 seeds
+    assert len(frame) == 32 * (2 + 2 * 2 + 2 * 2)  # 2 baselines + 2 controls x 2 seeds + 2 methods x 2 seeds
     assert set(frame.columns) >= {"method", "seed", "label", "exit_layer", "prediction", "correct", "flops"}
     pabee = saved["rows"]["pabee"]
     seed_top1 = [100 * frame[(frame.method == "pabee") & (frame.seed == s)].correct.mean() for s in (0, 1)]

@@ -1,0 +1,168 @@
+"""Operating points chosen on held-out data, and the controls every method is credited against.
+
+For each FLOPs-saving budget (``--budgets``, percent), a method's operating
+point is chosen on the ``gate`` split of the seed, never on ``test``:
+
+- a method that fits its own operating point under a budget
+  (:meth:`~harness.policy.ExitPolicy.budget_config`, LRA-EE's thresholds) is
+  refitted with the budget, and kept if its gate saving meets the budget;
+- any other method's :attr:`~harness.policy.ExitPolicy.knob` is swept over
+  its grid on ``gate``, and the value with the best gate top-1 among those
+  whose gate saving is at least the budget is kept (ties: the larger
+  saving).
+
+Either way, a point whose gate saving falls short of the budget does not
+count: the budget is out of the method's reach (reported as such).
+
+The chosen point is then scored on ``test``. The controls
+(:mod:`harness.controls`: a static exit after one block, with a CLS or a
+patch-mean head) are chosen by the same rule, their block being the knob;
+a method's **routing gain** at a budget is its test top-1 minus that of the
+control with the best gate top-1 at the same budget (a paired McNemar test
+on the test samples says whether it is significant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.controls import CONTROL_FEATURES
+from harness.errors import ConfigError
+from harness.evaluate import quadrants
+from harness.policy import ExitPolicy
+from harness.testbed import TestBed
+
+DEFAULT_BUDGETS = (10.0, 25.0, 40.0)
+
+
+def parse_budgets(spec: str) -> tuple[float, ...]:
+    """``"10,25,40"`` -> (10.0, 25.0, 40.0): distinct FLOPs-saving percentages in [0, 100), ascending.
+
+    Raises:
+        ConfigError: not numbers, out of range, or none.
+    """
+    try:
+        budgets = sorted({float(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        raise ConfigError(f"--budgets {spec!r}: expected comma-separated percentages, e.g. 10,25,40") from None
+    if not budgets or not all(0 <= b < 100 for b in budgets):
+        raise ConfigError(f"--budgets {spec!r}: each budget is a FLOPs saving in percent, at least 0 and below 100")
+    return tuple(budgets)
+
+
+@dataclass
+class OperatingPoint:
+    """One policy at one budget and seed: chosen on ``gate``, scored on ``test``."""
+
+    budget: float
+    knob: float | None  # the chosen knob value; None for a method that fitted itself to the budget
+    gate_top1: float
+    gate_saving: float  # at least the budget
+    test_top1: float
+    test_saving: float
+    correct: np.ndarray = field(repr=False)  # bool per test sample
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget, "knob": self.knob, "gate_top1": self.gate_top1,
+                "gate_saving": self.gate_saving, "test_top1": self.test_top1,
+                "test_saving": self.test_saving}
+
+
+def gate_curve(bed: TestBed, policy: ExitPolicy, seed: int) -> list[dict[str, Any]]:
+    """``policy`` at each value of its knob grid on the ``gate`` split: ``knob``, ``top1``, ``flops_saving``.
+
+    A policy without a knob has one point, its own setting (``knob`` None).
+    """
+    if policy.knob is None:
+        return [{"knob": None, **bed.gate_point(policy, seed)}]
+    return [{"knob": value, **bed.gate_point(policy.with_knob(value), seed, desc=f"{policy.name} gate {value:g}")}
+            for value in policy.knob_grid]
+
+
+def choose(curve: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
+    """The point of ``curve`` with the best gate top-1 among those saving at least ``budget``; ties go to
+    the larger saving, then to the earlier point. None when no point saves that much."""
+    eligible = [p for p in curve if p["flops_saving"] >= budget]
+    if not eligible:
+        return None
+    return max(eligible, key=lambda p: (p["top1"], p["flops_saving"]))
+
+
+def _scored(bed: TestBed, policy: ExitPolicy, seed: int, budget: float, knob: float | None,
+            gate: dict[str, Any]) -> OperatingPoint:
+    evaluation = bed.evaluate(policy, seed, desc=f"{policy.name} at {budget:g}% (real driver)")
+    return OperatingPoint(budget, knob, gate["top1"], gate["flops_saving"], evaluation.metrics["top1"], evaluation.metrics["flops_saving"], evaluation.correct)
+
+
+def method_points(bed: TestBed, name: str, seed: int, budgets: tuple[float, ...],
+                  config: dict[str, Any]) -> list[OperatingPoint | None]:
+    """``name`` (with ``config`` overrides) at each budget for ``seed``; None where the budget is out of reach."""
+    policy = bed.fit(name, seed, **config)
+    curve = None
+    points: list[OperatingPoint | None] = []
+    for budget in budgets:
+        overrides = policy.budget_config(budget)
+        if overrides:
+            fitted = bed.fit(name, seed, **{**config, **overrides})
+            gate = bed.gate_point(fitted, seed)
+            points.append(_scored(bed, fitted, seed, budget, None, gate) if gate["flops_saving"] >= budget else None)
+            continue
+        curve = curve if curve is not None else gate_curve(bed, policy, seed)
+        chosen = choose(curve, budget)
+        points.append(None if chosen is None else
+                      _scored(bed, policy if chosen["knob"] is None else policy.with_knob(chosen["knob"]),
+                              seed, budget, chosen["knob"], chosen))
+    return points
+
+
+def control_points(bed: TestBed, seed: int, budgets: tuple[float, ...]) -> dict[str, list[OperatingPoint | None]]:
+    """Each control's static exit at each budget for ``seed``, its block chosen on ``gate``."""
+    out = {}
+    for name in CONTROL_FEATURES:
+        policy = bed.fit_control(name, seed)
+        curve = gate_curve(bed, policy, seed)
+        out[name] = []
+        for budget in budgets:
+            chosen = choose(curve, budget)
+            out[name].append(None if chosen is None else
+                             _scored(bed, policy.with_knob(chosen["knob"]), seed, budget, chosen["knob"], chosen))
+    return out
+
+
+def best_control(controls: dict[str, list[OperatingPoint | None]], index: int) -> tuple[str, OperatingPoint] | None:
+    """The control with the best gate top-1 at budget ``index`` (ties: larger gate saving), or None."""
+    candidates = [(name, points[index]) for name, points in controls.items() if points[index] is not None]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: (c[1].gate_top1, c[1].gate_saving))
+
+
+def routing_gain(point: OperatingPoint, control: tuple[str, OperatingPoint] | None) -> dict[str, Any]:
+    """``point``'s test top-1 minus the best control's at the same budget, with McNemar's exact p."""
+    if control is None:
+        return {"control": None, "control_knob": None, "routing_gain": None, "routing_p": None}
+    name, reference = control
+    q = quadrants(point.correct, reference.correct)
+    return {"control": name, "control_knob": reference.knob, "routing_gain": point.test_top1 - reference.test_top1,
+            "routing_p": q.mcnemar_p}
+
+
+def summarize(per_seed: list[list[dict[str, Any] | None]], budgets: tuple[float, ...]) -> list[dict[str, Any]]:
+    """Per budget: mean and std over seeds of test top-1, test saving and routing gain, and the knobs chosen.
+
+    Seeds where the budget was out of reach count in ``reached``, not in the means.
+    """
+    out = []
+    for i, budget in enumerate(budgets):
+        points = [seed_points[i] for seed_points in per_seed if seed_points[i] is not None]
+        entry: dict[str, Any] = {"budget": budget, "reached": len(points), "seeds": len(per_seed),
+                                 "knobs": [p["knob"] for p in points]}
+        for key in ("test_top1", "test_saving", "gate_top1", "gate_saving", "routing_gain"):
+            values = [p[key] for p in points if p.get(key) is not None]
+            entry[key] = {"mean": float(np.mean(values)) if values else None,
+                          "std": float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None)}
+        out.append(entry)
+    return out
