@@ -96,25 +96,30 @@ def test_unknown_experiment_lists_the_known_ones(tmp_path):
     assert {"main", "ablation", "rescue", "profile", "pareto", "gates", "pathology"} <= set(names())
 
 
-def test_compare_sweeps_every_method_over_its_knob(experiments_out):
+def test_compare_chooses_on_gate_at_lra_ees_gate_saving(experiments_out):
     from harness.policy import METHODS, create_method
 
     saved = json.loads((experiments_out["compare"] / "data.json").read_text())["data"]
-    assert set(saved["methods"]) == set(METHODS.names())
+    assert set(saved["rows"]) == set(METHODS.names()) | {"static-cls", "static-ssa"}
     table = (experiments_out["compare"] / "tables.md").read_text()
-    for name, d in saved["methods"].items():
+    target = saved["target_saving"]
+    assert saved["target_source"] == "lra-ee's default fit, gate split"
+    for name, d in saved["rows"].items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
+        if d["chosen"] is None:
+            assert "out of reach" in row
+            continue
+        assert d["chosen"]["gate_saving"] >= target  # never a point below the budget
+        assert f"{d['chosen']['test_top1']:.2f}" in row
+        if d.get("kind") == "control":
+            continue
         policy = create_method(name)
-        assert d["knob"] == policy.knob and [p["value"] for p in d["points"]] == list(policy.knob_grid)
+        assert d["knob"] == policy.knob and [p["value"] for p in d["test_curve"]] == list(policy.knob_grid)
         # a higher threshold / patience / keep ratio never exits or drops more: saving cannot grow
-        savings = [p["flops_saving"] for p in d["points"]]
+        savings = [p["flops_saving"] for p in d["test_curve"]]
         assert all(a >= b - 1e-9 for a, b in zip(savings, savings[1:])), (name, savings)
         assert savings[0] > savings[-1]
-        if d["top1_at_target"] is not None:
-            front = [p["top1"] for p in d["front"]]
-            assert min(front) <= d["top1_at_target"] <= max(front)
-        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
-        assert f"{d['default']['top1']:.2f} / {d['default']['flops_saving']:.2f}" in row
-    assert saved["target_saving"] == saved["methods"]["lra-ee"]["default"]["flops_saving"]
+    assert saved["rows"]["lra-ee"]["chosen"]["knob"] is None  # lra-ee fits itself to the budget
     assert (experiments_out["compare"] / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
