@@ -127,7 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_out(out)  # now, not after minutes of work
     metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
                                latency_images=args.latency_images, agreement_images=args.agreement_images,
-                               overrides=overrides, matched=args.matched_flops, budgets=budgets)
+                               overrides=overrides, budgets=budgets)
     write_results(out, metrics, predictions)
     print(format_tables(metrics, fmt="simple"))
     print(f"wrote {out} ({metrics['run']['wall_time_s']} s)")
@@ -271,10 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agreement-images", type=_at_least(0), default=1024,
                    help="test images run through the real driver to report its disagreement with trace replay "
                         "(non-zero only for batch-dependent quantizers); 0 skips")
-    p.add_argument("--matched-flops", action=argparse.BooleanOptionalAction, default=None,
-                   help="sweep the token pruners' keep ratio and compare them with lra-ee at its FLOPs saving "
-                        "(default: on when the run has lra-ee and a pruner, except for --methods all, where the "
-                        "sweep adds minutes)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("profile", help="QIRC noise profile: fp32 vs quantized, block by block",

@@ -127,28 +127,3 @@ def pareto_front(points: list[dict[str, float]]) -> list[dict[str, float]]:
             front.append(p)
             best = p["top1"]
     return sorted(front, key=lambda p: p["flops_saving"])
-
-
-def pareto_interpolate(points: list[dict[str, float]], saving: float) -> tuple[float | None, dict[str, float]]:
-    """Top-1 at ``saving`` on the :func:`pareto_front` of ``points``, and the measured point nearest in saving.
-
-    Top-1 is interpolated linearly between the front's neighbours in saving.
-    Below the front's smallest saving it is that point's top-1 (the method
-    saves more there and no point that saves less is more accurate); above
-    the front's largest saving it is None (no extrapolation).
-
-    Example:
-        >>> pts = [{"flops_saving": 0.0, "top1": 80.0}, {"flops_saving": 20.0, "top1": 70.0},
-        ...        {"flops_saving": 10.0, "top1": 60.0}]
-        >>> pareto_interpolate(pts, 5.0)
-        (77.5, {'flops_saving': 0.0, 'top1': 80.0})
-        >>> pareto_interpolate(pts[1:], 5.0)[0], pareto_interpolate(pts, 25.0)[0]
-        (70.0, None)
-    """
-    front = pareto_front(points)
-    nearest = min(points, key=lambda p: abs(p["flops_saving"] - saving))
-    if not front or saving > front[-1]["flops_saving"]:
-        return None, nearest
-    if saving < front[0]["flops_saving"]:
-        return float(front[0]["top1"]), nearest
-    return float(np.interp(saving, [p["flops_saving"] for p in front], [p["top1"] for p in front])), nearest

@@ -5,9 +5,9 @@ For each seed the methods are fitted on the ``heads``/``gate`` traces
 methods costs no backbone pass beyond the traces. Latency comes from the
 real early-exit driver, measured against full depth in the same process.
 Token pruners cannot be replayed (their later features depend on the
-dropped tokens): they run on the test images under the real driver, and
-when the run also has ``lra-ee`` their keep ratio is swept to compare them
-with it at matched FLOPs (:func:`matched_flops`).
+dropped tokens): they run on the gate and test images under the real driver.
+Every method and control is also scored at each FLOPs budget, its operating
+point chosen on ``gate`` (:mod:`harness.protocol`).
 Results go to ``results/<run-id>/``: ``config.json``, ``metrics.json``
 (schema :data:`SCHEMA_VERSION`), ``predictions.parquet`` and ``tables.md``.
 """
@@ -15,7 +15,6 @@ Results go to ``results/<run-id>/``: ``config.json``, ``metrics.json``
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import statistics
 import sys
@@ -34,7 +33,6 @@ from harness.context import Context
 from harness.drivers import ExitOutcome, TraceView, run_early_exit
 from harness.datasets import ImageBatches, Split
 from harness.errors import ConfigError, DataError
-from harness.evaluate import pareto_interpolate
 from harness.policy import METHODS, ExitPolicy, create_method
 from harness.protocol import (DEFAULT_BUDGETS, OperatingPoint, best_control, control_points, method_points,
                               routing_gain, summarize)
@@ -208,39 +206,6 @@ def measure_latency(ctx: Context, policies: dict[str, ExitPolicy], images: int, 
     }
 
 
-MATCHED_FLOPS_REFERENCE = "lra-ee"
-
-
-def matched_flops(bed: TestBed, pruners: dict[str, ExitPolicy], reference: dict[str, Any]) -> dict[str, Any]:
-    """Token pruners at the FLOPs saving of :data:`MATCHED_FLOPS_REFERENCE` (the paper's Table 2 comparison).
-
-    Each pruner's knob (its keep ratio) is swept on its first-seed fit
-    (:meth:`TestBed.sweep`; no refit: a learned pruner keeps its trained
-    scores and only its per-block budget changes), and top-1 is read off its
-    (FLOPs saving, top-1) Pareto curve at the reference's mean FLOPs saving
-    (:func:`~harness.evaluate.pareto_interpolate`).
-
-    Args:
-        pruners: method -> its first-seed fitted policy.
-        reference: the reference method's row summary (mean top-1 and FLOPs saving).
-    """
-    started = time.time()
-    target, target_top1 = reference["flops_saving"]["mean"], reference["top1"]["mean"]
-    out: dict[str, Any] = {"reference": MATCHED_FLOPS_REFERENCE, "target_saving": target,
-                           "reference_top1": target_top1, "methods": {}}
-    for name, policy in pruners.items():
-        points = bed.sweep(policy, bed.config.seed)
-        top1, nearest = pareto_interpolate(points, target)
-        out["methods"][name] = {
-            "knob": policy.knob, "target_saving": target, "top1_at_target": top1,
-            "delta_vs_reference": None if top1 is None else top1 - target_top1,
-            "nearest": nearest, "points": points,
-            "sweep": inspect.getdoc(type(policy).with_knob).splitlines()[0],  # what the knob changes
-        }
-    out["wall_time_s"] = round(time.time() - started, 1)
-    return out
-
-
 def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over seeds of the scalar metrics."""
     out = {}
@@ -253,7 +218,6 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = True,
         latency_images: int = 32, latency_repeats: int = 3, agreement_images: int = 1024,
         overrides: dict[str, dict[str, Any]] | None = None,
-        matched: bool | None = None,
         budgets: tuple[float, ...] = DEFAULT_BUDGETS) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
     """Fit and evaluate ``methods`` and the controls over ``seeds``; return (metrics, per-sample predictions).
 
@@ -266,12 +230,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     (:mod:`harness.protocol`); a method's points carry its routing gain over
     the best control at the same budget.
 
-    Token pruners are evaluated under the real driver. ``matched``: sweep
-    their keep ratio for the matched-FLOPs comparison with ``lra-ee``
-    (``metrics["matched_flops"]``, :func:`matched_flops`). None (default)
-    does so when the run has ``lra-ee`` and a token pruner but not every
-    registered method: for ``--methods all`` the sweep (about 5 minutes on
-    the embedded default, 2 CPU cores) is opt-in.
+    Token pruners are evaluated under the real driver.
 
     ``agreement_images`` test images (0: none) also go through the real
     driver to measure its disagreement with replay (:func:`driver_agreement`).
@@ -338,12 +297,6 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
 
     for row in rows.values():
         row["summary"] = _aggregate(row["per_seed"])
-    pruners = {name: policy for name, policy in fitted.items() if policy.prunes_tokens}
-    if matched is None:
-        matched = MATCHED_FLOPS_REFERENCE in rows and bool(pruners) and not set(METHODS.names()) <= set(methods)
-    comparison = None
-    if matched and MATCHED_FLOPS_REFERENCE in rows and pruners:
-        comparison = matched_flops(bed, pruners, rows[MATCHED_FLOPS_REFERENCE]["summary"])
     exit_policies = {name: policy for name, policy in fitted.items() if not policy.prunes_tokens}
     metrics = {
         "schema_version": SCHEMA_VERSION,
@@ -358,8 +311,6 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         "driver_agreement": driver_agreement(bed.ctx, exit_policies, replayed, test.indices, agreement_images)
         if agreement_images else None,
     }
-    if comparison is not None:
-        metrics["matched_flops"] = comparison
     metrics["run"]["wall_time_s"] = round(time.time() - started, 1)
     return metrics, pd.concat(frames, ignore_index=True)
 
@@ -508,24 +459,6 @@ def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
         text += (f"\nReal driver vs trace replay on the first {agreement['images']} test images "
                  f"(batch {agreement['batch_size']}, {kind} quantizer), first seed:\n\n"
                  + tabulate(rows, headers=["method", "predictions differ %", "exit layers differ %"],
-                            tablefmt=fmt, disable_numparse=True) + "\n")
-    matched = metrics.get("matched_flops")
-    if matched:
-        rows = []
-        for name, m in matched["methods"].items():
-            near = m["nearest"]
-            rows.append([
-                name,
-                "-" if m["top1_at_target"] is None else f"{m['top1_at_target']:.2f}",
-                "-" if m["delta_vs_reference"] is None else f"{m['delta_vs_reference']:+.2f}",
-                f"{near['value']:g} / {near['flops_saving']:.2f} / {near['top1']:.2f}",
-                ", ".join(f"{p['value']:g}: {p['flops_saving']:.1f}/{p['top1']:.2f}" for p in m["points"]),
-            ])
-        text += (f"\nToken pruners at {matched['reference']}'s FLOPs saving ({matched['target_saving']:.2f}%, "
-                 f"top-1 {matched['reference_top1']:.2f}%), keep ratio swept, first seed:\n\n"
-                 + tabulate(rows, headers=["method", "top-1 % at matched FLOPs (interpolated)",
-                                           f"delta vs {matched['reference']}", "nearest point: keep / saving % / top-1 %",
-                                           "keep: saving % / top-1 %"],
                             tablefmt=fmt, disable_numparse=True) + "\n")
     return text
 

@@ -63,12 +63,3 @@ def test_second_process_reuses_the_trace_cache(cache_dir):
     assert first.stdout == second.stdout
 
 
-def test_run_matched_flops_flag_turns_the_pruner_sweep_on_and_off(tmp_path, cache_dir, capsys):
-    common = ["run", "--methods", "evit,lra-ee", "--seeds", "1", "--limit", "32", "--batch-size", "16",
-              "--no-latency", "--agreement-images", "0", "--cache-dir", str(cache_dir)]
-    assert main([*common, "--no-matched-flops", "--out", str(tmp_path / "off")]) == 0
-    assert "matched_flops" not in json.loads((tmp_path / "off" / "metrics.json").read_text())
-    assert main([*common, "--matched-flops", "--out", str(tmp_path / "on")]) == 0
-    matched = json.loads((tmp_path / "on" / "metrics.json").read_text())["matched_flops"]
-    assert list(matched["methods"]) == ["evit"] and len(matched["methods"]["evit"]["points"]) == 6
-    assert "Token pruners at lra-ee's FLOPs saving" in capsys.readouterr().out

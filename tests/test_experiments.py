@@ -8,7 +8,7 @@ import pytest
 from harness.config import HarnessConfig
 from harness.errors import ConfigError
 from harness.experiments import names, run_experiments
-from harness.evaluate import pareto_front, pareto_interpolate
+from harness.evaluate import pareto_front
 from harness.experiments.tables import PAPER_ABLATION, design, effects, parse_factors
 
 
@@ -43,14 +43,6 @@ def test_main_effect_and_interaction_by_hand():
 def test_pareto_front_keeps_only_undominated_points():
     points = [{"flops_saving": s, "top1": t} for s, t in [(10, 80), (20, 79), (15, 78), (30, 70), (5, 79)]]
     assert [(p["flops_saving"], p["top1"]) for p in pareto_front(points)] == [(10, 80), (20, 79), (30, 70)]
-
-
-def test_pareto_interpolation_inside_below_and_above_the_front():
-    points = [{"flops_saving": s, "top1": t} for s, t in [(10, 80), (20, 70), (15, 60), (30, 50)]]
-    assert pareto_interpolate(points, 15)[0] == pytest.approx(75.0)  # (15, 60) is dominated: not on the front
-    assert pareto_interpolate(points, 25) == (pytest.approx(60.0), {"flops_saving": 20, "top1": 70})
-    assert pareto_interpolate(points, 4)[0] == 80.0  # every point saves more: the best of them
-    assert pareto_interpolate(points, 31) == (None, {"flops_saving": 30, "top1": 50})
 
 
 @pytest.fixture(scope="module")
