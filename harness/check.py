@@ -2,8 +2,10 @@
 
 The current results are read from a run folder, or re-made by running the
 baseline's own config, methods and seeds (latency is not compared, so it is
-not measured). Every row of the baseline (full-depth baselines and methods)
-is compared on mean top-1 and mean FLOPs saving.
+not measured). Every row of the baseline (full-depth baselines, controls and
+methods) is compared on mean top-1 and mean FLOPs saving, and so is each
+operating point (a row at a budget, chosen on the gate split) on its test
+top-1 and saving.
 
 Runs are bit-reproducible on one machine but not across CPUs: another CPU
 rounds the 3-bit activations differently, a few test samples flip and the
@@ -118,6 +120,36 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], tolerance: float 
             problems.append("FLOPs change")
         checks.append(RowCheck(name, base_top1, top1, base_flops, flops, ", ".join(problems) or "ok",
                                top1_tol, flops_tol, bootstrap is not None))
+        checks += _operating_point_checks(name, row, other, tolerance, flops_tolerance)
+    return checks
+
+
+def _operating_point_checks(name: str, row: dict[str, Any], other: dict[str, Any], tolerance: float,
+                            flops_tolerance: float) -> list[RowCheck]:
+    """One check per budget that ``row`` reached: the test top-1 and saving of its operating point.
+
+    The tolerance comes from the seed spread and the floors (per-budget predictions are not stored,
+    so there is no paired bootstrap); a budget the current run no longer reaches is missing.
+    """
+    current = {p["budget"]: p for p in (other.get("operating_points") or {}).get("summary", [])}
+    checks = []
+    for point in (row.get("operating_points") or {}).get("summary", []):
+        if not point["reached"]:
+            continue
+        label = f"{name} @ {point['budget']:g}%"
+        base_top1, base_flops = point["test_top1"]["mean"], point["test_saving"]["mean"]
+        mine = current.get(point["budget"])
+        if mine is None or not mine["reached"]:
+            checks.append(RowCheck(label, base_top1, None, base_flops, None, "missing"))
+            continue
+        scale = math.sqrt(2 / point["reached"])
+        top1_tol = _tolerance(tolerance, (point["test_top1"]["std"] or 0.0) * scale, None)
+        flops_tol = _tolerance(flops_tolerance, (point["test_saving"]["std"] or 0.0) * scale, None)
+        top1, flops = mine["test_top1"]["mean"], mine["test_saving"]["mean"]
+        problems = (["top-1 drop"] if top1 < base_top1 - top1_tol.points else []) + \
+                   (["FLOPs change"] if abs(flops - base_flops) > flops_tol.points else [])
+        checks.append(RowCheck(label, base_top1, top1, base_flops, flops, ", ".join(problems) or "ok",
+                               top1_tol, flops_tol))
     return checks
 
 
@@ -207,7 +239,7 @@ def config_differences(baseline: dict[str, Any], current: dict[str, Any]) -> lis
     fields = sorted(set(a["config"]) | set(b["config"]))
     diffs = [f for f in fields if f not in _LOCAL_FIELDS
              and a["config"].get(f, defaults.get(f)) != b["config"].get(f, defaults.get(f))]
-    diffs += [k for k in ("seeds", "test_samples") if a.get(k) != b.get(k)]
+    diffs += [k for k in ("seeds", "test_samples", "budgets") if a.get(k) != b.get(k)]
     return diffs + (["method overrides"] if _overrides(a) != _overrides(b) else [])
 
 
@@ -263,10 +295,13 @@ def report(checks: list[RowCheck], baseline: dict[str, Any], current: dict[str, 
              "--flops-tolerance;",
              "seeds: baseline std over its N seeds x sqrt(2/N); bootstrap: standard error of the mean per-sample "
              f"difference, test samples resampled in pairs ({BOOTSTRAP_RESAMPLES} resamples)"]
-    unpaired = [c.name for c in checks if c.current_top1 is not None and not c.paired]
+    unpaired = [c.name for c in checks if c.current_top1 is not None and not c.paired and "@" not in c.name]
     if unpaired:
         lines.append("no paired predictions (predictions.parquet missing, or the row absent from it) for "
                      + ", ".join(unpaired) + ": their tolerance comes from the seed spread and floor only")
+    if any("@" in c.name for c in checks):
+        lines.append("ROW @ B%: the row's operating point at budget B, chosen on gate; its tolerance comes from "
+                     "the seed spread and floor (per-budget predictions are not stored)")
     failed = [c.name for c in checks if not c.ok]
     if failed:
         lines.append(f"FAILED: {', '.join(failed)}")

@@ -32,10 +32,13 @@ def test_rerun_of_the_same_config_reproduces_the_baseline_exactly(baseline, tmp_
     checks = compare(saved, current, tolerance=0.0, flops_tolerance=0.0,
                      baseline_predictions=pd.read_parquet(baseline / "predictions.parquet"),
                      current_predictions=predictions)
-    assert [c.name for c in checks] == list(saved["rows"])
+    points = [f"{name} @ {p['budget']:g}%" for name, row in saved["rows"].items()
+              for p in row.get("operating_points", {}).get("summary", []) if p["reached"]]
+    assert [c.name for c in checks if "@" not in c.name] == list(saved["rows"])
+    assert [c.name for c in checks if "@" in c.name] == points and len(points) >= 4
     for c in checks:
         assert (c.current_top1, c.current_flops) == (c.baseline_top1, c.baseline_flops), c
-        assert c.paired and c.ok, c
+        assert c.ok and c.paired == ("@" not in c.name), c  # per-budget predictions are not stored
 
 
 def test_raised_baseline_accuracy_fails_with_a_diff(baseline, tmp_path):
@@ -53,6 +56,25 @@ def test_raised_baseline_accuracy_fails_with_a_diff(baseline, tmp_path):
     flops["rows"]["cls-ee"]["summary"]["flops_saving"]["mean"] -= 0.6
     checks = {c.name: c for c in compare(flops, read_metrics(baseline)[1])}
     assert checks["cls-ee"].verdict == "FLOPs change" and checks["pabee"].ok
+
+
+def test_operating_points_are_checked_too(baseline):
+    saved = read_metrics(baseline)[1]
+    raised = copy.deepcopy(saved)
+    point = next(p for p in raised["rows"]["pabee"]["operating_points"]["summary"] if p["reached"])
+    point["test_top1"]["mean"] += 1.0
+    checks = {c.name: c for c in compare(raised, saved)}
+    label = f"pabee @ {point['budget']:g}%"
+    assert checks[label].verdict == "top-1 drop" and checks["pabee"].ok
+    assert [name for name, c in checks.items() if not c.ok] == [label]
+    unreached = copy.deepcopy(saved)
+    next(p for p in unreached["rows"]["cls-ee"]["operating_points"]["summary"] if p["reached"])["reached"] = 0
+    missing = [c for c in compare(saved, unreached) if not c.ok]
+    assert len(missing) == 1 and missing[0].verdict == "missing" and missing[0].name.startswith("cls-ee @ ")
+    other = copy.deepcopy(saved)
+    other["run"]["budgets"] = [5.0]
+    with pytest.raises(ConfigError, match="budgets"):
+        compare(saved, other)
 
 
 def test_cli_exit_codes(baseline, tmp_path):
@@ -138,7 +160,7 @@ def _metrics(predictions: pd.DataFrame, cpu: str) -> dict:
                             "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}  # as run writes it
         rows[name] = {"per_seed": per_seed, "summary": summary}
     config = {"model": "embedded", "data": "embedded", "quant": "quant"}
-    return {"schema_version": 1, "environment": {"cpu": cpu}, "rows": rows,
+    return {"schema_version": 2, "environment": {"cpu": cpu}, "rows": rows,
             "run": {"config": config, "methods": ["cls-ee", "lra-ee", "pabee"], "seeds": 3,
                     "test_samples": SAMPLES, "full_depth_flops": FULL_FLOPS}}
 
