@@ -131,10 +131,15 @@ class Context:
         other.__dict__.pop("splits", None)  # cached_property: redrawn on first use
         return other
 
-    def fit_context(self, quant: str | None = None, seed: int | None = None) -> FitContext:
-        """What a policy fits on under ``quant``: heads and gate traces (never test)."""
+    @cached_property
+    def block_flops(self) -> list[float]:
+        """FLOPs of each block for one image with all its tokens (counted once per context)."""
         from harness.flops import block_flops
 
+        return [float(block_flops(self.backbone, self.num_tokens, i)) for i in range(self.backbone.num_blocks)]
+
+    def fit_context(self, quant: str | None = None, seed: int | None = None) -> FitContext:
+        """What a policy fits on under ``quant``: heads and gate traces (never test)."""
         backbone, _ = self.quantized(quant)
         return FitContext(
             heads=self.trace(quant, "heads"),
@@ -145,7 +150,7 @@ class Context:
             num_blocks=backbone.num_blocks,
             width=backbone.width,
             embed_dim=backbone.embed_dim,
-            block_flops=[float(block_flops(self.backbone, self.num_tokens, i)) for i in range(backbone.num_blocks)],
+            block_flops=self.block_flops,
             seed=self.config.seed if seed is None else seed,
             backbone=backbone,
             image_batches=functools.partial(self._fit_images, backbone),

@@ -203,6 +203,8 @@ class TestBed:
         from harness.flops import tower_flops
 
         self.ctx = context if context is not None else Context(config, progress=progress)
+        self.ctx.block_flops  # counted once here, shared by the per-seed contexts copied from this one
+        self._seeded: dict[int, Context] = {}
         self.config = self.ctx.config
         self.test = self.ctx.trace(None, "test")
         self.labels = np.asarray(self.test.labels)
@@ -214,15 +216,21 @@ class TestBed:
         self.block_flops = evaluate.BlockFlops(self.ctx.backbone, tower["embed"], tower["head"])
         self.full = self.full_outcome(self.test)
 
+    def seeded(self, seed: int) -> Context:
+        """The context with the ``heads`` and ``gate`` splits of ``seed`` (one per seed, kept)."""
+        if seed not in self._seeded:
+            self._seeded[seed] = self.ctx.with_seed(seed)
+        return self._seeded[seed]
+
     def fit(self, method: str, seed: int, **config: Any) -> ExitPolicy:
         """``method`` with ``config`` overrides, fitted on the splits of ``seed`` (cached on disk)."""
-        return fit_policy(self.ctx.with_seed(seed), method, seed, **config)
+        return fit_policy(self.seeded(seed), method, seed, **config)
 
     def fit_control(self, name: str, seed: int) -> ExitPolicy:
         """The control ``name`` (:mod:`harness.controls`), fitted on the splits of ``seed`` (cached on disk)."""
         from harness.controls import create_control
 
-        return fit_instance(self.ctx.with_seed(seed), create_control(name), seed)
+        return fit_instance(self.seeded(seed), create_control(name), seed)
 
     def outcome(self, policy: ExitPolicy, desc: str | None = None, split: str = "test",
                 seed: int | None = None) -> ExitOutcome:
@@ -231,7 +239,7 @@ class TestBed:
         ``split`` is ``test`` (the same for every seed) or ``gate`` of ``seed``.
         ``desc`` labels the real driver's progress bar.
         """
-        ctx = self.ctx if split == "test" else self.ctx.with_seed(seed)
+        ctx = self.ctx if split == "test" else self.seeded(seed)
         trace = self.test if split == "test" else ctx.trace(None, split)
         if not policy.prunes_tokens:
             return replay(policy, trace, self.num_blocks, self.ctx.num_tokens - 1)
@@ -249,7 +257,7 @@ class TestBed:
         """``policy``'s top-1 and FLOPs saving (%) on the ``gate`` split of ``seed``: what operating points
         are chosen on (never ``test``)."""
         outcome = self.outcome(policy, desc, split="gate", seed=seed)
-        labels = np.asarray(self.ctx.with_seed(seed).trace(None, "gate").labels)
+        labels = np.asarray(self.seeded(seed).trace(None, "gate").labels)
         flops = outcome_flops(policy, outcome, self.block_flops, self.num_blocks)
         return {"top1": float(100 * np.mean(outcome.predictions == labels)),
                 "flops_saving": float(100 * (1 - flops.mean() / self.full_flops))}
