@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from harness.drivers import on_device
 from harness.heads import ExitHead, head_logits, load_heads, train_heads
 from harness.options import BLOCKS, option
 from harness.policy import Decision, ExitPolicy, FitContext, LayerView
@@ -78,7 +79,7 @@ class StaticExit(ExitPolicy):
     def fit(self, ctx: FitContext) -> None:
         c = self.config
         layers = list(range(1, ctx.num_blocks + 1))
-        self.classifier, self.logit_scale = ctx.classifier.float(), ctx.logit_scale
+        self.classifier, self.logit_scale = ctx.classifier.float().cpu(), ctx.logit_scale  # fits on the CPU
 
         def train() -> dict:
             with torch.random.fork_rng():
@@ -95,7 +96,9 @@ class StaticExit(ExitPolicy):
 
     def decide(self, layer: int, view: LayerView) -> Decision:
         feature = view.cls() if self.config.feature == "cls" else view.patch_mean()
-        logits = head_logits(self.heads[str(layer)](feature), self.classifier, self.logit_scale)
+        self.classifier = self.classifier.to(feature.device)
+        head = on_device(self.heads[str(layer)], feature.device)
+        logits = head_logits(head(feature), self.classifier, self.logit_scale)
         return Decision(exit=torch.ones(len(view), dtype=torch.bool), logits=logits)
 
     def with_knob(self, value: float) -> "StaticExit":

@@ -8,14 +8,21 @@
 
 Both return an :class:`ExitOutcome` per sample. For a batch-invariant
 quantizer they agree exactly on exits and predictions (tested).
+
+Devices: replay hands a policy features on the CPU (traces are numpy
+arrays); the real driver hands it features on the backbone's device. A
+policy fits on the CPU and runs its modules on the device of the features it
+is handed (:func:`on_device`); its decisions may come back on either device.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from harness.backbones import Backbone, cls_attention
 from harness.policy import ExitPolicy, LayerView, SplitFeatures
@@ -44,6 +51,19 @@ class ExitOutcome:
     @property
     def predictions(self) -> np.ndarray:
         return self.logits.argmax(axis=1)
+
+
+def on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module``, moved in place to ``device`` where its parameters and buffers are elsewhere.
+
+    How a policy follows the features a driver hands it, e.g.
+    ``on_device(self.heads[str(layer)], feature.device)(feature)``: a no-op on
+    the CPU, one copy the first time a fitted policy meets features on a GPU.
+    """
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if first is not None and first.device != device:
+        module.to(device)
+    return module
 
 
 class TraceView(LayerView):
@@ -168,7 +188,7 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
             merged = policy.merge_tokens(layer, view, keep)
             x = _drop_tokens(x, keep)
             if merged is not None:
-                x = torch.cat([x, merged.to(x.dtype)], dim=1)
+                x = torch.cat([x, merged.to(x.device, x.dtype)], dim=1)
         if len(active) == 0:
             break
     if len(active):

@@ -112,7 +112,9 @@ def trace_key(
         "versions": {pkg: version(pkg) for pkg in ("torch", "torchvision", "open_clip_torch", "pillow", "numpy")},
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
+        # TF32 changes fp32 results on a GPU: cuBLAS matmuls (off by default), cuDNN convolutions (on by default)
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+        if device.type == "cuda" else None,
         "model": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "quantizer": quantizer.config(),

@@ -3,6 +3,9 @@
 :class:`PerLayerHeads` is the base of the methods that put one such head
 after each exit layer (cls-ee, pabee, confidence); they differ in how the
 heads are weighted in training and in the exit rule.
+
+The heads are fitted on the CPU and follow the features they are handed to
+their device (:func:`harness.drivers.on_device`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from harness.drivers import on_device
 from harness.heads import ExitHead, head_logits, load_heads, train_heads
 from harness.options import option
 from harness.policy import THRESHOLD_GRID, ExitPolicy, FitContext, LayerView
@@ -52,7 +56,7 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
 
     def fit(self, ctx: FitContext) -> None:
         layers = list(self.config.exit_layers or range(1, ctx.num_blocks))
-        self.classifier, self.logit_scale = ctx.classifier.float(), ctx.logit_scale
+        self.classifier, self.logit_scale = ctx.classifier.float().cpu(), ctx.logit_scale
         weights = self.loss_weights(layers)
         recipe = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(HeadsConfig)}
 
@@ -72,9 +76,11 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
         self.heads = load_heads(ctx.cached(name, train), layers, ctx.embed_dim)
 
     def layer_logits(self, layer: int, view: LayerView) -> torch.Tensor:
-        """The layer's head applied to the view's feature."""
+        """The layer's head applied to the view's feature, on the feature's device."""
         feature = view.cls() if self.config.feature == "cls" else view.patch_mean()
-        return head_logits(self.heads[str(layer)](feature), self.classifier, self.logit_scale)
+        self.classifier = self.classifier.to(feature.device)
+        head = on_device(self.heads[str(layer)], feature.device)
+        return head_logits(head(feature), self.classifier, self.logit_scale)
 
     def head_flops(self, layer: int) -> float:
         return self.heads[str(layer)].flops() if str(layer) in self.heads else 0.0

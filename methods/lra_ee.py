@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.drivers import on_device
 from harness.heads import ExitHead, head_logits, load_heads, train_heads
 from harness.options import option
 from harness.policy import (THRESHOLD_GRID, Decision, ExitPolicy, FitContext, LayerView, SplitFeatures,
@@ -247,7 +248,7 @@ class LraEE(ExitPolicy):
     # -- fitting ---------------------------------------------------------------------------------
     def fit(self, ctx: FitContext) -> None:
         c = self.config
-        self.classifier, self.logit_scale = ctx.classifier.float(), float(ctx.logit_scale)
+        self.classifier, self.logit_scale = ctx.classifier.float().cpu(), float(ctx.logit_scale)  # fits on the CPU
         self.report = {}
         layers = [ctx.num_blocks] if c.routing == "last" else self._select_layers(ctx)
         self._fit_heads(ctx, layers)
@@ -351,12 +352,14 @@ class LraEE(ExitPolicy):
 
     def decide(self, layer: int, view: LayerView) -> Decision:
         feature = view.cls() if self.config.feature == "cls" else view.patch_mean()
-        logits = head_logits(self.heads[str(layer)](feature), self.classifier, self.logit_scale)
+        self.classifier = self.classifier.to(feature.device)
+        head = on_device(self.heads[str(layer)], feature.device)
+        logits = head_logits(head(feature), self.classifier, self.logit_scale)
         if self.config.routing == "last":
             return Decision(exit=torch.ones(len(view), dtype=torch.bool), logits=logits)
         index = self.exit_layers().index(layer)
         if self.config.gate == "learned":
-            score = torch.sigmoid(self.gates(index, _gate_features(logits, view.sav())))
+            score = torch.sigmoid(on_device(self.gates, feature.device)(index, _gate_features(logits, view.sav())))
         else:
             score = confidence_score(logits, "maxprob")
         return Decision(exit=score >= self.thresholds[index], logits=logits)

@@ -38,6 +38,11 @@ keep one token count per sample, each pruning block keeps a fixed budget of
 (``keep`` is ``target_keep`` unless ``keep_ratio`` says otherwise): the
 ranking is learned, the budget is fixed per block, and matched-FLOPs sweeps
 vary only the budget of one trained pruner (:meth:`TokenPruner.with_knob`).
+
+Devices: training runs where the backbone is (the random draws stay on the
+CPU, so a seed draws the same noise on every device); the trained networks
+are kept on the CPU and follow the tokens they score to their device
+(:func:`harness.drivers.on_device`).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.drivers import on_device
 from harness.errors import ConfigError
 from harness.options import BLOCKS_BUT_LAST, option
 from harness.policy import KEEP_RATIO_GRID, Decision, ExitPolicy, FitContext, LayerView, keep_top, register_method
@@ -182,7 +188,7 @@ def _check_backbone(backbone) -> None:
 
 def gumbel_sigmoid(logits: torch.Tensor, generator: torch.Generator, temperature: float) -> torch.Tensor:
     """A relaxed Bernoulli(sigmoid(logits)) sample; ``> 0.5`` is the hard decision (keep with P = sigmoid(logits))."""
-    u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+    u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(logits.device)
     return torch.sigmoid((logits + u.log() - (-u).log1p()) / temperature)  # logistic noise = difference of Gumbels
 
 
@@ -204,8 +210,8 @@ def pruned_forward(backbone, images: torch.Tensor, nets: nn.ModuleDict, layers: 
         x = backbone.embed(images)
         for block in backbone.blocks[:layers[0]]:
             x = block(x)
-    keep = torch.ones(x.shape[:2])
-    shares, log_prob = [], torch.zeros(len(images))
+    keep = torch.ones(x.shape[:2], device=x.device)
+    shares, log_prob = [], torch.zeros(len(images), device=x.device)
     for layer in range(layers[0], backbone.num_blocks + 1):
         if layer > layers[0]:
             with torch.set_grad_enabled(straight_through and torch.is_grad_enabled()):
@@ -261,21 +267,22 @@ class TokenPruner(ExitPolicy):
         backbone = ctx.backbone
         _check_backbone(backbone)
         started = time.perf_counter()
+        device = backbone.device
         images, _ = map(torch.cat, zip(*ctx.image_batches("heads", 256)))
         teacher = torch.from_numpy(np.array(ctx.heads.logits, dtype=np.float32))
         if len(teacher) != len(images):
             raise ValueError(f"token-pruner: {len(images)} heads images but {len(teacher)} traced rows")
-        classifier = ctx.classifier.float()
+        classifier = ctx.classifier.float().to(device)
         grid = backbone.visual.grid_size
         self.num_patches = int(grid[0] * grid[1])
         with torch.random.fork_rng():
             torch.manual_seed(ctx.seed)
-            self.nets = nn.ModuleDict({str(l): DecisionNet(ctx.width, c.target_keep) for l in layers})
+            self.nets = nn.ModuleDict({str(l): DecisionNet(ctx.width, c.target_keep) for l in layers}).to(device)
         generator = torch.Generator().manual_seed(ctx.seed)
         optimizer = torch.optim.Adam(self.nets.parameters(), lr=c.lr)
         total = c.epochs * math.ceil(len(images) / c.batch_size)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-        targets = torch.tensor([c.target_keep ** (s + 1) for s in range(len(layers))])
+        targets = torch.tensor([c.target_keep ** (s + 1) for s in range(len(layers))], device=device)
         straight = c.estimator == "straight-through"
         draws = 1 if straight else c.samples
         self.nets.train()
@@ -284,10 +291,10 @@ class TokenPruner(ExitPolicy):
             order = torch.randperm(len(images), generator=generator)
             for start in range(0, len(images), c.batch_size):
                 idx = order[start:start + c.batch_size].repeat(draws)  # draw-major: row = draw * B + image
-                embedding, shares, log_prob = pruned_forward(backbone, images[idx], self.nets, layers, generator,
-                                                             c.temperature, straight_through=straight)
+                embedding, shares, log_prob = pruned_forward(backbone, images[idx].to(device), self.nets, layers,
+                                                             generator, c.temperature, straight_through=straight)
                 logits = ctx.logit_scale * F.normalize(embedding.float(), dim=-1) @ classifier.T
-                distill = F.kl_div(logits.log_softmax(-1), teacher[idx].log_softmax(-1), log_target=True,
+                distill = F.kl_div(logits.log_softmax(-1), teacher[idx].to(device).log_softmax(-1), log_target=True,
                                    reduction="none").sum(-1)
                 usage = ((torch.stack(shares, dim=1) - targets) ** 2).mean(1)
                 cost = distill + c.usage_weight * usage
@@ -302,7 +309,7 @@ class TokenPruner(ExitPolicy):
                 optimizer.step()
                 schedule.step()
                 steps += 1
-        self.nets.eval().requires_grad_(False)
+        self.nets.eval().requires_grad_(False).cpu()
         self.report = {"train_images": len(images), "steps": steps, "train_seconds": time.perf_counter() - started,
                        "last_distill_loss": float(distill.detach().mean()),
                        "last_usage_loss": float(usage.detach().mean())}
@@ -321,7 +328,7 @@ class TokenPruner(ExitPolicy):
         count = keep_count(self.keep, tokens.shape[1])
         if count == tokens.shape[1]:
             return None
-        return keep_top(self.nets[str(layer)](tokens.float()), count)
+        return keep_top(on_device(self.nets[str(layer)], tokens.device)(tokens.float()), count)
 
     def schedule(self) -> dict[int, int]:
         """Pruning block -> patch tokens present when its decision runs."""
