@@ -192,7 +192,9 @@ def test_cli_writes_the_page(results, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness", "leaderboard", str(results[0]), "-o", str(out)],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [f"found 1 run under {results[0]}", f"wrote {out} and {out.parent / 'leaderboard.csv'} ({table_rows(results[1])} rows from 1 results)"]
+    assert proc.stdout.splitlines() == [
+        f"found 1 run under {results[0]}",
+        f"wrote {out} and {out.parent / 'leaderboard.csv'} ({table_rows(results[1])} rows from 1 results)"]
     assert len(Page(out.read_text()).rows) == table_rows(results[1])
     csv = (out.parent / "leaderboard.csv").read_text().splitlines()
     assert len(csv) == 1 + table_rows(results[1]) and csv[0].startswith("backbone,dataset,quantizer,method,kind")
@@ -267,7 +269,8 @@ def test_out_may_be_a_folder(tmp_path, capsys):
     (tmp_path / "site").mkdir()
     assert main(["leaderboard", str(tmp_path / "run"), "-o", str(tmp_path / "site")]) == 0
     written = tmp_path / "site" / "index.html"
-    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {written} and {written.parent / 'leaderboard.csv'} ({ROWS} rows from 1 results)"
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"wrote {written} and {written.parent / 'leaderboard.csv'} ({ROWS} rows from 1 results)"
     assert len(Page((tmp_path / "site" / "index.html").read_text()).rows) == ROWS
 
 
@@ -289,12 +292,13 @@ def test_folders_are_searched_for_runs_in_sorted_order(tmp_path, capsys):
     out = tmp_path / "index.html"
     assert main(["leaderboard", str(root), "-o", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"found 2 runs under {root}", f"wrote {out} and {out.parent / 'leaderboard.csv'} ({2 * ROWS} rows from 2 results)"]
+    assert lines == [f"found 2 runs under {root}",
+                     f"wrote {out} and {out.parent / 'leaderboard.csv'} ({ROWS} rows from 2 results)"]
     loaded = leaderboard.load_results([root])
     assert [r["label"] for r in loaded] == ["results/a/deeper/first", "results/b/second"]
     page = Page(out.read_text())
-    assert page.row("pabee")[4][1] != "1.00"  # the same row in two runs: the later one (sorted order) is shown
-    assert [r[-1][1] for r in page.rows] == ["results/b/second"] * 6
+    assert page.row("pabee")[5][1] != "1.00"  # the same row in two runs: the later one (sorted order) is shown
+    assert [r[-1][1] for r in page.rows] == ["results/b/second"] * ROWS
 
 
 def test_a_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
