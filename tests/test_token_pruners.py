@@ -288,12 +288,13 @@ def test_real_driver_outcomes_are_cached_across_seeds_and_runs(tmp_path, count_c
 
     config = HarnessConfig(limit=32, batch_size=16, cache_dir=str(tmp_path))
     calls = count_calls(testbed, "real_outcome")
-    first, frame = run(config, ["evit"], seeds=2, latency=False, agreement_images=0)
+    quick = dict(latency=False, agreement_images=0, budgets=())  # no budgets: the default setting's pass only
+    first, frame = run(config, ["evit"], seeds=2, **quick)
     assert calls["n"] == 1
-    again, frame_again = run(config, ["evit"], seeds=2, latency=False, agreement_images=0)
+    again, frame_again = run(config, ["evit"], seeds=2, **quick)
     assert calls["n"] == 1
     assert again["rows"]["evit"]["per_seed"] == first["rows"]["evit"]["per_seed"]
     pd.testing.assert_frame_equal(frame_again, frame)
     other = HarnessConfig(limit=32, batch_size=8, cache_dir=str(tmp_path))  # another batch: another entry
-    run(other, ["evit"], seeds=1, latency=False, agreement_images=0)
+    run(other, ["evit"], seeds=1, **quick)
     assert calls["n"] == 2

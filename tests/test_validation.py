@@ -141,7 +141,8 @@ def test_a_failing_method_loses_only_its_row(tmp_path, monkeypatch):
     assert metrics["failures"] == {"fails-to-fit": "RuntimeError: head training diverged"}
     assert "cls-ee" in metrics["rows"] and "fails-to-fit" not in metrics["rows"]
     assert set(metrics["latency"]["methods"]) == {"full-depth", "cls-ee"}
-    assert set(predictions.method) == {"full-depth fp32", f"full-depth {config.resolved().quant}", "cls-ee"}
+    assert set(predictions.method) == {"full-depth fp32", f"full-depth {config.resolved().quant}", "static-cls",
+                                       "static-ssa", "cls-ee"}
     write_results(tmp_path / "out", metrics, predictions)
     assert "fails-to-fit: FAILED, no row (RuntimeError: head training diverged)" in (
         tmp_path / "out" / "tables.md").read_text()
