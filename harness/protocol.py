@@ -25,7 +25,7 @@ on the test samples says whether it is significant).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -94,19 +94,24 @@ def choose(curve: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
 def _scored(bed: TestBed, policy: ExitPolicy, seed: int, budget: float, knob: float | None,
             gate: dict[str, Any]) -> OperatingPoint:
     evaluation = bed.evaluate(policy, seed, desc=f"{policy.name} at {budget:g}% (real driver)")
-    return OperatingPoint(budget, knob, gate["top1"], gate["flops_saving"], evaluation.metrics["top1"], evaluation.metrics["flops_saving"], evaluation.correct)
+    return OperatingPoint(budget, knob, gate["top1"], gate["flops_saving"], evaluation.metrics["top1"],
+                          evaluation.metrics["flops_saving"], evaluation.correct)
 
 
-def method_points(bed: TestBed, name: str, seed: int, budgets: tuple[float, ...],
-                  config: dict[str, Any]) -> list[OperatingPoint | None]:
-    """``name`` (with ``config`` overrides) at each budget for ``seed``; None where the budget is out of reach."""
-    policy = bed.fit(name, seed, **config)
+def policy_points(bed: TestBed, policy: ExitPolicy, seed: int, budgets: tuple[float, ...],
+                  refit: Callable[[dict[str, Any]], ExitPolicy] | None = None) -> list[OperatingPoint | None]:
+    """Fitted ``policy`` (a method or a control) at each budget for ``seed``; None where out of reach.
+
+    ``refit(overrides)`` fits the policy again with the config overrides of
+    :meth:`~harness.policy.ExitPolicy.budget_config`, for a method that fits
+    itself to a budget; without it (controls) the knob is always swept.
+    """
     curve = None
     points: list[OperatingPoint | None] = []
     for budget in budgets:
-        overrides = policy.budget_config(budget)
+        overrides = policy.budget_config(budget) if refit is not None else {}
         if overrides:
-            fitted = bed.fit(name, seed, **{**config, **overrides})
+            fitted = refit(overrides)
             gate = bed.gate_point(fitted, seed)
             points.append(_scored(bed, fitted, seed, budget, None, gate) if gate["flops_saving"] >= budget else None)
             continue
@@ -118,18 +123,16 @@ def method_points(bed: TestBed, name: str, seed: int, budgets: tuple[float, ...]
     return points
 
 
+def method_points(bed: TestBed, name: str, seed: int, budgets: tuple[float, ...],
+                  config: dict[str, Any]) -> list[OperatingPoint | None]:
+    """``name`` (with ``config`` overrides) at each budget for ``seed``; None where the budget is out of reach."""
+    return policy_points(bed, bed.fit(name, seed, **config), seed, budgets,
+                         refit=lambda overrides: bed.fit(name, seed, **{**config, **overrides}))
+
+
 def control_points(bed: TestBed, seed: int, budgets: tuple[float, ...]) -> dict[str, list[OperatingPoint | None]]:
     """Each control's static exit at each budget for ``seed``, its block chosen on ``gate``."""
-    out = {}
-    for name in CONTROL_FEATURES:
-        policy = bed.fit_control(name, seed)
-        curve = gate_curve(bed, policy, seed)
-        out[name] = []
-        for budget in budgets:
-            chosen = choose(curve, budget)
-            out[name].append(None if chosen is None else
-                             _scored(bed, policy.with_knob(chosen["knob"]), seed, budget, chosen["knob"], chosen))
-    return out
+    return {name: policy_points(bed, bed.fit_control(name, seed), seed, budgets) for name in CONTROL_FEATURES}
 
 
 def best_control(controls: dict[str, list[OperatingPoint | None]], index: int) -> tuple[str, OperatingPoint] | None:
