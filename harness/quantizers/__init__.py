@@ -75,7 +75,8 @@ class Quantizer(abc.ABC):
 QUANTIZERS: Registry[type[Quantizer]] = Registry(
     "quantizer",
     entry_point_group="harness.quantizers",
-    builtin_modules=("harness.quantizers._builtin", "harness.quantizers._fake", "harness.quantizers._smooth"),
+    builtin_modules=("harness.quantizers._builtin", "harness.quantizers._fake", "harness.quantizers._smooth",
+                    "harness.quantizers._damage"),
 )
 register_quantizer = QUANTIZERS.register
 register_quantizer_family = QUANTIZERS.register_pattern

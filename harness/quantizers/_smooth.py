@@ -70,7 +70,7 @@ def smoothing_pairs(visual: nn.Module) -> list[tuple[str, str]]:
         )
         if not supported:
             raise QuantizerUnavailable(
-                f"smoothquant needs pre-norm blocks (affine ln_1 -> nn.MultiheadAttention with a packed "
+                f"folding factors into LayerNorms (smoothquant, outliers) needs pre-norm blocks (affine ln_1 -> nn.MultiheadAttention with a packed "
                 f"in-projection, affine ln_2 -> mlp.c_fc Linear); block {i} is not one"
             )
         prefix = f"transformer.resblocks.{i}"
@@ -81,6 +81,27 @@ def smoothing_pairs(visual: nn.Module) -> list[tuple[str, str]]:
 def _input_weight(module: nn.Module) -> nn.Parameter:
     """The [out, in] weight that multiplies the LayerNorm output."""
     return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+
+
+def fold_channel_factors(visual: nn.Module, factors: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``visual`` where each LayerNorm named in ``factors`` is divided by its factors s and the
+    matching input columns of the layer it feeds are multiplied by s (:func:`smoothing_pairs`).
+
+    The tower computes the same function up to float rounding; only where the
+    activations' range sits (LayerNorm output or weights) moves.
+    """
+    folded = copy.deepcopy(visual)
+    with torch.no_grad():
+        for norm_name, layer_name in smoothing_pairs(folded):
+            if norm_name not in factors:
+                continue
+            norm = folded.get_submodule(norm_name)
+            s = factors[norm_name].to(norm.weight.device, norm.weight.dtype)
+            norm.weight.div_(s)
+            if norm.bias is not None:
+                norm.bias.div_(s)
+            _input_weight(folded.get_submodule(layer_name)).mul_(s)
+    return folded
 
 
 @register_quantizer_family("smoothquant[-BASE]", r"smoothquant(?:-(?P<base>.+))?")
@@ -145,16 +166,7 @@ class SmoothQuant(Quantizer):
         if self.factors is None:
             raise RuntimeError("smoothquant: call calibrate(visual, images) before quantize() "
                                f"(harness.Context does, on the {self.calibration_split!r} split)")
-        smoothed = copy.deepcopy(visual)
-        with torch.no_grad():
-            for norm_name, layer_name in smoothing_pairs(smoothed):
-                norm = smoothed.get_submodule(norm_name)
-                s = self.factors[norm_name].to(norm.weight.device, norm.weight.dtype)
-                norm.weight.div_(s)
-                if norm.bias is not None:
-                    norm.bias.div_(s)
-                _input_weight(smoothed.get_submodule(layer_name)).mul_(s)
-        return smoothed
+        return fold_channel_factors(visual, self.factors)
 
     def quantize(self, visual: nn.Module) -> nn.Module:
         return self.base.quantize(self.smooth(visual))
