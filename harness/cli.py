@@ -195,11 +195,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_embedded(args: argparse.Namespace) -> int:
-    from harness.train_embedded import TrainConfig, record_accuracies, train
+    from harness.train_embedded import TrainConfig, record_accuracies, screen_default_quantizer, train
 
     if not args.evaluate_only:
         card = train(TrainConfig(epochs=args.epochs, seed=args.seed, max_steps=args.max_steps), Path(args.data_root))
         print(f"wrote weights and card ({card['wall_time_s']} s)")
+    screening = screen_default_quantizer()
+    for quant, top1 in screening["percent"].items():
+        print(f"default-quantizer screening, holdout top-1 {quant}: {top1:.2f}%")
+    print(f"chosen by the screening: {screening['chosen']}")
     for quant, top1 in record_accuracies().items():
         print(f"zero-shot test top-1 {quant}: {top1:.2f}%")
     return 0
@@ -218,10 +222,12 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from harness.experiments import run_experiments
 
-    options = {"factor": args.factor}
-    folders = run_experiments(args.name, _config(args).resolved(), args.seeds, options, Path(args.out))
+    options = {"factor": args.factor, "no_sweep": args.no_sweep}
+    folders, failures = run_experiments(args.name, _config(args).resolved(), args.seeds, options, Path(args.out))
     print(f"wrote {len(folders)} experiment folder(s) under {args.out}")
-    return 0
+    for failure in failures:
+        print(f"FAILED {failure}")
+    return 1 if failures else 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -312,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="the paper's tables and figures as commands (see README)",
                        epilog="experiments: all, main (Table 1), compare (Table 2), ablation (Table 3), rescue (Table 4), "
-                              "profile (Fig. 1), pareto (Fig. 2), gates (Fig. 3), pathology (Fig. 4), precision\n"
+                              "profile (Fig. 1), pareto (Fig. 2), gates (Fig. 3), pathology (Fig. 4), precision, validate "
+                              "(the instrument's positive and negative controls; exits 1 when one fails)\n"
                               "examples:\n  python -m harness experiment all\n"
                               "  python -m harness experiment ablation --factor head=cls,ssa "
                               "--factor supervision=hard,distilled --factor routing=last,adaptive",
@@ -323,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", action="append", default=[], metavar="NAME=LEVEL,LEVEL",
                    help="ablation: an lra-ee switch and its levels (repeatable; default: the paper's five "
                         "configurations); head=cls,ssa is an alias of feature=cls,patch_mean")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="validate: run the positive and negative controls only, not the damage sweep")
     p.add_argument("--out", default="results/experiments", help="folder for the experiments' folders")
     p.set_defaults(func=_cmd_experiment)
 

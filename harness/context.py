@@ -126,9 +126,24 @@ class Context:
 
     def with_seed(self, seed: int) -> "Context":
         """The same backbone, data and caches with splits drawn for another seed."""
+        return self.derived(seed=seed)
+
+    def derived(self, **changes: Any) -> "Context":
+        """This context with another ``seed``, ``quant`` or ``limit``: the backbone, data and classifier
+        are shared, not loaded again.
+
+        A seed or quantizer change shares the quantized towers and traces held
+        here too (a calibrated quantizer keeps the calibration of the seed it
+        was built for); a limit change draws other splits, so those start afresh.
+        """
+        unknown = set(changes) - {"seed", "quant", "limit"}
+        if unknown:
+            raise ValueError(f"a derived context changes seed, quant or limit only, not {sorted(unknown)}")
         other = copy.copy(self)
-        other.config = dataclasses.replace(self.config, seed=seed)
+        other.config = dataclasses.replace(self.config, **changes)
         other.__dict__.pop("splits", None)  # cached_property: redrawn on first use
+        if changes.get("limit", self.config.limit) != self.config.limit:
+            other._backbones, other._traces = {}, {}
         return other
 
     @cached_property

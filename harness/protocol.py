@@ -143,14 +143,28 @@ def best_control(controls: dict[str, list[OperatingPoint | None]], index: int) -
     return max(candidates, key=lambda c: (c[1].gate_top1, c[1].gate_saving))
 
 
+def paired_gain(point: OperatingPoint, reference: OperatingPoint) -> tuple[float, float]:
+    """``point``'s test top-1 minus ``reference``'s (points), and McNemar's exact p on the same test samples."""
+    return point.test_top1 - reference.test_top1, quadrants(point.correct, reference.correct).mcnemar_p
+
+
 def routing_gain(point: OperatingPoint, control: tuple[str, OperatingPoint] | None) -> dict[str, Any]:
     """``point``'s test top-1 minus the best control's at the same budget, with McNemar's exact p."""
     if control is None:
         return {"control": None, "control_knob": None, "routing_gain": None, "routing_p": None}
     name, reference = control
-    q = quadrants(point.correct, reference.correct)
-    return {"control": name, "control_knob": reference.knob, "routing_gain": point.test_top1 - reference.test_top1,
-            "routing_p": q.mcnemar_p}
+    gain, p = paired_gain(point, reference)
+    return {"control": name, "control_knob": reference.knob, "routing_gain": gain, "routing_p": p}
+
+
+def recalibration_point(bed: TestBed, seed: int) -> tuple[str, OperatingPoint]:
+    """The recalibration control for ``seed``: every sample runs the whole tower and is classified by a head
+    trained on the last block; of the CLS and the patch-mean head, the one with the better gate top-1."""
+    candidates = []
+    for name in CONTROL_FEATURES:
+        policy = bed.fit_control(name, seed)  # its default block is the last
+        candidates.append((name, _scored(bed, policy, seed, 0.0, bed.num_blocks, bed.gate_point(policy, seed))))
+    return max(candidates, key=lambda c: c[1].gate_top1)
 
 
 def summarize(per_seed: list[list[dict[str, Any] | None]], budgets: tuple[float, ...]) -> list[dict[str, Any]]:

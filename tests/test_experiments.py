@@ -51,7 +51,7 @@ def experiments_out(tmp_path_factory):
     config = HarnessConfig(limit=64, batch_size=32, cache_dir=str(root / "cache"))
     folders = {}
     for name in ("main", "pareto", "rescue", "compare"):
-        (folder,) = run_experiments(name, config.resolved(), 2 if name == "main" else 1, {"factor": []},
+        (folder,), _ = run_experiments(name, config.resolved(), 2 if name == "main" else 1, {"factor": []},
                                     root / "out")
         folders[name] = folder
     return folders

@@ -40,12 +40,16 @@ def names() -> list[str]:
 
 
 def _load() -> None:
-    from harness.experiments import compare, figures, precision, tables  # noqa: F401  (registration)
+    from harness.experiments import compare, figures, precision, tables, validate  # noqa: F401  (registration)
 
 
 def run_experiments(name: str, config: HarnessConfig, seeds: int, options: dict[str, Any],
-                    out_root: Path) -> list[Path]:
-    """Run ``name`` (or ``all``) and write each experiment's folder under ``out_root``; return the folders."""
+                    out_root: Path) -> tuple[list[Path], list[str]]:
+    """Run ``name`` (or ``all``) and write each experiment's folder under ``out_root``.
+
+    Returns the folders, and the failed checks of the experiments that make
+    checks (``validate``), each prefixed with the experiment's name.
+    """
     _load()
     chosen = list(EXPERIMENTS) if name == "all" else [name]
     unknown = [n for n in chosen if n not in EXPERIMENTS]
@@ -53,7 +57,7 @@ def run_experiments(name: str, config: HarnessConfig, seeds: int, options: dict[
         raise ConfigError(f"unknown experiment {unknown[0]!r}; known: all, {', '.join(EXPERIMENTS)}")
     bed = TestBed(config)
     c = bed.config
-    folders = []
+    folders, failures = [], []
     for n in chosen:
         started = time.time()
         report = EXPERIMENTS[n][0](bed, seeds, options)
@@ -63,4 +67,5 @@ def run_experiments(name: str, config: HarnessConfig, seeds: int, options: dict[
         report.save(out, context)
         print(f"\n## {n}\n\n{report.render()}\nwrote {out} ({context['wall_time_s']} s)")
         folders.append(out)
-    return folders
+        failures += [f"{n}: {failure}" for failure in report.failures]
+    return folders, failures

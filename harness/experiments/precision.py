@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from harness.experiments import experiment
@@ -25,7 +24,7 @@ def precision(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     seed = bed.config.seed
     rows, data = [], {}
     for quant in quantizers:
-        other = TestBed(dataclasses.replace(bed.config, quant=quant, limit=limit), progress=bed.ctx.progress)
+        other = bed.derived(quant=quant, limit=limit)
         reference = other.baseline_top1()
         data[quant] = {"full_depth_top1": reference, "fp32_top1": other.baseline_top1("fp32"), "methods": {}}
         rows.append([quant, "full depth", f"{reference:.2f}", f"{reference - data[quant]['fp32_top1']:+.2f}",

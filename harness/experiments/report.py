@@ -35,6 +35,7 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)  # file stem -> matplotlib Figure
     data: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # a check the experiment makes that did not hold
 
     def table(self, title: str, headers: list[str], rows: list[list[Any]], note: str = "") -> None:
         self.tables.append(Table(title, headers, rows, note))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import Any
 
@@ -62,7 +61,7 @@ def main(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
 
     lra_row("LRA-EE initial (global threshold)", "lra-ee initial (global threshold)", bed, thresholds="global")
     lra_row("LRA-EE optimized (LCT)", "lra-ee optimized (lct)", bed, thresholds="lct")
-    smooth = TestBed(dataclasses.replace(bed.config, quant=f"smoothquant-{quant}"), progress=bed.ctx.progress)
+    smooth = bed.derived(quant=f"smoothquant-{quant}")
     smooth_full = smooth.baseline_top1()
     rows.append([f"smoothquant-{quant} full depth", f"{smooth_full:.2f}", "0.00", f"{smooth_full - reference:+.2f}",
                  "-", "-"])
