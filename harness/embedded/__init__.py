@@ -26,11 +26,16 @@ DATA_PATH = EMBEDDED_DIR / "fashion-mnist-holdout.npz"
 HOLDOUT_SEED = 20261123
 HOLDOUT_SIZE = 15000
 
-# Default quantizer of the embedded model: the mildest scheme under which its
-# zero-shot top-1 falls by >= 3 points versus fp32. The model shrugs off every
-# 8-, 6- and 4-bit scheme of the profile sweep (within 0.3 points on test);
-# with the paper's shape of scheme (8-bit weights, dynamic per-tensor
-# activations) the drop first passes 3 points at 3-bit activations. Screening
-# and numbers: README.md ("Measured on the embedded default") and card.json.
-# Real CLIP models default to int8-dynamic, the paper's scheme.
-DEFAULT_QUANT = "fake-w8a3-tensor"
+# Default quantizer of the embedded model, decided by measurement
+# (train_embedded.screen_default_quantizer; numbers in card.json, on the
+# holdout images, never test). It must be batch-invariant (so replaying a
+# trace equals deploying the model), cost at least 2 points of full-depth
+# top-1, and damage the model the way large CLIP models are damaged: by a few
+# LayerNorm channels with outsized activations that take over a shared
+# quantization scale. This small model has no such channels and shrugs off
+# every 8-, 6- and 4-bit scheme, so they are injected (synthetic, but
+# function-preserving in fp32): 4 channels scaled x300 from block 7 on, then
+# per-token int8 (fake-w8a8); the mildest scale of 100/200/300/500 that costs
+# 2 points. ``fake-w8a3-tensor``, the earlier default (batch-dependent),
+# stays available. Real CLIP models default to int8-dynamic, the paper's scheme.
+DEFAULT_QUANT = "outliers-b7-c4-x300-fake-w8a8"
