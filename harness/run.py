@@ -1,11 +1,12 @@
 """``python -m harness run``: every chosen method on one backbone, quantizer and dataset.
 
 For each seed the methods are fitted on the ``heads``/``gate`` traces
-(fitted states are cached) and replayed on the ``test`` trace: replaying N
-methods costs no backbone pass beyond the traces. Latency comes from the
-real early-exit driver, measured against full depth in the same process.
-Token pruners cannot be replayed (their later features depend on the
-dropped tokens): they run on the gate and test images under the real driver.
+(fitted states are cached) and scored on ``test`` by one driver per table
+(:meth:`~harness.testbed.TestBed.uses_real_driver`): under a batch-invariant
+quantizer exit methods replay the traces, which costs no backbone pass;
+token pruners, and every method under a batch-dependent quantizer, run the
+images through the real driver. Latency comes from the real early-exit
+driver, measured against full depth in the same process.
 Every method and control is also scored at each FLOPs budget, its operating
 point chosen on ``gate`` (:mod:`harness.protocol`).
 Results go to ``results/<run-id>/``: ``config.json``, ``metrics.json``
@@ -30,7 +31,7 @@ import torch
 from harness._io import atomic_path, atomic_write_text
 from harness.config import HarnessConfig
 from harness.context import Context
-from harness.drivers import ExitOutcome, TraceView, run_early_exit
+from harness.drivers import ExitOutcome, TraceView, replay, run_early_exit
 from harness.datasets import ImageBatches, Split
 from harness.errors import ConfigError, DataError
 from harness.policy import METHODS, ExitPolicy, create_method
@@ -134,32 +135,35 @@ def _test_images(ctx: Context, count: int) -> tuple[torch.Tensor, np.ndarray]:
     return torch.cat([images for images, _, _ in batches]), np.concatenate([indices for _, _, indices in batches])
 
 
-def driver_agreement(ctx: Context, policies: dict[str, ExitPolicy], replayed: dict[str, ExitOutcome],
-                     trace_indices: np.ndarray, images: int) -> dict[str, Any]:
+def driver_agreement(bed: TestBed, policies: dict[str, ExitPolicy], images: int) -> dict[str, Any]:
     """How often the real driver and trace replay disagree, on the first ``images`` test images.
 
     Replay classifies with features traced in full batches; the real driver
     drops exited samples from the batch. For a batch-invariant quantizer the
-    two agree exactly (tested); for a batch-dependent one (per-tensor
-    activation scales) a sample's features depend on who else is still in the
-    batch, and this is the share of images whose exit layer or prediction
-    changes. ``full-depth`` isolates the effect of batch composition alone.
-    ``replayed`` outcomes have one row per entry of ``trace_indices`` (the test
-    trace's dataset indices); images the trace skipped are skipped here too.
+    two agree exactly (tested), and the tables are replay's; for a
+    batch-dependent one (per-tensor activation scales) a sample's features
+    depend on who else is still in the batch, the tables are the real
+    driver's (:meth:`TestBed.uses_real_driver`), and this is the share of
+    images whose exit layer or prediction replay would get wrong.
+    ``full-depth`` isolates the effect of batch composition alone. Images the
+    test trace skipped are skipped here too.
     """
+    ctx = bed.ctx
     backbone, quantizer = ctx.quantized()
     x, indices = _test_images(ctx, images)
+    trace_indices = np.asarray(bed.test.indices)
     rows = np.searchsorted(trace_indices, indices)
-    if not np.array_equal(np.asarray(trace_indices)[np.minimum(rows, len(trace_indices) - 1)], indices):
+    if not np.array_equal(trace_indices[np.minimum(rows, len(trace_indices) - 1)], indices):
         raise RuntimeError("an image read for the agreement pass is not in the test trace")
     size = ctx.config.batch_size
     result: dict[str, Any] = {"images": len(x), "batch_size": size, "batch_invariant": quantizer.batch_invariant,
+                              "tables_from": "replay" if quantizer.batch_invariant else "real driver",
                               "methods": {}}
     for name, policy in {"full-depth": FullDepth(), **policies}.items():
         parts = [run_early_exit(policy, backbone, x[i:i + size], ctx.classifier) for i in range(0, len(x), size)]
         exit_layer = np.concatenate([p.exit_layer for p in parts])
         predictions = np.concatenate([p.predictions for p in parts])
-        reference = replayed[name]
+        reference = replay(policy, bed.test, bed.num_blocks, ctx.num_tokens - 1)
         result["methods"][name] = {
             "prediction": float(100 * np.mean(predictions != reference.predictions[rows])),
             "exit_layer": float(100 * np.mean(exit_layer != reference.exit_layer[rows])),
@@ -261,7 +265,6 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         frames.append(_frame(name, c.seed, test, full.outcome, full.flops))
 
     fitted: dict[str, ExitPolicy] = {}
-    replayed: dict[str, ExitOutcome] = {"full-depth": bed.full}
     failures: dict[str, str] = {}
     seed_list = [c.seed + s for s in range(seeds)]
     bar = tqdm(total=(len(methods) + 1) * seeds, desc="fit, choose on gate, score", unit="fit",
@@ -284,11 +287,10 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     for name in methods:
         try:
             per_seed, points, method_frames = _fit_and_score(bed, name, seed_list, (overrides or {}).get(name, {}),
-                                                             fitted, replayed, bar, budgets, controls)
+                                                             fitted, bar, budgets, controls)
         except Exception as exc:  # one broken method must not lose the others' results
             failures[name] = _failure(name, exc)
             fitted.pop(name, None)
-            replayed.pop(name, None)
             continue
         frames += method_frames
         rows[name] = {"per_seed": per_seed, "kind": fitted[name].kind, "config": fitted[name].describe()["config"],
@@ -308,21 +310,20 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         "environment": environment(),
         "rows": rows,
         "latency": measure_latency(bed.ctx, fitted, latency_images, latency_repeats) if latency else None,
-        "driver_agreement": driver_agreement(bed.ctx, exit_policies, replayed, test.indices, agreement_images)
-        if agreement_images else None,
+        "driver_agreement": driver_agreement(bed, exit_policies, agreement_images) if agreement_images else None,
     }
     metrics["run"]["wall_time_s"] = round(time.time() - started, 1)
     return metrics, pd.concat(frames, ignore_index=True)
 
 
 def _fit_and_score(bed: TestBed, name: str, seeds: list[int], config: dict[str, Any],
-                   fitted: dict[str, ExitPolicy], replayed: dict[str, ExitOutcome], bar,
+                   fitted: dict[str, ExitPolicy], bar,
                    budgets: tuple[float, ...], controls: list[dict[str, list[OperatingPoint | None]]],
                    ) -> tuple[list[dict[str, Any]], list[list[dict[str, Any] | None]], list["pd.DataFrame"]]:  # noqa: F821
     """``name`` fitted and scored for each seed at its default setting and at each budget.
 
     Returns (per-seed metrics, per-seed operating points with their routing gains, per-sample frames).
-    The first seed's fitted policy and outcome go into ``fitted`` and ``replayed``.
+    The first seed's fitted policy goes into ``fitted``.
     """
     per_seed, points, frames = [], [], []
     for seed, seed_controls in zip(seeds, controls):
@@ -330,7 +331,6 @@ def _fit_and_score(bed: TestBed, name: str, seeds: list[int], config: dict[str, 
         policy = bed.fit(name, seed, **config)
         fitted.setdefault(name, policy)
         result = bed.evaluate(policy, seed, desc=f"{name} seed {seed} (real driver)")
-        replayed.setdefault(name, result.outcome)
         result.metrics["layer_accuracy"] = layer_accuracy(policy, bed.test, bed.ctx.classifier.shape[0])
         per_seed.append(result.metrics)
         frames.append(_frame(name, seed, bed.test, result.outcome, result.flops))
@@ -455,9 +455,11 @@ def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
     agreement = metrics.get("driver_agreement")
     if agreement:
         kind = "batch-invariant" if agreement["batch_invariant"] else "batch-dependent"
+        tables_from = ("the tables above replay the traces" if agreement["batch_invariant"]
+                       else "the tables above are the real driver's")
         rows = [[name, f"{d['prediction']:.2f}", f"{d['exit_layer']:.2f}"] for name, d in agreement["methods"].items()]
         text += (f"\nReal driver vs trace replay on the first {agreement['images']} test images "
-                 f"(batch {agreement['batch_size']}, {kind} quantizer), first seed:\n\n"
+                 f"(batch {agreement['batch_size']}, {kind} quantizer: {tables_from}), first seed:\n\n"
                  + tabulate(rows, headers=["method", "predictions differ %", "exit layers differ %"],
                             tablefmt=fmt, disable_numparse=True) + "\n")
     return text

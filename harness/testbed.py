@@ -1,11 +1,16 @@
 """Where methods are fitted and scored: one config's test trace, full-depth baselines and FLOPs.
 
 :class:`TestBed` is the one code path behind ``run``, ``check`` and every
-experiment. Exit policies are scored by replaying the test trace; token
-policies (whose later features depend on the tokens they drop) run the
-test images through the real driver, and their outcomes are kept in the cache
-per fitted state (:func:`stored_real_outcome`), so a training-free pruner is
-evaluated once for all seeds and a warm run replays every real-driver pass.
+experiment, and :meth:`TestBed.uses_real_driver` the one place that decides
+how a policy is scored. Exit policies under a batch-invariant quantizer are
+scored by replaying the traces, which is exactly what a deployment gets
+(tested). Token policies (whose later features depend on the tokens they
+drop), and every policy under a batch-dependent quantizer (where a sample's
+features depend on who else is still in its batch), run the images through
+the real driver, on ``gate`` and on ``test`` alike, so one table never mixes
+drivers. Real-driver outcomes are kept in the cache per fitted state
+(:func:`stored_real_outcome`), so a seed-independent fit is evaluated once
+for all seeds and a warm run replays every real-driver pass.
 """
 
 from __future__ import annotations
@@ -215,6 +220,12 @@ class TestBed:
         self.block_share = np.asarray(tower["blocks"], dtype=np.float64) / sum(tower["blocks"])
         self.block_flops = evaluate.BlockFlops(self.ctx.backbone, tower["embed"], tower["head"])
         self.full = self.full_outcome(self.test)
+        self.batch_invariant = self.ctx.quantized()[1].batch_invariant
+
+    def derived(self, **changes: Any) -> "TestBed":
+        """A test bed for this config with another ``quant`` or ``limit`` (:meth:`Context.derived`: the
+        backbone is not loaded again)."""
+        return TestBed(self.config, self.ctx.progress, context=self.ctx.derived(**changes))
 
     def seeded(self, seed: int) -> Context:
         """The context with the ``heads`` and ``gate`` splits of ``seed`` (one per seed, kept)."""
@@ -232,19 +243,28 @@ class TestBed:
 
         return fit_instance(self.seeded(seed), create_control(name), seed)
 
+    def uses_real_driver(self, policy: ExitPolicy) -> bool:
+        """Whether ``policy`` is scored by the real driver instead of replaying the traces.
+
+        A token policy needs it (replay cannot know the features after a drop);
+        so does any policy under a batch-dependent quantizer, where replay would
+        score features computed in batches a deployment never runs.
+        """
+        return policy.prunes_tokens or not self.batch_invariant
+
     def outcome(self, policy: ExitPolicy, desc: str | None = None, split: str = "test",
                 seed: int | None = None) -> ExitOutcome:
-        """What ``policy`` does on every sample of ``split``: replayed, or under the real driver for a token policy.
+        """What ``policy`` does on every sample of ``split``, by the driver :meth:`uses_real_driver` names.
 
         ``split`` is ``test`` (the same for every seed) or ``gate`` of ``seed``.
         ``desc`` labels the real driver's progress bar.
         """
         ctx = self.ctx if split == "test" else self.seeded(seed)
         trace = self.test if split == "test" else ctx.trace(None, split)
-        if not policy.prunes_tokens:
+        if not self.uses_real_driver(policy):
             return replay(policy, trace, self.num_blocks, self.ctx.num_tokens - 1)
-        if drops_nothing(policy):
-            return self.full_outcome(trace)
+        if drops_nothing(policy) or not (policy.prunes_tokens or policy.exit_layers()):
+            return self.full_outcome(trace)  # what the real driver gives on the trace's own batches (tested)
         return stored_real_outcome(ctx, policy, trace, desc, split)
 
     def full_outcome(self, trace) -> ExitOutcome:
@@ -284,7 +304,7 @@ class TestBed:
             if drops_nothing(variant):
                 source = "full depth (keep 1.0 drops nothing)"
             else:
-                source = "real driver" if policy.prunes_tokens else "replay"
+                source = "real driver" if self.uses_real_driver(policy) else "replay"
             metrics = self.evaluate(variant, seed, outcome).metrics
             points.append({"value": value, "top1": metrics["top1"], "flops_saving": metrics["flops_saving"],
                            "source": source})

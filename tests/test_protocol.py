@@ -96,3 +96,27 @@ def test_every_method_row_has_operating_points_with_routing_gain(tmp_path):
     assert static["operating_points"]["per_seed"][0][1]["knob"] < 12  # 20% saving needs an earlier block
     table = format_tables(metrics)
     assert "routing gain" in table and "static-ssa (last block: recalibration)" in table
+
+
+def test_one_driver_per_table_the_real_one_under_a_batch_dependent_quantizer(tmp_path):
+    from harness.drivers import replay
+    from harness.testbed import TestBed, real_outcome
+
+    config = HarnessConfig(limit=96, batch_size=32, quant="fake-w8a3-tensor", cache_dir=str(tmp_path)).resolved()
+    bed = TestBed(config, progress=False)
+    policy = bed.fit("cls-ee", 0).with_knob(0.3)  # a low threshold: many exits, so batches change
+    assert bed.uses_real_driver(policy)
+    scored, real = bed.outcome(policy), real_outcome(bed.ctx, policy, bed.test)
+    replayed = replay(policy, bed.test, bed.num_blocks, bed.ctx.num_tokens - 1)
+    assert np.array_equal(scored.exit_layer, real.exit_layer) and np.array_equal(scored.predictions, real.predictions)
+    assert not np.array_equal(replayed.exit_layer, real.exit_layer), "no disagreement: the test cannot tell"
+    # gate points (what operating points are chosen on) come from the same driver
+    gate = bed.seeded(0).trace(None, "gate")
+    gate_real = real_outcome(bed.seeded(0), policy, gate, split="gate")
+    flops_saving = bed.gate_point(policy, 0)["flops_saving"]
+    assert bed.gate_point(policy, 0)["top1"] == pytest.approx(
+        100 * np.mean(gate_real.predictions == np.asarray(gate.labels)))
+    assert flops_saving > 0
+    # a batch-invariant quantizer replays
+    invariant = bed.derived(quant="fake-w8a8")
+    assert not invariant.uses_real_driver(invariant.fit("cls-ee", 0))

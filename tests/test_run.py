@@ -57,12 +57,13 @@ def test_results_folder_and_tables(tmp_path):
 
 
 def test_driver_disagreement_is_reported_and_zero_where_batches_match(tmp_path):
-    """Default quantizer is per-tensor (batch-dependent): replay and the real driver see the same full
-    batches at full depth, so only exits can make them differ; a batch-invariant one never differs."""
-    config = _config(tmp_path / "cache")
+    """A per-tensor quantizer (batch-dependent): replay and the real driver see the same full batches at
+    full depth, so only exits can make them differ; a batch-invariant one never differs."""
+    config = dataclasses.replace(_config(tmp_path / "cache"), quant="fake-w8a3-tensor")
     metrics, _ = run(config, ["cls-ee", "pabee"], seeds=1, latency=False, agreement_images=32)
     agreement = metrics["driver_agreement"]
     assert agreement["images"] == 32 and agreement["batch_invariant"] is False
+    assert agreement["tables_from"] == "real driver"
     assert set(agreement["methods"]) == {"full-depth", "cls-ee", "pabee"}
     assert agreement["methods"]["full-depth"] == {"prediction": 0.0, "exit_layer": 0.0}
     assert "Real driver vs trace replay on the first 32 test images" in format_tables(metrics)

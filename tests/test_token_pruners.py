@@ -92,9 +92,10 @@ def test_dropping_tokens_equals_masking_them_out_of_attention(ctx, attention):
 
 
 def test_training_masks_see_the_quantization_of_dropped_tokens(tmp_path):
-    """Under the embedded default (one activation scale per tensor) masked rows are zeroed before each Linear,
+    """Under a per-tensor quantizer (one activation scale per tensor) masked rows are zeroed before each Linear,
     so the scales, and the kept tokens' outputs, are those of the pruned batch."""
-    ctx = Context(HarnessConfig(limit=16, batch_size=16, cache_dir=str(tmp_path)), progress=False)
+    ctx = Context(HarnessConfig(limit=16, batch_size=16, quant="fake-w8a3-tensor", cache_dir=str(tmp_path)),
+                  progress=False)
     backbone, quantizer = ctx.quantized()
     assert not quantizer.batch_invariant
     x = _tokens_after(backbone, _images(ctx, 16), 3)
