@@ -40,7 +40,7 @@ STATE = "state.pt"  # the one file of a :func:`cached_state` entry
 
 # Harness modules whose code feeds every fit: FitContext and its traces, FLOPs and options, the fit driver.
 FIT_MODULES = ("harness.policy", "harness.context", "harness.flops", "harness.trace", "harness.testbed",
-               "harness.options", "harness.heads")
+               "harness.options", "harness.heads", "harness.fidelity")
 
 
 class DamagedEntry(Exception):

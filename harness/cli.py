@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="QIRC noise profile: fp32 vs quantized, block by block",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_arguments(p)
-    p.add_argument("--split", default="gate", choices=("heads", "gate", "test"), help="split to profile")
+    p.add_argument("--split", default="heads", choices=("heads", "gate", "test"),
+                   help="split to profile (default heads: where LRA-EE measures its INR)")
     p.add_argument("--out", default=None, help="output folder (default: results/profile/MODEL-DATA-QUANT)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results in an --out folder that has files (default: refuse, before computing)")

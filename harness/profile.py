@@ -6,11 +6,16 @@ same images and we accumulate, over samples:
 - ``quant_error``: ||z_L^q - z_L^fp32|| (error accumulated up to block L),
 - ``ratio`` = mean quant_error / mean nat_update,
 - MSE and cosine between fp32 and quantized CLS token and patch-token mean,
-- ``inr``: the information-to-noise ratio ||E_x[p_L]||^2 / Var_x[eps_L] of
-  the patch-token mean p_L (the feature LRA-EE exits from), with
-  eps_L = p_L^q - p_L^fp32 and Var the total variance over samples,
+- ``relative_error`` = mean ||z_L^q - z_L|| / ||z_L|| and ``token_cosine`` =
+  mean cos(z_L^q, z_L): the depth-normalized error (:mod:`harness.fidelity`).
+  ``ratio`` divides by one block's update, which shrinks relative to the
+  stream with depth, so it grows with depth by construction; these do not,
+- ``inr``: the information-to-noise ratio of the patch-token mean (the
+  feature LRA-EE exits from; :func:`harness.fidelity.inr`, the one
+  definition LRA-EE uses too),
 where z_L is the full token tensor [1 + N, D] after block L and norms are
-Frobenius norms per sample. Zero-shot top-1 of both towers on the same images
+Frobenius norms per sample. The default split is ``heads``, where LRA-EE
+computes its INR. Zero-shot top-1 of both towers on the same images
 closes the table.
 """
 
@@ -29,6 +34,7 @@ from harness._io import atomic_write_text
 from harness.context import Context
 from harness.datasets import ImageBatches
 from harness.errors import DataError
+from harness.fidelity import ErrorMoments, relative_error
 from harness.provenance import environment
 from harness.results import without_machine_paths
 from harness.trace import layer_features
@@ -44,6 +50,8 @@ class LayerStats:
     cls_cosine: float
     patch_mean_mse: float
     patch_mean_cosine: float
+    relative_error: float
+    token_cosine: float
     inr: float
 
 
@@ -66,7 +74,7 @@ class Profile:
 
 
 @torch.inference_mode()
-def noise_profile(ctx: Context, quant: str | None = None, split: str = "gate") -> Profile:
+def noise_profile(ctx: Context, quant: str | None = None, split: str = "heads") -> Profile:
     """Run fp32 and ``quant`` side by side on ``split`` and collect per-block statistics."""
     from tqdm import tqdm
 
@@ -76,9 +84,8 @@ def noise_profile(ctx: Context, quant: str | None = None, split: str = "gate") -
     quantized, _ = ctx.quantized(quant)
     classifier = ctx.classifier
     n_blocks = fp32.num_blocks
-    sums = {k: np.zeros(n_blocks) for k in ("nat", "err", "cls_se", "cls_cos", "pm_se", "pm_cos", "eps_sq")}
-    pm_sum = np.zeros((n_blocks, fp32.width))
-    eps_sum = np.zeros((n_blocks, fp32.width))
+    sums = {k: np.zeros(n_blocks) for k in ("nat", "err", "cls_se", "cls_cos", "pm_se", "pm_cos", "rel", "tok_cos")}
+    moments = [ErrorMoments(fp32.width) for _ in range(n_blocks)]
     correct = np.zeros(2)
     samples = 0
     batches = ImageBatches(ctx.dataset, ctx.splits[split], fp32.preprocess, ctx.config.batch_size,
@@ -90,15 +97,15 @@ def noise_profile(ctx: Context, quant: str | None = None, split: str = "gate") -
             z_next, zq = fp32.blocks[i](z), quantized.blocks[i](zq)
             sums["nat"][i] += (z_next - z).flatten(1).norm(dim=1).sum().item()
             sums["err"][i] += (zq - z_next).flatten(1).norm(dim=1).sum().item()
+            relative, cosine = relative_error(zq, z_next)
+            sums["rel"][i] += relative.sum().item()
+            sums["tok_cos"][i] += cosine.sum().item()
             z = z_next
             (cls, mean, _), (cls_q, mean_q, _) = layer_features(z), layer_features(zq)
             for ref, q, se, cos in ((cls, cls_q, "cls_se", "cls_cos"), (mean, mean_q, "pm_se", "pm_cos")):
                 sums[se][i] += (q - ref).square().mean(dim=1).sum().item()
                 sums[cos][i] += F.cosine_similarity(q, ref, dim=1).sum().item()
-            eps = (mean_q - mean).double()
-            pm_sum[i] += mean.double().sum(dim=0).cpu().numpy()
-            eps_sum[i] += eps.sum(dim=0).cpu().numpy()
-            sums["eps_sq"][i] += eps.square().sum().item()
+            moments[i].add(mean_q, mean)
         for j, (backbone, tokens) in enumerate(((fp32, z), (quantized, zq))):
             emb = F.normalize(backbone.head(tokens), dim=-1)
             correct[j] += (emb @ classifier.T).argmax(dim=1).eq(labels.to(emb.device)).sum().item()
@@ -106,16 +113,13 @@ def noise_profile(ctx: Context, quant: str | None = None, split: str = "gate") -
     if samples == 0:
         raise DataError(f"split {split!r} has no images to profile")
     mean = {k: v / samples for k, v in sums.items()}
-    # total variance of eps over samples: E||eps||^2 - ||E eps||^2
-    eps_var = mean["eps_sq"] - np.square(eps_sum / samples).sum(axis=1)
-    signal = np.square(pm_sum / samples).sum(axis=1)
     layers = [
         LayerStats(
             layer=i + 1, nat_update=mean["nat"][i], quant_error=mean["err"][i],
             ratio=mean["err"][i] / max(mean["nat"][i], 1e-12),
             cls_mse=mean["cls_se"][i], cls_cosine=mean["cls_cos"][i],
             patch_mean_mse=mean["pm_se"][i], patch_mean_cosine=mean["pm_cos"][i],
-            inr=float(signal[i] / eps_var[i]) if eps_var[i] > 0 else float("inf"),
+            relative_error=mean["rel"][i], token_cosine=mean["tok_cos"][i], inr=moments[i].inr(),
         )
         for i in range(n_blocks)
     ]
@@ -131,11 +135,12 @@ def format_table(profile: Profile) -> str:
     from tabulate import tabulate
 
     headers = ["block", "||z_L - z_L-1|| fp32", "||z_L^q - z_L||", "ratio",
-               "CLS MSE", "CLS cos", "patch-mean MSE", "patch-mean cos", "INR"]
+               "CLS MSE", "CLS cos", "patch-mean MSE", "patch-mean cos", "||z_L^q - z_L|| / ||z_L||",
+               "cos(z_L^q, z_L)", "INR"]
     rows = [[s.layer, s.nat_update, s.quant_error, s.ratio, s.cls_mse, s.cls_cosine,
-             s.patch_mean_mse, s.patch_mean_cosine, s.inr] for s in profile.layers]
+             s.patch_mean_mse, s.patch_mean_cosine, s.relative_error, s.token_cosine, s.inr] for s in profile.layers]
     table = tabulate(rows, headers=headers,
-                     floatfmt=(".0f", ".4g", ".4g", ".4f", ".4g", ".6f", ".4g", ".6f", ".4g"))
+                     floatfmt=(".0f", ".4g", ".4g", ".4f", ".4g", ".6f", ".4g", ".6f", ".4f", ".6f", ".4g"))
     skipped = "".join(f"\nskipped bad image {b['sample']}: {b['reason']}" for b in profile.bad_images)
     return (f"{table}{skipped}\n\nzero-shot top-1 on {profile.samples} '{profile.split}' images: "
             f"fp32 {profile.top1_fp32:.2f}%, {profile.quant} {profile.top1_quant:.2f}% "
@@ -168,8 +173,11 @@ def figure(profile: Profile):
     ax1.set_xlabel("block")
     ax1.set_ylabel("mean Frobenius norm")
     ratio_ax = ax1.twinx()
-    ratio_ax.plot(layers, [s.ratio for s in profile.layers], "^--", color="tab:red", label="ratio")
-    ratio_ax.set_ylabel("error / update", color="tab:red")
+    ratio_ax.plot(layers, [s.ratio for s in profile.layers], "^--", color="tab:red", label="error / update (paper)")
+    ratio_ax.plot(layers, [s.relative_error for s in profile.layers], "v:", color="tab:purple",
+                  label="||z_q - z|| / ||z|| (depth-normalized)")
+    ratio_ax.set_ylabel("ratio", color="tab:red")
+    ratio_ax.legend(loc="upper right", fontsize=8)
     ax1.legend(loc="upper left", fontsize=8)
     ax2.plot(layers, [s.cls_cosine for s in profile.layers], "o-", label="CLS")
     ax2.plot(layers, [s.patch_mean_cosine for s in profile.layers], "s-", label="patch mean")

@@ -9,8 +9,12 @@ only a list of configs:
 - a gate per exit layer, a logistic regression on (max probability, top-2
   margin, spatial-activation variance) fitted on the ``gate`` split, or the
   max probability alone;
-- exit layers: the last third of the tower minus the layers whose
-  information-to-noise ratio (:func:`inr`) is low, every block, or a list;
+- exit layers: by default the candidates are blocks ceil(2n/3) to n - 1
+  (blocks 8-11 of 12: the paper's "last third", our reading), minus those
+  whose information-to-noise ratio is below ``kappa`` x the candidates' mean
+  (:func:`harness.fidelity.inr`: the harness's one definition, fp32 signal
+  over quantization-error variance, on the ``heads`` split, the same as the
+  noise profile's); or every block; or a list;
 - thresholds per exit layer (LCT) or one shared threshold, picked on the
   ``gate`` split by :func:`choose_thresholds` to maximise accuracy under a
   FLOPs budget.
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.drivers import on_device
+from harness.fidelity import inr
 from harness.heads import ExitHead, head_logits, load_heads, train_heads
 from harness.options import option
 from harness.policy import (THRESHOLD_GRID, Decision, ExitPolicy, FitContext, LayerView, SplitFeatures,
@@ -60,26 +65,6 @@ class LraEEConfig:
     epochs: int = option(3, min=1)  # head training: Adam, batch 64, lr 5e-4 (the paper's recipe)
     batch_size: int = option(64, min=1)
     lr: float = option(5e-4, above=0)
-
-
-def inr(quantized: np.ndarray, fp32: np.ndarray) -> float:
-    """Information-to-noise ratio of one layer: ||E_x[z]||^2 / total Var_x[z_quantized - z_fp32].
-
-    Args:
-        quantized, fp32: [N, D] features of the same N samples (the same rows in the same order).
-
-    Returns:
-        The ratio; ``inf`` when the quantization error has no variance (an fp32 run).
-
-    Example:
-        >>> inr(np.array([[1.0, 0.0], [3.0, 0.0]]), np.array([[1.0, 0.0], [2.0, 0.0]]))
-        16.0
-    """
-    q = np.asarray(quantized, dtype=np.float64)
-    error = q - np.asarray(fp32, dtype=np.float64)
-    noise = float(error.var(axis=0).sum())
-    signal = float(np.sum(q.mean(axis=0) ** 2))
-    return math.inf if noise == 0.0 else signal / noise
 
 
 def prune_layers(layers: Sequence[int], values: Sequence[float], kappa: float = 0.5) -> list[int]:

@@ -39,6 +39,12 @@ keep one token count per sample, each pruning block keeps a fixed budget of
 ranking is learned, the budget is fixed per block, and matched-FLOPs sweeps
 vary only the budget of one trained pruner (:meth:`TokenPruner.with_knob`).
 
+A deviation, stated so the comparison with the paper's AdaViT row is read
+for what it is: AdaViT also learns to skip attention heads and whole
+blocks per image; neither is implemented here. This is DynamicViT-style
+token ranking under a fixed per-block budget, the part of AdaViT that
+prunes tokens.
+
 Devices: training runs where the backbone is (the random draws stay on the
 CPU, so a seed draws the same noise on every device); the trained networks
 are kept on the CPU and follow the tokens they score to their device

@@ -13,7 +13,8 @@ from harness.context import Context, HarnessConfig
 from harness.drivers import TraceView, replay
 from harness.policy import FitContext, create_method
 from methods.confidence import confidence_score
-from methods.lra_ee import GRID, choose_thresholds, inr, prune_layers
+from harness.fidelity import inr
+from methods.lra_ee import GRID, choose_thresholds, prune_layers
 
 # -- threshold search on a crafted gate split ------------------------------------------------------
 # Six samples, two exit layers (cost 0.5 and 0.75 of full depth, full depth 1.0), grid {0.3, 0.6, 0.9}.
@@ -114,7 +115,7 @@ def test_inr_against_numpy():
     fp32 = rng.normal(0.3, 1.0, size=(50, 8))
     quantized = fp32 + rng.normal(0.0, 0.05, size=(50, 8))
     eps = quantized - fp32
-    expected = np.linalg.norm(quantized.mean(axis=0)) ** 2 / np.trace(np.cov(eps.T, bias=True))
+    expected = np.linalg.norm(fp32.mean(axis=0)) ** 2 / np.trace(np.cov(eps.T, bias=True))  # fp32 signal
     assert inr(quantized, fp32) == pytest.approx(expected, rel=1e-10)
     assert inr(quantized.astype(np.float16), fp32.astype(np.float16)) == pytest.approx(expected, rel=0.05)
     assert inr(fp32, fp32) == math.inf

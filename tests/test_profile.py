@@ -18,7 +18,7 @@ def test_fp32_against_itself_has_no_error(ctx):
     profile = noise_profile(ctx, "fp32")
     assert len(profile.layers) == 12 and profile.samples == 24
     for layer in profile.layers:
-        assert layer.quant_error == 0 and layer.ratio == 0 and layer.cls_mse == 0
+        assert layer.quant_error == 0 and layer.ratio == 0 and layer.cls_mse == 0 and layer.relative_error == 0
         assert layer.cls_cosine == pytest.approx(1, abs=1e-6)
         assert layer.nat_update > 0
     assert profile.top1_quant == profile.top1_fp32
@@ -29,7 +29,7 @@ def test_first_block_numbers_against_a_direct_computation(ctx):
 
     profile = noise_profile(ctx, "fake-w4a4")
     fp32, (quant, _) = ctx.backbone, ctx.quantized("fake-w4a4")
-    split = ctx.splits["gate"]
+    split = ctx.splits["heads"]  # the profile's default split
     images = torch.stack([fp32.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in split.indices])
     with torch.no_grad():
         z0 = fp32.embed(images)
@@ -40,6 +40,10 @@ def test_first_block_numbers_against_a_direct_computation(ctx):
     assert first.nat_update == pytest.approx(nat, rel=1e-4)
     assert first.quant_error == pytest.approx(err, rel=1e-3)
     assert first.ratio == pytest.approx(err / nat, rel=1e-3)
+    relative = ((z1q - z1).flatten(1).norm(dim=1) / z1.flatten(1).norm(dim=1)).mean().item()
+    assert first.relative_error == pytest.approx(relative, rel=1e-3) and 0 < first.relative_error < 1
+    cosine = torch.nn.functional.cosine_similarity(z1q.flatten(1), z1.flatten(1), dim=1).mean().item()
+    assert first.token_cosine == pytest.approx(cosine, rel=1e-5)
 
 
 def test_coarser_quantization_drifts_more(ctx):
