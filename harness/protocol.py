@@ -183,3 +183,33 @@ def summarize(per_seed: list[list[dict[str, Any] | None]], budgets: tuple[float,
                           "std": float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None)}
         out.append(entry)
     return out
+
+
+def at_budget(bed: TestBed, seed: int, budget: float, methods: tuple[str, ...]) -> dict[str, Any]:
+    """Full depth, recalibration, the best static exit and each of ``methods`` at ``budget`` for ``seed``.
+
+    Each method row (None where the budget is out of reach) carries its
+    operating point, its gain over recalibration and over the best static
+    exit (McNemar p on the test samples), its net rescue over full depth
+    (rescued minus lost samples) and its earliest exit layer.
+    """
+    recal_name, recal = recalibration_point(bed, seed)
+    static = best_control(control_points(bed, seed, (budget,)), 0)
+    out: dict[str, Any] = {
+        "full_depth_top1": float(100 * bed.baseline_correct.mean()),
+        "recalibration": {"control": recal_name, **recal.as_dict()},
+        "best_static": None if static is None else {"control": static[0], **static[1].as_dict()},
+        "methods": {},
+    }
+    for name in methods:
+        (point,) = method_points(bed, name, seed, (budget,), {})
+        if point is None:
+            out["methods"][name] = None
+            continue
+        row = {**point.as_dict(), "net_rescue": quadrants(point.correct, bed.baseline_correct).net_rescue,
+               "earliest_exit": min(bed.fit(name, seed).exit_layers(), default=bed.num_blocks + 1)}
+        for label, reference in (("recalibration", recal), ("static", None if static is None else static[1])):
+            if reference is not None:
+                row[f"gain_vs_{label}"], row[f"p_vs_{label}"] = paired_gain(point, reference)
+        out["methods"][name] = row
+    return out

@@ -28,12 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from harness.evaluate import quadrants
 from harness.experiments import experiment
 from harness.experiments.figures import _figure
 from harness.experiments.report import Report
-from harness.protocol import (OperatingPoint, best_control, control_points, method_points, paired_gain,
-                              recalibration_point)
+from harness.protocol import at_budget
 from harness.testbed import TestBed
 
 METHODS = ("lra-ee", "pabee", "cls-ee")
@@ -57,38 +55,6 @@ def sweep_onsets(num_blocks: int) -> tuple[int, ...]:
     return tuple(sorted({num_blocks // 3 + 1, num_blocks // 2 + 1, default_onset(num_blocks)}))
 
 
-def scenario(bed: TestBed, seed: int, budget: float = BUDGET, methods: tuple[str, ...] = METHODS,
-             onset: int | None = None) -> dict[str, Any]:
-    """Full depth, recalibration, the best static exit and each method at ``budget`` under ``bed``'s quantizer.
-
-    Each method row says its gain over recalibration and over the best static
-    exit (McNemar p on the test samples), its net rescue over full depth, and
-    whether it can exit before block ``onset``.
-    """
-    recal_name, recal = recalibration_point(bed, seed)
-    static = best_control(control_points(bed, seed, (budget,)), 0)
-    out: dict[str, Any] = {
-        "full_depth_top1": float(100 * bed.baseline_correct.mean()),
-        "recalibration": {"control": recal_name, **recal.as_dict()},
-        "best_static": None if static is None else {"control": static[0], **static[1].as_dict()},
-        "methods": {},
-    }
-    for name in methods:
-        (point,) = method_points(bed, name, seed, (budget,), {})
-        earliest = min(bed.fit(name, seed).exit_layers(), default=bed.num_blocks + 1)
-        out["methods"][name] = None if point is None else {
-            **point.as_dict(), **_versus(point, recal, "recalibration"),
-            **(_versus(point, static[1], "static") if static else {}),
-            "net_rescue": quadrants(point.correct, bed.baseline_correct).net_rescue,
-            "earliest_exit": earliest, "exits_before_onset": None if onset is None else earliest < onset}
-    return out
-
-
-def _versus(point: OperatingPoint, reference: OperatingPoint, label: str) -> dict[str, float]:
-    gain, p = paired_gain(point, reference)
-    return {f"gain_vs_{label}": gain, f"p_vs_{label}": p}
-
-
 def _significant(row: dict[str, Any] | None) -> bool:
     return row is not None and row["gain_vs_recalibration"] > 0 and row["p_vs_recalibration"] < ALPHA
 
@@ -98,9 +64,9 @@ def validate(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     onset = default_onset(bed.num_blocks)
     quants = {"positive": f"noise-b{onset}-s{NOISE_SIZE:g}", "negative": "fp32"}
     seed_list = [bed.config.seed + s for s in range(seeds)]
-    controls = {role: [scenario(bed.derived(quant=quant), seed, onset=onset) for seed in seed_list]
+    controls = {role: [at_budget(bed.derived(quant=quant), seed, BUDGET, METHODS) for seed in seed_list]
                 for role, quant in quants.items()}
-    passing = [m for m in METHODS if all(_significant(run["methods"][m]) and run["methods"][m]["exits_before_onset"]
+    passing = [m for m in METHODS if all(_significant(run["methods"][m]) and run["methods"][m]["earliest_exit"] < onset
                                          for run in controls["positive"])]
     false_alarms = sorted({m for run in controls["negative"] for m in METHODS if _significant(run["methods"][m])})
     report = Report("validate")
@@ -173,7 +139,7 @@ def _sweep(bed: TestBed, report: Report) -> dict[str, Any]:
     for family, scenarios in families.items():
         data[family] = []
         for quant, onset, size in scenarios:
-            run = scenario(bed.derived(quant=quant, limit=limit), seed, onset=onset)
+            run = at_budget(bed.derived(quant=quant, limit=limit), seed, BUDGET, METHODS)
             data[family].append({"quant": quant, "onset": onset, "size": size, **run})
             static = run["best_static"]
             rows.append([family, onset, size, f"{run['full_depth_top1']:.2f}",
