@@ -190,8 +190,8 @@ def at_budget(bed: TestBed, seed: int, budget: float, methods: tuple[str, ...]) 
 
     Each method row (None where the budget is out of reach) carries its
     operating point, its gain over recalibration and over the best static
-    exit (McNemar p on the test samples), its net rescue over full depth
-    (rescued minus lost samples) and its earliest exit layer.
+    exit, its net rescue over full depth (rescued minus lost samples), each
+    with McNemar's p on the paired test samples, and its earliest exit layer.
     """
     recal_name, recal = recalibration_point(bed, seed)
     static = best_control(control_points(bed, seed, (budget,)), 0)
@@ -206,7 +206,8 @@ def at_budget(bed: TestBed, seed: int, budget: float, methods: tuple[str, ...]) 
         if point is None:
             out["methods"][name] = None
             continue
-        row = {**point.as_dict(), "net_rescue": quadrants(point.correct, bed.baseline_correct).net_rescue,
+        versus_full = quadrants(point.correct, bed.baseline_correct)
+        row = {**point.as_dict(), "net_rescue": versus_full.net_rescue, "p_vs_full_depth": versus_full.mcnemar_p,
                "earliest_exit": min(bed.fit(name, seed).exit_layers(), default=bed.num_blocks + 1)}
         for label, reference in (("recalibration", recal), ("static", None if static is None else static[1])):
             if reference is not None:

@@ -210,6 +210,7 @@ class TestBed:
         self.ctx = context if context is not None else Context(config, progress=progress)
         self.ctx.block_flops  # counted once here, shared by the per-seed contexts copied from this one
         self._seeded: dict[int, Context] = {}
+        self._controls: dict[tuple[str, int], ExitPolicy] = {}
         self.config = self.ctx.config
         self.test = self.ctx.trace(None, "test")
         self.labels = np.asarray(self.test.labels)
@@ -238,10 +239,13 @@ class TestBed:
         return fit_policy(self.seeded(seed), method, seed, **config)
 
     def fit_control(self, name: str, seed: int) -> ExitPolicy:
-        """The control ``name`` (:mod:`harness.controls`), fitted on the splits of ``seed`` (cached on disk)."""
+        """The control ``name`` (:mod:`harness.controls`), fitted on the splits of ``seed`` (cached on disk,
+        and kept here: the protocol and the default row of a run ask for the same fit)."""
         from harness.controls import create_control
 
-        return fit_instance(self.seeded(seed), create_control(name), seed)
+        if (name, seed) not in self._controls:
+            self._controls[name, seed] = fit_instance(self.seeded(seed), create_control(name), seed)
+        return self._controls[name, seed]
 
     def uses_real_driver(self, policy: ExitPolicy) -> bool:
         """Whether ``policy`` is scored by the real driver instead of replaying the traces.

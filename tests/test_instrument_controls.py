@@ -26,10 +26,11 @@ def test_validate_passes_on_the_embedded_default_and_fails_without_damage(tmp_pa
     # the damage costs the zero-shot model points, recalibration cannot undo it, and exiting before block 10 can
     assert positive["full_depth_top1"] < data["controls"]["negative"][0]["full_depth_top1"] - 5
     passing = [positive["methods"][m] for m in data["passing_methods"]]
-    assert passing and all(p["gain_vs_recalibration"] > 2 and p["p_vs_recalibration"] < 0.01
-                           and p["earliest_exit"] < 10 for p in passing)
+    assert passing and all(p["gain_vs_recalibration"] > 2 and p["p_vs_recalibration"] < 0.01 and p["net_rescue"] > 0
+                           and p["p_vs_full_depth"] < 0.01 and p["earliest_exit"] < 10 for p in passing)
     for row in data["controls"]["negative"][0]["methods"].values():
-        assert row is None or not (row["gain_vs_recalibration"] > 0 and row["p_vs_recalibration"] < 0.01)
+        assert row is None or not (row["gain_vs_recalibration"] > 0 and row["p_vs_recalibration"] < 0.01
+                                   and row["net_rescue"] > 0 and row["p_vs_full_depth"] < 0.01)
     table = (tmp_path / "ok").glob("*/tables.md").__next__().read_text()
     assert "positive control passed" in table and "negative control passed" in table
 
