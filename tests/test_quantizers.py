@@ -53,7 +53,12 @@ def test_quantizer_changes_exactly_the_layers_it_claims(name, embedded_backbone)
     assert len(targets) == expected_count
 
 
-@pytest.mark.parametrize("name", QUANTIZERS)
+# damage scenarios (harness/quantizers/_damage.py) inherit their base's batch invariance
+DAMAGE = ["noise-b10-s1", "noise-b4-s0.5-fake-w8a8", "outliers-b7-c4-x300-fake-w8a8",
+          "outliers-b7-c4-x300-fake-w8a8-tensor"]
+
+
+@pytest.mark.parametrize("name", QUANTIZERS + DAMAGE)
 def test_batch_invariance_is_measured_not_assumed(name, embedded_backbone, images):
     quantizer = create_quantizer(name)
     quantized = quantizer.quantize(embedded_backbone.visual)
