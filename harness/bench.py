@@ -22,17 +22,17 @@ import torch
 import torch.utils.benchmark as benchmark
 
 from harness.backbones import Backbone
-from harness.context import Context
+from harness.session import Session
 from harness.errors import DataError
 
 
-def _images(ctx: Context, backbone: Backbone, batch_size: int) -> torch.Tensor:
+def _images(session: Session, backbone: Backbone, batch_size: int) -> torch.Tensor:
     """``batch_size`` real test images through the backbone's own preprocessing."""
-    split = ctx.splits["test"]
+    split = session.splits["test"]
     count = min(batch_size, len(split))
     if count == 0:
         raise DataError("the test split is empty: nothing to time")
-    images = [backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in split.indices[:count]]
+    images = [backbone.preprocess(session.dataset.read_image(split.part, int(i))) for i in split.indices[:count]]
     batch = torch.stack(images)
     repeats = -(-batch_size // count)
     return batch.repeat(repeats, 1, 1, 1)[:batch_size].to(backbone.device)
@@ -55,13 +55,13 @@ def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds
     }
 
 
-def trace_overhead(ctx: Context, quant: str | None = None, rounds: int = 3) -> dict:
+def trace_overhead(session: Session, quant: str | None = None, rounds: int = 3) -> dict:
     """Trace driver vs plain ``visual(images)`` on the same quantized backbone."""
     from harness.trace import store_batch, trace_batch
 
-    backbone, _ = ctx.quantized(quant)
-    images = _images(ctx, backbone, ctx.config.batch_size)
-    classifier = ctx.classifier
+    backbone, _ = session.quantized(quant)
+    images = _images(session, backbone, session.config.batch_size)
+    classifier = session.classifier
     # the trace contender also copies its output to host arrays, as the driver does
     buffers = {name: np.empty(tuple(t.shape), dtype=t.cpu().numpy().dtype)
                for name, t in trace_batch(backbone, images, classifier).items()}
@@ -74,10 +74,10 @@ def trace_overhead(ctx: Context, quant: str | None = None, rounds: int = 3) -> d
             "trace_overhead_percent": 100 * overhead}
 
 
-def quantizer_throughput(ctx: Context, quants: list[str], rounds: int = 3) -> dict:
+def quantizer_throughput(session: Session, quants: list[str], rounds: int = 3) -> dict:
     """Vision-tower images/s per quantizer on the same images."""
-    backbones = {q: ctx.quantized(q)[0] for q in quants}
-    images = _images(ctx, ctx.backbone, ctx.config.batch_size)
+    backbones = {q: session.quantized(q)[0] for q in quants}
+    images = _images(session, session.backbone, session.config.batch_size)
     result = compare({q: (lambda b=b: b.visual(images)) for q, b in backbones.items()}, len(images), rounds)
     base = result[quants[0]]["images_per_s"]
     for timing in result.values():

@@ -147,10 +147,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         refuse_overwrite(out)  # now, not after minutes of tracing
 
     from harness import profile
-    from harness.context import Context
+    from harness.session import Session
 
-    ctx = Context(config)
-    result = profile.noise_profile(ctx, split=args.split)
+    session = Session(config)
+    result = profile.noise_profile(session, split=args.split)
     print(profile.format_table(result))
     paths = profile.save(result, out)
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -160,11 +160,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from harness.context import Context
-    from harness.evaluate import zero_shot_top1
+    from harness.session import Session
 
-    ctx = Context(_config(args, quant=None))
-    rows = [(q, zero_shot_top1(ctx, q, args.split)) for q in args.quant.split(",")]
+    session = Session(_config(args, quant=None))
+    rows = [(q, session.zero_shot_top1(q, args.split)) for q in args.quant.split(",")]
     print(tabulate(rows, headers=["quantizer", f"top-1 % ({args.split})"], floatfmt=".2f"))
     return 0
 
@@ -173,23 +172,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from harness import bench
-    from harness.context import Context
+    from harness.session import Session
     from harness.provenance import environment
     from harness.results import results_json
 
-    ctx = Context(_config(args))
+    session = Session(_config(args))
     if args.suite == "trace":
-        result = bench.trace_overhead(ctx, rounds=args.rounds)
-        print(f"{ctx.config.model} / {result['quant']}, batch {result['batch_size']}: "
+        result = bench.trace_overhead(session, rounds=args.rounds)
+        print(f"{session.config.model} / {result['quant']}, batch {result['batch_size']}: "
               f"trace overhead {result['trace_overhead_percent']:+.1f}%")
     else:
-        result = bench.quantizer_throughput(ctx, args.quants.split(","), rounds=args.rounds)
+        result = bench.quantizer_throughput(session, args.quants.split(","), rounds=args.rounds)
     rows = [(name, t["seconds_per_batch"] * 1e3, t["images_per_s"]) for name, t in result["timings"].items()]
     print(tabulate(rows, headers=["contender", "ms / batch (median)", "images / s"], floatfmt=".1f"))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(results_json({**result, **ctx.describe(), "environment": environment()}))
+        out.write_text(results_json({**result, **session.describe(), "environment": environment()}))
         print(f"wrote {out}")
     return 0
 

@@ -7,11 +7,12 @@ layers, tokens per block), so it serves both drivers and any method.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harness.context import Context
-from harness.trace import Trace
+if TYPE_CHECKING:
+    from harness.trace import Trace
 
 
 def top1(trace: Trace) -> float:
@@ -19,11 +20,6 @@ def top1(trace: Trace) -> float:
     if len(trace) == 0:
         raise ValueError("empty trace: no images were traced")
     return float(100 * np.mean(np.asarray(trace.logits).argmax(axis=1) == np.asarray(trace.labels)))
-
-
-def zero_shot_top1(ctx: Context, quant: str, split: str = "test") -> float:
-    """Full-depth zero-shot top-1 (%) of ``split`` under ``quant`` (traced and cached)."""
-    return top1(ctx.trace(quant, split))
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -119,12 +115,13 @@ def exit_distribution(exit_layer: np.ndarray, num_blocks: int) -> dict[int, floa
     return {layer: float(100 * c / len(exit_layer)) for layer, c in enumerate(counts) if c}
 
 
-def pareto_front(points: list[dict[str, float]]) -> list[dict[str, float]]:
-    """The points (each with ``flops_saving`` and ``top1``) no other point beats on both, by increasing saving."""
-    ordered = sorted(points, key=lambda p: (-p["flops_saving"], -p["top1"]))
+def pareto_front(points: list[dict[str, Any]], accuracy: str = "top1") -> list[dict[str, Any]]:
+    """The points (each with ``flops_saving`` and an ``accuracy`` entry) no other point beats on both,
+    by increasing saving."""
+    ordered = sorted(points, key=lambda p: (-p["flops_saving"], -p[accuracy]))
     front, best = [], -np.inf
     for p in ordered:
-        if p["top1"] > best:
+        if p[accuracy] > best:
             front.append(p)
-            best = p["top1"]
+            best = p[accuracy]
     return sorted(front, key=lambda p: p["flops_saving"])

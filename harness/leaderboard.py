@@ -28,6 +28,7 @@ from markupsafe import Markup
 
 from harness._io import atomic_write_text
 from harness.errors import ConfigError
+from harness.evaluate import pareto_front
 from harness.results import find_runs, read_metrics, without_machine_paths
 
 TEMPLATE = resources.files("harness") / "templates" / "leaderboard.html.j2"
@@ -191,7 +192,7 @@ def pareto_svg(rows: list[dict[str, Any]]) -> Markup:
     parts = [Markup('<svg class="pareto" width="{0}" height="{1}" viewBox="0 0 {0} {1}" role="img" '
                     'aria-label="top-1 against FLOPs saving">').format(width, height), frame.axes()]
     for group in groups:
-        front = _front([r for r in points if _group(r) == group])
+        front = pareto_front([r for r in points if _group(r) == group], accuracy="top1_mean")
         if len(front) > 1:
             coords = " ".join(f"{frame.px(r['flops_saving']):.1f},{frame.py(r['top1_mean']):.1f}" for r in front)
             parts.append(Markup('<polyline class="front" {} points="{}" stroke="{}"/>')
@@ -358,15 +359,6 @@ def _group(row: dict[str, Any]) -> tuple[str, str, str]:
 
 def _filter_attributes(row: dict[str, Any]) -> Markup:
     return Markup('data-backbone="{}" data-dataset="{}" data-quantizer="{}"').format(*_group(row))
-
-
-def _front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows no other row beats on both FLOPs saving and top-1, by increasing FLOPs saving."""
-    front: list[dict[str, Any]] = []
-    for r in sorted(rows, key=lambda r: (-r["flops_saving"], -r["top1_mean"])):
-        if not front or r["top1_mean"] > front[-1]["top1_mean"]:
-            front.append(r)
-    return front[::-1]
 
 
 def _clusters(points: list[dict[str, Any]], frame: _Frame) -> list[list[dict[str, Any]]]:

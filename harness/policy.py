@@ -198,7 +198,8 @@ class ExitPolicy(abc.ABC):
 
     Subclasses set ``Config`` (a dataclass of the method's options, each with a
     default) and ``needs`` (the :data:`FEATURES` they read), and implement
-    :meth:`fit`, :meth:`exit_layers` and :meth:`decide`. Learned parameters
+    :meth:`fit`; an exit policy also implements :meth:`exit_layers` and
+    :meth:`decide`. Learned parameters
     live in :meth:`state_dict` so that a fitted policy can be cached and
     reloaded without refitting.
 
@@ -248,16 +249,22 @@ class ExitPolicy(abc.ABC):
     def fit(self, ctx: FitContext) -> None:
         """Train heads/gates/thresholds on ``ctx.heads`` and ``ctx.gate``."""
 
-    @abc.abstractmethod
     def exit_layers(self) -> list[int]:
-        """Blocks (1-based, ascending) after which this policy may exit samples."""
+        """Blocks (1-based, ascending) after which this policy may exit samples; none by default (a token
+        policy that only prunes, or full depth)."""
+        return []
 
     def start_batch(self, batch_size: int) -> None:
         """Reset per-sample state before a new batch (e.g. PABEE's patience counters)."""
 
-    @abc.abstractmethod
     def decide(self, layer: int, view: LayerView) -> Decision:
-        """Which of ``view``'s samples exit after block ``layer``, with what logits."""
+        """Which of ``view``'s samples exit after block ``layer``, with what logits.
+
+        The drivers call it only at :meth:`exit_layers`, so a policy that exits
+        nobody needs none; one that declares exit layers must implement it.
+        """
+        raise NotImplementedError(f"{self.name or type(self).__name__} declares exit layers "
+                                  f"{self.exit_layers()} but implements no decide()")
 
     def keep_tokens(self, layer: int, view: LayerView) -> torch.Tensor | None:
         """Token policies: bool [B, N] patch tokens to keep after ``layer``; None keeps all.

@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from harness._io import atomic_write_text
-from harness.context import Context
-from harness.datasets import ImageBatches
+from harness.session import Session
 from harness.errors import DataError
 from harness.fidelity import ErrorMoments, relative_error
 from harness.provenance import environment
@@ -74,23 +73,22 @@ class Profile:
 
 
 @torch.inference_mode()
-def noise_profile(ctx: Context, quant: str | None = None, split: str = "heads") -> Profile:
+def noise_profile(session: Session, quant: str | None = None, split: str = "heads") -> Profile:
     """Run fp32 and ``quant`` side by side on ``split`` and collect per-block statistics."""
     from tqdm import tqdm
 
     started = time.perf_counter()
-    quant = quant or ctx.config.quant
-    fp32 = ctx.backbone
-    quantized, _ = ctx.quantized(quant)
-    classifier = ctx.classifier
+    quant = quant or session.config.quant
+    fp32 = session.backbone
+    quantized, _ = session.quantized(quant)
+    classifier = session.classifier
     n_blocks = fp32.num_blocks
     sums = {k: np.zeros(n_blocks) for k in ("nat", "err", "cls_se", "cls_cos", "pm_se", "pm_cos", "rel", "tok_cos")}
     moments = [ErrorMoments(fp32.width) for _ in range(n_blocks)]
     correct = np.zeros(2)
     samples = 0
-    batches = ImageBatches(ctx.dataset, ctx.splits[split], fp32.preprocess, ctx.config.batch_size,
-                           on_bad_image=ctx.config.on_bad_image)
-    for images, labels, _ in tqdm(batches, desc=f"profile {quant}", unit="batch", disable=not ctx.progress):
+    batches = session.image_batches(split)
+    for images, labels, _ in tqdm(batches, desc=f"profile {quant}", unit="batch", disable=not session.progress):
         images = images.to(fp32.device)
         z, zq = fp32.embed(images), quantized.embed(images)
         for i in range(n_blocks):
@@ -124,10 +122,10 @@ def noise_profile(ctx: Context, quant: str | None = None, split: str = "heads") 
         for i in range(n_blocks)
     ]
     return Profile(
-        quant=quant, split=split, samples=samples, batch_size=ctx.config.batch_size, layers=layers,
+        quant=quant, split=split, samples=samples, batch_size=session.config.batch_size, layers=layers,
         top1_fp32=100 * correct[0] / samples, top1_quant=100 * correct[1] / samples,
         wall_time_s=round(time.perf_counter() - started, 2),
-        bad_images=batches.bad_images, config=ctx.describe(quant), environment=environment(),
+        bad_images=batches.bad_images, config=session.describe(quant), environment=environment(),
     )
 
 

@@ -33,7 +33,8 @@ from harness.controls import CONTROL_FEATURES
 from harness.errors import ConfigError
 from harness.evaluate import quadrants
 from harness.policy import ExitPolicy
-from harness.testbed import TestBed
+from harness.scoring import Evaluation
+from harness.session import Session
 
 DEFAULT_BUDGETS = (10.0, 25.0, 40.0)
 
@@ -63,7 +64,12 @@ class OperatingPoint:
     gate_saving: float  # at least the budget
     test_top1: float
     test_saving: float
-    correct: np.ndarray = field(repr=False)  # bool per test sample
+    evaluation: Evaluation = field(repr=False)  # the chosen point on every test sample
+
+    @property
+    def correct(self) -> np.ndarray:
+        """bool per test sample."""
+        return self.evaluation.correct
 
     def as_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "knob": self.knob, "gate_top1": self.gate_top1,
@@ -71,14 +77,14 @@ class OperatingPoint:
                 "test_saving": self.test_saving}
 
 
-def gate_curve(bed: TestBed, policy: ExitPolicy, seed: int) -> list[dict[str, Any]]:
+def gate_curve(session: Session, policy: ExitPolicy, seed: int) -> list[dict[str, Any]]:
     """``policy`` at each value of its knob grid on the ``gate`` split: ``knob``, ``top1``, ``flops_saving``.
 
     A policy without a knob has one point, its own setting (``knob`` None).
     """
     if policy.knob is None:
-        return [{"knob": None, **bed.gate_point(policy, seed)}]
-    return [{"knob": value, **bed.gate_point(policy.with_knob(value), seed, desc=f"{policy.name} gate {value:g}")}
+        return [{"knob": None, **session.gate_point(policy, seed)}]
+    return [{"knob": value, **session.gate_point(policy.with_knob(value), seed, desc=f"{policy.name} gate {value:g}")}
             for value in policy.knob_grid]
 
 
@@ -91,14 +97,14 @@ def choose(curve: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
     return max(eligible, key=lambda p: (p["top1"], p["flops_saving"]))
 
 
-def _scored(bed: TestBed, policy: ExitPolicy, seed: int, budget: float, knob: float | None,
+def _scored(session: Session, policy: ExitPolicy, seed: int, budget: float, knob: float | None,
             gate: dict[str, Any]) -> OperatingPoint:
-    evaluation = bed.evaluate(policy, seed, desc=f"{policy.name} at {budget:g}% (real driver)")
+    evaluation = session.evaluate(policy, seed, desc=f"{policy.name} at {budget:g}% (real driver)")
     return OperatingPoint(budget, knob, gate["top1"], gate["flops_saving"], evaluation.metrics["top1"],
-                          evaluation.metrics["flops_saving"], evaluation.correct)
+                          evaluation.metrics["flops_saving"], evaluation)
 
 
-def policy_points(bed: TestBed, policy: ExitPolicy, seed: int, budgets: tuple[float, ...],
+def policy_points(session: Session, policy: ExitPolicy, seed: int, budgets: tuple[float, ...],
                   refit: Callable[[dict[str, Any]], ExitPolicy] | None = None) -> list[OperatingPoint | None]:
     """Fitted ``policy`` (a method or a control) at each budget for ``seed``; None where out of reach.
 
@@ -112,27 +118,27 @@ def policy_points(bed: TestBed, policy: ExitPolicy, seed: int, budgets: tuple[fl
         overrides = policy.budget_config(budget) if refit is not None else {}
         if overrides:
             fitted = refit(overrides)
-            gate = bed.gate_point(fitted, seed)
-            points.append(_scored(bed, fitted, seed, budget, None, gate) if gate["flops_saving"] >= budget else None)
+            gate = session.gate_point(fitted, seed)
+            points.append(_scored(session, fitted, seed, budget, None, gate) if gate["flops_saving"] >= budget else None)
             continue
-        curve = curve if curve is not None else gate_curve(bed, policy, seed)
+        curve = curve if curve is not None else gate_curve(session, policy, seed)
         chosen = choose(curve, budget)
         points.append(None if chosen is None else
-                      _scored(bed, policy if chosen["knob"] is None else policy.with_knob(chosen["knob"]),
+                      _scored(session, policy if chosen["knob"] is None else policy.with_knob(chosen["knob"]),
                               seed, budget, chosen["knob"], chosen))
     return points
 
 
-def method_points(bed: TestBed, name: str, seed: int, budgets: tuple[float, ...],
+def method_points(session: Session, name: str, seed: int, budgets: tuple[float, ...],
                   config: dict[str, Any]) -> list[OperatingPoint | None]:
     """``name`` (with ``config`` overrides) at each budget for ``seed``; None where the budget is out of reach."""
-    return policy_points(bed, bed.fit(name, seed, **config), seed, budgets,
-                         refit=lambda overrides: bed.fit(name, seed, **{**config, **overrides}))
+    return policy_points(session, session.fit(name, seed, **config), seed, budgets,
+                         refit=lambda overrides: session.fit(name, seed, **{**config, **overrides}))
 
 
-def control_points(bed: TestBed, seed: int, budgets: tuple[float, ...]) -> dict[str, list[OperatingPoint | None]]:
+def control_points(session: Session, seed: int, budgets: tuple[float, ...]) -> dict[str, list[OperatingPoint | None]]:
     """Each control's static exit at each budget for ``seed``, its block chosen on ``gate``."""
-    return {name: policy_points(bed, bed.fit_control(name, seed), seed, budgets) for name in CONTROL_FEATURES}
+    return {name: policy_points(session, session.fit_control(name, seed), seed, budgets) for name in CONTROL_FEATURES}
 
 
 def best_control(controls: dict[str, list[OperatingPoint | None]], index: int) -> tuple[str, OperatingPoint] | None:
@@ -157,14 +163,20 @@ def routing_gain(point: OperatingPoint, control: tuple[str, OperatingPoint] | No
     return {"control": name, "control_knob": reference.knob, "routing_gain": gain, "routing_p": p}
 
 
-def recalibration_point(bed: TestBed, seed: int) -> tuple[str, OperatingPoint]:
-    """The recalibration control for ``seed``: every sample runs the whole tower and is classified by a head
-    trained on the last block; of the CLS and the patch-mean head, the one with the better gate top-1."""
-    candidates = []
+def recalibration_points(session: Session, seed: int) -> dict[str, OperatingPoint]:
+    """Each control at its default block, the last, for ``seed``: recalibration, every sample running the
+    whole tower and classified by a head trained on the quantized last block (no FLOPs saved)."""
+    points = {}
     for name in CONTROL_FEATURES:
-        policy = bed.fit_control(name, seed)  # its default block is the last
-        candidates.append((name, _scored(bed, policy, seed, 0.0, bed.num_blocks, bed.gate_point(policy, seed))))
-    return max(candidates, key=lambda c: c[1].gate_top1)
+        policy = session.fit_control(name, seed)
+        points[name] = _scored(session, policy, seed, 0.0, session.num_blocks, session.gate_point(policy, seed))
+    return points
+
+
+def recalibration_point(session: Session, seed: int) -> tuple[str, OperatingPoint]:
+    """The recalibration control for ``seed``: of the CLS and the patch-mean head on the last block
+    (:func:`recalibration_points`), the one with the better gate top-1."""
+    return max(recalibration_points(session, seed).items(), key=lambda c: c[1].gate_top1)
 
 
 def summarize(per_seed: list[list[dict[str, Any] | None]], budgets: tuple[float, ...]) -> list[dict[str, Any]]:
@@ -185,7 +197,7 @@ def summarize(per_seed: list[list[dict[str, Any] | None]], budgets: tuple[float,
     return out
 
 
-def at_budget(bed: TestBed, seed: int, budget: float, methods: tuple[str, ...]) -> dict[str, Any]:
+def at_budget(session: Session, seed: int, budget: float, methods: tuple[str, ...]) -> dict[str, Any]:
     """Full depth, recalibration, the best static exit and each of ``methods`` at ``budget`` for ``seed``.
 
     Each method row (None where the budget is out of reach) carries its
@@ -193,22 +205,22 @@ def at_budget(bed: TestBed, seed: int, budget: float, methods: tuple[str, ...]) 
     exit, its net rescue over full depth (rescued minus lost samples), each
     with McNemar's p on the paired test samples, and its earliest exit layer.
     """
-    recal_name, recal = recalibration_point(bed, seed)
-    static = best_control(control_points(bed, seed, (budget,)), 0)
+    recal_name, recal = recalibration_point(session, seed)
+    static = best_control(control_points(session, seed, (budget,)), 0)
     out: dict[str, Any] = {
-        "full_depth_top1": float(100 * bed.baseline_correct.mean()),
+        "full_depth_top1": float(100 * session.baseline_correct.mean()),
         "recalibration": {"control": recal_name, **recal.as_dict()},
         "best_static": None if static is None else {"control": static[0], **static[1].as_dict()},
         "methods": {},
     }
     for name in methods:
-        (point,) = method_points(bed, name, seed, (budget,), {})
+        (point,) = method_points(session, name, seed, (budget,), {})
         if point is None:
             out["methods"][name] = None
             continue
-        versus_full = quadrants(point.correct, bed.baseline_correct)
+        versus_full = quadrants(point.correct, session.baseline_correct)
         row = {**point.as_dict(), "net_rescue": versus_full.net_rescue, "p_vs_full_depth": versus_full.mcnemar_p,
-               "earliest_exit": min(bed.fit(name, seed).exit_layers(), default=bed.num_blocks + 1)}
+               "earliest_exit": min(session.fit(name, seed).exit_layers(), default=session.num_blocks + 1)}
         for label, reference in (("recalibration", recal), ("static", None if static is None else static[1])):
             if reference is not None:
                 row[f"gain_vs_{label}"], row[f"p_vs_{label}"] = paired_gain(point, reference)

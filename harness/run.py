@@ -2,7 +2,7 @@
 
 For each seed the methods are fitted on the ``heads``/``gate`` traces
 (fitted states are cached) and scored on ``test`` by one driver per table
-(:meth:`~harness.testbed.TestBed.uses_real_driver`): under a batch-invariant
+(:meth:`~harness.session.Session.uses_real_driver`): under a batch-invariant
 quantizer exit methods replay the traces, which costs no backbone pass;
 token pruners, and every method under a batch-dependent quantizer, run the
 images through the real driver. Latency comes from the real early-exit
@@ -30,16 +30,16 @@ import torch
 
 from harness._io import atomic_path, atomic_write_text
 from harness.config import HarnessConfig
-from harness.context import Context
+from harness.session import Session
 from harness.drivers import ExitOutcome, TraceView, replay, run_early_exit
-from harness.datasets import ImageBatches, Split
+from harness.datasets import Split
 from harness.errors import ConfigError, DataError
 from harness.policy import METHODS, ExitPolicy, create_method
 from harness.protocol import (DEFAULT_BUDGETS, OperatingPoint, best_control, control_points, method_points,
-                              routing_gain, summarize)
+                              recalibration_points, routing_gain, summarize)
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION, results_json
-from harness.testbed import FullDepth, TestBed
+from harness.scoring import FullDepth
 
 
 def resolve_methods(spec: str) -> list[str]:
@@ -119,23 +119,22 @@ def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, flo
     return accuracy
 
 
-def _test_images(ctx: Context, count: int) -> tuple[torch.Tensor, np.ndarray]:
+def _test_images(session: Session, count: int) -> tuple[torch.Tensor, np.ndarray]:
     """The readable ones among the first ``count`` test images, preprocessed, and their dataset indices.
 
     Read through :class:`~harness.datasets.ImageBatches` like every other pass,
     so ``--on-bad-image`` applies here too.
     """
-    backbone, _ = ctx.quantized()
-    split = ctx.splits["test"]
+    backbone, _ = session.quantized()
+    split = session.splits["test"]
     first = Split(split.part, split.indices[:count])
-    batches = list(ImageBatches(ctx.dataset, first, backbone.preprocess, ctx.config.batch_size,
-                                on_bad_image=ctx.config.on_bad_image))
+    batches = list(session.image_batches(first, backbone=backbone))
     if not batches:
         raise DataError(f"none of the first {count} test images can be read (see --on-bad-image)")
     return torch.cat([images for images, _, _ in batches]), np.concatenate([indices for _, _, indices in batches])
 
 
-def driver_agreement(bed: TestBed, policies: dict[str, ExitPolicy], images: int) -> dict[str, Any]:
+def driver_agreement(session: Session, policies: dict[str, ExitPolicy], images: int) -> dict[str, Any]:
     """How often the real driver and trace replay disagree, on the first ``images`` test images.
 
     Replay classifies with features traced in full batches; the real driver
@@ -143,27 +142,26 @@ def driver_agreement(bed: TestBed, policies: dict[str, ExitPolicy], images: int)
     two agree exactly (tested), and the tables are replay's; for a
     batch-dependent one (per-tensor activation scales) a sample's features
     depend on who else is still in the batch, the tables are the real
-    driver's (:meth:`TestBed.uses_real_driver`), and this is the share of
+    driver's (:meth:`Session.uses_real_driver`), and this is the share of
     images whose exit layer or prediction replay would get wrong.
     ``full-depth`` isolates the effect of batch composition alone. Images the
     test trace skipped are skipped here too.
     """
-    ctx = bed.ctx
-    backbone, quantizer = ctx.quantized()
-    x, indices = _test_images(ctx, images)
-    trace_indices = np.asarray(bed.test.indices)
+    backbone, quantizer = session.quantized()
+    x, indices = _test_images(session, images)
+    trace_indices = np.asarray(session.test.indices)
     rows = np.searchsorted(trace_indices, indices)
     if not np.array_equal(trace_indices[np.minimum(rows, len(trace_indices) - 1)], indices):
         raise RuntimeError("an image read for the agreement pass is not in the test trace")
-    size = ctx.config.batch_size
+    size = session.config.batch_size
     result: dict[str, Any] = {"images": len(x), "batch_size": size, "batch_invariant": quantizer.batch_invariant,
                               "tables_from": "replay" if quantizer.batch_invariant else "real driver",
                               "methods": {}}
     for name, policy in {"full-depth": FullDepth(), **policies}.items():
-        parts = [run_early_exit(policy, backbone, x[i:i + size], ctx.classifier) for i in range(0, len(x), size)]
+        parts = [run_early_exit(policy, backbone, x[i:i + size], session.classifier) for i in range(0, len(x), size)]
         exit_layer = np.concatenate([p.exit_layer for p in parts])
         predictions = np.concatenate([p.predictions for p in parts])
-        reference = replay(policy, bed.test, bed.num_blocks, ctx.num_tokens - 1)
+        reference = replay(policy, session.test, session.num_blocks, session.num_tokens - 1)
         result["methods"][name] = {
             "prediction": float(100 * np.mean(predictions != reference.predictions[rows])),
             "exit_layer": float(100 * np.mean(exit_layer != reference.exit_layer[rows])),
@@ -171,29 +169,29 @@ def driver_agreement(bed: TestBed, policies: dict[str, ExitPolicy], images: int)
     return result
 
 
-def measure_latency(ctx: Context, policies: dict[str, ExitPolicy], images: int, repeats: int) -> dict[str, Any]:
+def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: int, repeats: int) -> dict[str, Any]:
     """Per-image median wall time of the real driver at batch 1 and at the run's batch size.
 
     Methods and the full-depth reference alternate within each repeat, so
     machine noise hits them alike; warm-up runs are excluded.
     """
-    backbone, _ = ctx.quantized()
-    x, _ = _test_images(ctx, images)
+    backbone, _ = session.quantized()
+    x, _ = _test_images(session, images)
     count = len(x)
-    batch = x[: min(ctx.config.batch_size, count)]
+    batch = x[: min(session.config.batch_size, count)]
     contenders = {"full-depth": FullDepth(), **policies}
     single: dict[str, list[float]] = {name: [] for name in contenders}
     batched: dict[str, list[float]] = {name: [] for name in contenders}
     for policy in contenders.values():  # warm-up
-        run_early_exit(policy, backbone, batch, ctx.classifier)
+        run_early_exit(policy, backbone, batch, session.classifier)
     for _ in range(repeats):
         for name, policy in contenders.items():
             for i in range(count):
                 start = time.perf_counter()
-                run_early_exit(policy, backbone, x[i:i + 1], ctx.classifier)
+                run_early_exit(policy, backbone, x[i:i + 1], session.classifier)
                 single[name].append(time.perf_counter() - start)
             start = time.perf_counter()
-            run_early_exit(policy, backbone, batch, ctx.classifier)
+            run_early_exit(policy, backbone, batch, session.classifier)
             batched[name].append((time.perf_counter() - start) / len(batch))
     full_1, full_b = statistics.median(single["full-depth"]), statistics.median(batched["full-depth"])
     return {
@@ -253,14 +251,13 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     if seeds < 1 or latency_images < 1 or agreement_images < 0:
         raise ConfigError(f"seeds ({seeds}) and latency_images ({latency_images}) must be at least 1, "
                           f"agreement_images ({agreement_images}) at least 0")
-    ctx = Context(config)
-    check_methods(methods, overrides or {}, ctx.backbone.num_blocks)
-    bed = TestBed(config, context=ctx)
-    c, test, labels = bed.config, bed.test, bed.labels
+    session = Session(config)
+    check_methods(methods, overrides or {}, session.num_blocks)
+    c, test, labels = session.config, session.test, session.labels
     rows, frames = {}, []
     for name, quant in (("full-depth fp32", "fp32"), (f"full-depth {c.quant}", None)):
-        trace = test if quant is None else bed.ctx.trace(quant, "test")
-        full = bed.evaluate(FullDepth(), c.seed, dataclasses.replace(bed.full, logits=np.asarray(trace.logits)))
+        trace = test if quant is None else session.trace(quant, "test")
+        full = session.evaluate(FullDepth(), c.seed, dataclasses.replace(session.full, logits=np.asarray(trace.logits)))
         rows[name] = {"per_seed": [full.metrics], "kind": "baseline"}
         frames.append(_frame(name, c.seed, test, full.outcome, full.flops))
 
@@ -268,25 +265,27 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     failures: dict[str, str] = {}
     seed_list = [c.seed + s for s in range(seeds)]
     bar = tqdm(total=(len(methods) + 1) * seeds, desc="fit, choose on gate, score", unit="fit",
-               disable=not bed.ctx.progress)
+               disable=not session.progress)
     controls: list[dict[str, list[OperatingPoint | None]]] = []
+    recalibration: list[dict[str, OperatingPoint]] = []  # each control's default row: its last block
     for seed in seed_list:
         bar.set_postfix_str(f"controls seed {seed}")
-        controls.append(control_points(bed, seed, budgets))
+        controls.append(control_points(session, seed, budgets))
+        recalibration.append(recalibration_points(session, seed))
         bar.update()
     for name in controls[0]:
         per_seed = []
-        for seed in seed_list:
-            result = bed.evaluate(bed.fit_control(name, seed), seed)  # the last block: recalibration
+        for seed, seed_recalibration in zip(seed_list, recalibration):
+            result = seed_recalibration[name].evaluation
             per_seed.append(result.metrics)
             frames.append(_frame(name, seed, test, result.outcome, result.flops))
         points = [[None if p is None else p.as_dict() for p in seed_controls[name]] for seed_controls in controls]
-        control = bed.fit_control(name, c.seed)
+        control = session.fit_control(name, c.seed)
         rows[name] = {"per_seed": per_seed, "kind": control.kind, "config": control.describe()["config"],
                       "operating_points": {"per_seed": points, "summary": summarize(points, budgets)}}
     for name in methods:
         try:
-            per_seed, points, method_frames = _fit_and_score(bed, name, seed_list, (overrides or {}).get(name, {}),
+            per_seed, points, method_frames = _fit_and_score(session, name, seed_list, (overrides or {}).get(name, {}),
                                                              fitted, bar, budgets, controls)
         except Exception as exc:  # one broken method must not lose the others' results
             failures[name] = _failure(name, exc)
@@ -302,21 +301,21 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     exit_policies = {name: policy for name, policy in fitted.items() if not policy.prunes_tokens}
     metrics = {
         "schema_version": SCHEMA_VERSION,
-        "run": {**bed.ctx.describe(), "methods": methods, "overrides": overrides or {}, "seeds": seeds,
+        "run": {**session.describe(), "methods": methods, "overrides": overrides or {}, "seeds": seeds,
                 "budgets": list(budgets), "controls": list(controls[0]),
-                "test_samples": len(labels), "bad_images": _bad_images(bed.ctx),
-                "full_depth_flops": bed.full_flops, "wall_time_s": None},
+                "test_samples": len(labels), "bad_images": _bad_images(session),
+                "full_depth_flops": session.full_flops, "wall_time_s": None},
         "failures": failures,
         "environment": environment(),
         "rows": rows,
-        "latency": measure_latency(bed.ctx, fitted, latency_images, latency_repeats) if latency else None,
-        "driver_agreement": driver_agreement(bed, exit_policies, agreement_images) if agreement_images else None,
+        "latency": measure_latency(session, fitted, latency_images, latency_repeats) if latency else None,
+        "driver_agreement": driver_agreement(session, exit_policies, agreement_images) if agreement_images else None,
     }
     metrics["run"]["wall_time_s"] = round(time.time() - started, 1)
     return metrics, pd.concat(frames, ignore_index=True)
 
 
-def _fit_and_score(bed: TestBed, name: str, seeds: list[int], config: dict[str, Any],
+def _fit_and_score(session: Session, name: str, seeds: list[int], config: dict[str, Any],
                    fitted: dict[str, ExitPolicy], bar,
                    budgets: tuple[float, ...], controls: list[dict[str, list[OperatingPoint | None]]],
                    ) -> tuple[list[dict[str, Any]], list[list[dict[str, Any] | None]], list["pd.DataFrame"]]:  # noqa: F821
@@ -328,14 +327,14 @@ def _fit_and_score(bed: TestBed, name: str, seeds: list[int], config: dict[str, 
     per_seed, points, frames = [], [], []
     for seed, seed_controls in zip(seeds, controls):
         bar.set_postfix_str(f"{name} seed {seed}")
-        policy = bed.fit(name, seed, **config)
+        policy = session.fit(name, seed, **config)
         fitted.setdefault(name, policy)
-        result = bed.evaluate(policy, seed, desc=f"{name} seed {seed} (real driver)")
-        result.metrics["layer_accuracy"] = layer_accuracy(policy, bed.test, bed.ctx.classifier.shape[0])
+        result = session.evaluate(policy, seed, desc=f"{name} seed {seed} (real driver)")
+        result.metrics["layer_accuracy"] = layer_accuracy(policy, session.test, session.classifier.shape[0])
         per_seed.append(result.metrics)
-        frames.append(_frame(name, seed, bed.test, result.outcome, result.flops))
+        frames.append(_frame(name, seed, session.test, result.outcome, result.flops))
         points.append([None if point is None else {**point.as_dict(), **routing_gain(point, best_control(seed_controls, i))}
-                       for i, point in enumerate(method_points(bed, name, seed, budgets, config))])
+                       for i, point in enumerate(method_points(session, name, seed, budgets, config))])
         bar.update()
     return per_seed, points, frames
 
@@ -351,12 +350,12 @@ def _failure(name: str, exc: Exception) -> str:
     return reason
 
 
-def _bad_images(ctx: Context) -> dict[str, list[dict]]:
+def _bad_images(session: Session) -> dict[str, list[dict]]:
     """The images skipped as unreadable in each split (split -> entries of ``ImageBatches.bad_images``)."""
     out = {}
-    for name, split in ctx.splits.items():
+    for name, split in session.splits.items():
         members = set(split.indices.tolist())
-        out[name] = [b for b in ctx.trace(None, name).bad_images if b["index"] in members]
+        out[name] = [b for b in session.trace(None, name).bad_images if b["index"] in members]
     return out
 
 

@@ -168,12 +168,13 @@ def screen_default_quantizer(candidates: tuple[str, ...] = DEFAULT_CANDIDATES) -
     first whose full-depth zero-shot top-1 falls at least
     :data:`DEFAULT_MIN_DROP` points below fp32 is chosen. Stored in card.json.
     """
-    from harness.context import Context, HarnessConfig
+    from harness.config import HarnessConfig
+    from harness.session import Session
 
-    ctx = Context(HarnessConfig(model="embedded", data="embedded"))
+    session = Session(HarnessConfig(model="embedded", data="embedded"))
 
     def holdout_top1(quant: str) -> float:
-        traces = [ctx.trace(quant, split) for split in ("heads", "gate")]
+        traces = [session.trace(quant, split) for split in ("heads", "gate")]
         correct = sum(int((np.asarray(t.logits).argmax(1) == np.asarray(t.labels)).sum()) for t in traces)
         return 100 * correct / sum(len(t) for t in traces)
 
@@ -181,7 +182,7 @@ def screen_default_quantizer(candidates: tuple[str, ...] = DEFAULT_CANDIDATES) -
     chosen = next((q for q in candidates if percent["fp32"] - percent[q] >= DEFAULT_MIN_DROP), None)
     card = json.loads(embedded.CARD_PATH.read_text())
     card["default_quantizer_screening"] = {
-        "split": f"embedded heads + gate splits (seed {ctx.config.seed}; the holdout images, never test)",
+        "split": f"embedded heads + gate splits (seed {session.config.seed}; the holdout images, never test)",
         "rule": f"the first candidate, mildest first, whose full-depth top-1 is at least {DEFAULT_MIN_DROP:g} "
                 f"points below fp32; every candidate is batch-invariant",
         "percent": percent, "chosen": chosen,
@@ -192,16 +193,16 @@ def screen_default_quantizer(candidates: tuple[str, ...] = DEFAULT_CANDIDATES) -
 
 def record_accuracies(quantizers: tuple[str, ...] = CARD_QUANTIZERS) -> dict[str, float]:
     """Measure the shipped weights' zero-shot test top-1 per quantizer; store it in card.json."""
-    from harness.context import Context, HarnessConfig
-    from harness.evaluate import zero_shot_top1
+    from harness.config import HarnessConfig
+    from harness.session import Session
 
-    ctx = Context(HarnessConfig(model="embedded", data="embedded"))
-    accuracies = {q: round(zero_shot_top1(ctx, q, "test"), 2) for q in dict.fromkeys(quantizers)}
+    session = Session(HarnessConfig(model="embedded", data="embedded"))
+    accuracies = {q: round(session.zero_shot_top1(q, "test"), 2) for q in dict.fromkeys(quantizers)}
     card = json.loads(embedded.CARD_PATH.read_text())
     card["zero_shot_test_top1"] = {
-        "split": f"embedded test ({len(ctx.splits['test'])} images, Fashion-MNIST t10k)",
-        "batch_size": ctx.config.batch_size,
-        "text_precision": ctx.config.text_precision,
+        "split": f"embedded test ({len(session.splits['test'])} images, Fashion-MNIST t10k)",
+        "batch_size": session.config.batch_size,
+        "text_precision": session.config.text_precision,
         "percent": accuracies,
     }
     atomic_write_text(embedded.CARD_PATH, json.dumps(card, indent=2) + "\n")

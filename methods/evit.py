@@ -18,15 +18,13 @@ extra work (keys of every token, the CLS query, the scores) is counted in
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from harness.options import BLOCKS_BUT_LAST, option
-from harness.policy import KEEP_RATIO_GRID, Decision, ExitPolicy, FitContext, LayerView, keep_top, register_method
+from harness.policy import KEEP_RATIO_GRID, ExitPolicy, FitContext, LayerView, keep_top, register_method
 
 
 @dataclass
@@ -69,12 +67,6 @@ class EViT(ExitPolicy):
             raise ValueError(f"evit: prune_after {layers} must be ascending blocks in 1..{ctx.num_blocks - 1}")
         grid = ctx.backbone.visual.grid_size
         self.num_patches, self.width = int(grid[0] * grid[1]), int(ctx.width)
-
-    def exit_layers(self) -> list[int]:
-        return []
-
-    def decide(self, layer: int, view: LayerView) -> Decision:  # never called: no exit layers
-        raise AssertionError("evit exits nobody")
 
     def keep_tokens(self, layer: int, view: LayerView) -> torch.Tensor | None:
         if layer not in self.config.prune_after:

@@ -53,7 +53,6 @@ are kept on the CPU and follow the tokens they score to their device
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -67,7 +66,7 @@ from torch import nn
 from harness.drivers import on_device
 from harness.errors import ConfigError
 from harness.options import BLOCKS_BUT_LAST, option
-from harness.policy import KEEP_RATIO_GRID, Decision, ExitPolicy, FitContext, LayerView, keep_top, register_method
+from harness.policy import KEEP_RATIO_GRID, ExitPolicy, FitContext, LayerView, keep_top, register_method
 from harness.quantizers._fake import FakeQuantLinear, fake_quantize
 
 
@@ -321,12 +320,6 @@ class TokenPruner(ExitPolicy):
                        "last_usage_loss": float(usage.detach().mean())}
 
     # -- inference -------------------------------------------------------------------------------
-    def exit_layers(self) -> list[int]:
-        return []
-
-    def decide(self, layer: int, view: LayerView) -> Decision:  # never called: no exit layers
-        raise AssertionError("token-pruner exits nobody")
-
     def keep_tokens(self, layer: int, view: LayerView) -> torch.Tensor | None:
         if str(layer) not in self.nets:
             return None

@@ -54,7 +54,7 @@ def cache_dir(tmp_path):
 
 @pytest.fixture
 def count_calls(monkeypatch):
-    """``count_calls(module, "name")`` wraps a module function and returns a live ``{"n": calls}`` counter."""
+    """``count_calls(owner, "name")`` wraps a module function or a class's method and returns a live ``{"n": calls}`` counter."""
 
     def wrap(module, name: str) -> dict:
         calls = {"n": 0}

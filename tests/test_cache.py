@@ -12,9 +12,9 @@ import pytest
 
 from harness.cli import main
 from harness.config import HarnessConfig
-from harness.context import Context
+from harness.session import Session
 from harness.policy import METHODS, create_method
-from harness.testbed import fit_digest, fit_policy
+from harness.session import fit_digest
 from methods.cls_ee import ClsEE
 
 PLUGIN = '''
@@ -38,8 +38,8 @@ class CacheTestPlugin(PerLayerHeads):
 '''
 
 
-def _context(cache_dir) -> Context:
-    return Context(HarnessConfig(limit=64, batch_size=64, cache_dir=str(cache_dir)), progress=False)
+def _context(cache_dir) -> Session:
+    return Session(HarnessConfig(limit=64, batch_size=64, cache_dir=str(cache_dir)), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -80,36 +80,36 @@ def test_outside_plugin_refits_after_a_change_to_a_base_module(tmp_path, warm_di
     shutil.copy(methods._heads.__file__, heads_copy)
     monkeypatch.setattr(methods._heads, "__file__", str(heads_copy))
 
-    ctx = _context(warm_dir)
-    fit_policy(ctx, plugin.name, 0, epochs=1)
-    fit_policy(ctx, plugin.name, 0, epochs=1)
+    _context(warm_dir).fit(plugin.name, 0, epochs=1)
+    _context(warm_dir).fit(plugin.name, 0, epochs=1)  # a new session: from the disk cache
     assert plugin.fits == 1  # unchanged code: cached
     with heads_copy.open("a") as fh:
         fh.write("# a one-line change\n")
-    fit_policy(ctx, plugin.name, 0, epochs=1)
+    _context(warm_dir).fit(plugin.name, 0, epochs=1)
     assert plugin.fits == 2
 
 
-def _classifier(ctx: Context) -> str:
+def _classifier(ctx: Session) -> str:
     classifier = ctx.backbone.zero_shot_classifier(ctx.dataset.classnames, ctx.dataset.templates,
                                                    ctx.config.text_precision, ctx.cache_dir)  # as ctx.classifier
     return hashlib.sha256(classifier.numpy().tobytes()).hexdigest()
 
 
-def _heads_fit(ctx: Context) -> str:
+def _heads_fit(ctx: Session) -> str:
     policy = create_method("cls-ee", epochs=1)
     policy.fit(ctx.fit_context())  # through FitContext.cached, not the policy cache
     return fit_digest(policy)
 
 
-def _policy(ctx: Context) -> str:
-    return fit_digest(fit_policy(ctx, "cls-ee", 0, epochs=1))
+def _policy(ctx: Session) -> str:
+    fresh = Session(ctx.config, progress=False)  # a session keeps its fits: a new one reads the cache entry
+    return fit_digest(fresh.fit("cls-ee", 0, epochs=1))
 
 
 @pytest.mark.parametrize("kind, result", [("classifiers", _classifier), ("fits", _heads_fit),
                                           ("policies", _policy)])
 def test_a_flipped_byte_is_detected_and_rebuilt(kind, result, warm_dir, capsys):
-    ctx = _context(warm_dir)  # each result reads its cache entry again: the context keeps no copy
+    ctx = _context(warm_dir)  # each result reads its cache entry again
     fresh = result(ctx)
     [entry] = (warm_dir / kind).rglob("*.pt")
     data = bytearray(entry.read_bytes())
@@ -136,7 +136,7 @@ class NumpyState(ClsEE):
 def test_a_state_that_cannot_be_loaded_back_fails_at_save(warm_dir, monkeypatch):
     _register(monkeypatch, NumpyState)
     with pytest.raises(TypeError, match=r"method 'numpy-state'.*'calibration'.*numpy\.ndarray"):
-        fit_policy(_context(warm_dir), "numpy-state", 0, epochs=1)
+        _context(warm_dir).fit("numpy-state", 0, epochs=1)
     assert not list((warm_dir / "policies").rglob("*.pt"))
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from harness.config import HarnessConfig
-from harness.context import Context
+from harness.session import Session
 from harness.drivers import on_device, replay, run_early_exit
 from harness.policy import METHODS, create_method
 
@@ -43,15 +43,15 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def _fitted(name: str, ctx: Context):
+def _fitted(name: str, ctx: Session):
     config = {"epochs": 1} if "epochs" in METHODS.get(name).Config.__dataclass_fields__ else {}
     policy = create_method(name, **config)
     policy.fit(ctx.fit_context("fp32"))
     return policy
 
 
-def _real(policy, ctx: Context):
-    """The real driver over the test split in the trace's batches (as :func:`harness.testbed.real_outcome`)."""
+def _real(policy, ctx: Session):
+    """The real driver over the test split in the trace's batches (as :meth:`harness.session.Session.real_outcome`)."""
     split, backbone = ctx.splits["test"], ctx.backbone
     images = torch.stack([backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in split.indices])
     size = ctx.config.batch_size
@@ -61,10 +61,10 @@ def _real(policy, ctx: Context):
 
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory):
-    """device -> a small fp32 Context of the embedded default (64 images per split), one cache."""
+    """device -> a small fp32 Session of the embedded default (64 images per split), one cache."""
     cache = str(tmp_path_factory.mktemp("cache"))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return {device: Context(HarnessConfig(limit=64, batch_size=32, quant="fp32", device=device, cache_dir=cache),
+    return {device: Session(HarnessConfig(limit=64, batch_size=32, quant="fp32", device=device, cache_dir=cache),
                             progress=False) for device in devices}
 
 
@@ -140,6 +140,6 @@ def test_gpu_fp32_matches_the_cpu_without_tf32(contexts):
 def test_cpu_only_quantizers_refuse_the_gpu_in_one_line(tmp_path):
     from harness.quantizers import QuantizerUnavailable
 
-    ctx = Context(HarnessConfig(quant="int8-dynamic", device="cuda", cache_dir=str(tmp_path)), progress=False)
+    ctx = Session(HarnessConfig(quant="int8-dynamic", device="cuda", cache_dir=str(tmp_path)), progress=False)
     with pytest.raises(QuantizerUnavailable, match="^quantizer 'int8-dynamic' runs on cpu, not cuda$"):
         ctx.quantized()

@@ -116,15 +116,15 @@ def test_compare_chooses_on_gate_at_lra_ees_gate_saving(experiments_out):
 
 
 def test_with_knob_copies_the_fitted_policy_and_leaves_it_alone(tmp_path):
-    from harness.testbed import TestBed
+    from harness.session import Session
 
-    bed = TestBed(HarnessConfig(limit=64, batch_size=32, cache_dir=str(tmp_path)).resolved(), progress=False)
+    bed = Session(HarnessConfig(limit=64, batch_size=32, cache_dir=str(tmp_path)).resolved(), progress=False)
     for name, value in (("cls-ee", 0.5), ("pabee", 1), ("lra-ee", 0.3)):
         policy = bed.fit(name, 0)
-        before = bed.score(policy, 0)
+        before = bed.evaluate(policy, 0).metrics
         variant = policy.with_knob(value)
-        assert variant is not policy and bed.score(policy, 0) == before
-        assert bed.score(variant, 0)["flops_saving"] >= before["flops_saving"] - 1e-9  # a lower setting exits more
+        assert variant is not policy and bed.evaluate(policy, 0).metrics == before
+        assert bed.evaluate(variant, 0).metrics["flops_saving"] >= before["flops_saving"] - 1e-9  # a lower setting exits more
         if name != "lra-ee":
             assert getattr(variant.config, policy.knob) == value
             assert policy.with_knob(getattr(policy.config, policy.knob)) is policy

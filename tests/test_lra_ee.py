@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.context import Context, HarnessConfig
+from harness.config import HarnessConfig
+from harness.session import Session
 from harness.drivers import TraceView, replay
 from harness.policy import FitContext, create_method
 from methods.confidence import confidence_score
@@ -157,7 +158,7 @@ def test_inr_rule_drops_the_noisy_layer_of_a_crafted_trace():
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return Context(HarnessConfig(limit=64, batch_size=32, quant="fp32", cache_dir=str(cache)), progress=False)
+    return Session(HarnessConfig(limit=64, batch_size=32, quant="fp32", cache_dir=str(cache)), progress=False)
 
 
 @pytest.fixture(scope="module")

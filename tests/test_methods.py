@@ -67,10 +67,10 @@ def test_head_feature_must_exist():
 def test_methods_with_one_head_recipe_train_the_heads_once(tmp_path, count_calls):
     import methods._heads as heads_module  # trains through harness.heads.train_heads, imported there
     from harness.config import HarnessConfig
-    from harness.context import Context
+    from harness.session import Session
 
     trained = count_calls(heads_module, "train_heads")
-    ctx = Context(HarnessConfig(limit=64, batch_size=32, cache_dir=str(tmp_path)), progress=False)
+    ctx = Session(HarnessConfig(limit=64, batch_size=32, cache_dir=str(tmp_path)), progress=False)
     cls_ee = create_method("cls-ee", epochs=1)
     cls_ee.fit(ctx.fit_context())
     confidence = create_method("confidence", epochs=1, score="entropy", threshold=0.5)

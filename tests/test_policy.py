@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.context import Context, HarnessConfig
+from harness.config import HarnessConfig
+from harness.session import Session
 from harness.drivers import TraceView, replay, run_early_exit
 from harness.policy import METHODS, create_method
 
@@ -12,7 +13,7 @@ from harness.policy import METHODS, create_method
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return Context(HarnessConfig(limit=64, batch_size=32, quant="fp32", cache_dir=str(cache)), progress=False)
+    return Session(HarnessConfig(limit=64, batch_size=32, quant="fp32", cache_dir=str(cache)), progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,15 @@ import json
 
 import pytest
 
-from harness.context import Context, HarnessConfig
+from harness.config import HarnessConfig
+from harness.session import Session
 from harness.profile import noise_profile
 
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return Context(HarnessConfig(limit=24, batch_size=12, cache_dir=str(cache)), progress=False)
+    return Session(HarnessConfig(limit=24, batch_size=12, cache_dir=str(cache)), progress=False)
 
 
 def test_fp32_against_itself_has_no_error(ctx):
@@ -57,13 +58,13 @@ def test_coarser_quantization_drifts_more(ctx):
 
 
 def test_existing_results_are_not_overwritten_and_nothing_is_computed(tmp_path, capsys, monkeypatch):
-    import harness.context
+    import harness.session
     from harness.cli import main
 
     def no_computation(*args, **kwargs):
         raise AssertionError("the output folder is checked before any computation")
 
-    monkeypatch.setattr(harness.context, "Context", no_computation)
+    monkeypatch.setattr(harness.session, "Session", no_computation)
     out = tmp_path / "profile"
     out.mkdir()
     (out / "profile.json").write_text("committed")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from harness.config import HarnessConfig
-from harness.context import Context
+from harness.session import Session
 from harness.errors import ConfigError
 from harness.protocol import choose, parse_budgets
 from harness.run import format_tables, run
@@ -49,14 +49,14 @@ def test_permuting_the_test_labels_changes_no_choice(tmp_path, monkeypatch):
     budgets = (10.0, 25.0, 40.0)
     plain, _ = run(config, methods, seeds=2, latency=False, agreement_images=0, budgets=budgets)
 
-    original = Context.trace
+    original = Session.trace
     shuffle = np.random.default_rng(0).permutation
 
     def shuffled_test_labels(self, quant, split):
         trace = original(self, quant, split)
         return dataclasses.replace(trace, labels=shuffle(np.asarray(trace.labels))) if split == "test" else trace
 
-    monkeypatch.setattr(Context, "trace", shuffled_test_labels)
+    monkeypatch.setattr(Session, "trace", shuffled_test_labels)
     permuted, _ = run(config, methods, seeds=2, latency=False, agreement_images=0, budgets=budgets)
 
     assert plain["failures"] == {} and permuted["failures"] == {}
@@ -100,19 +100,19 @@ def test_every_method_row_has_operating_points_with_routing_gain(tmp_path):
 
 def test_one_driver_per_table_the_real_one_under_a_batch_dependent_quantizer(tmp_path):
     from harness.drivers import replay
-    from harness.testbed import TestBed, real_outcome
+    from harness.session import Session
 
     config = HarnessConfig(limit=96, batch_size=32, quant="fake-w8a3-tensor", cache_dir=str(tmp_path)).resolved()
-    bed = TestBed(config, progress=False)
+    bed = Session(config, progress=False)
     policy = bed.fit("cls-ee", 0).with_knob(0.3)  # a low threshold: many exits, so batches change
     assert bed.uses_real_driver(policy)
-    scored, real = bed.outcome(policy), real_outcome(bed.ctx, policy, bed.test)
-    replayed = replay(policy, bed.test, bed.num_blocks, bed.ctx.num_tokens - 1)
+    scored, real = bed.outcome(policy), bed.real_outcome(policy, bed.test)
+    replayed = replay(policy, bed.test, bed.num_blocks, bed.num_tokens - 1)
     assert np.array_equal(scored.exit_layer, real.exit_layer) and np.array_equal(scored.predictions, real.predictions)
     assert not np.array_equal(replayed.exit_layer, real.exit_layer), "no disagreement: the test cannot tell"
     # gate points (what operating points are chosen on) come from the same driver
     gate = bed.seeded(0).trace(None, "gate")
-    gate_real = real_outcome(bed.seeded(0), policy, gate, split="gate")
+    gate_real = bed.seeded(0).real_outcome(policy, gate, split="gate")
     flops_saving = bed.gate_point(policy, 0)["flops_saving"]
     assert bed.gate_point(policy, 0)["top1"] == pytest.approx(
         100 * np.mean(gate_real.predictions == np.asarray(gate.labels)))

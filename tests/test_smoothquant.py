@@ -6,7 +6,7 @@ import torch
 
 from harness.backbones import state_dict_sha256
 from harness.config import HarnessConfig
-from harness.context import Context
+from harness.session import Session
 from harness.errors import ConfigError
 from harness.quantizers import QuantizerUnavailable, create_quantizer, list_quantizers
 from harness.quantizers._smooth import SmoothQuant, smoothing_factors
@@ -105,7 +105,7 @@ def test_through_context_calibrates_on_the_gate_split_and_traces(tmp_path, monke
     monkeypatch.setattr(SmoothQuant, "calibrate", lambda self, visual, images: (seen.append(images),
                                                                                 calibrate(self, visual, images))[1])
     config = HarnessConfig(limit=64, batch_size=32, quant="smoothquant-fake-w8a3-tensor", cache_dir=str(tmp_path))
-    ctx = Context(config, progress=False)
+    ctx = Session(config, progress=False)
     trace = ctx.trace(None, "test")
     assert len(trace) == 64 and np.isfinite(trace.logits).all()
 
@@ -122,15 +122,15 @@ def test_through_context_calibrates_on_the_gate_split_and_traces(tmp_path, monke
     assert recorded["batch_invariant"] is False
 
     # the same config finds the same cache entry; another seed's gate split gives another key
-    assert Context(config, progress=False).trace(None, "test").path == trace.path
-    other_seed = Context(HarnessConfig(**{**vars(config), "seed": 1}), progress=False)
+    assert Session(config, progress=False).trace(None, "test").path == trace.path
+    other_seed = Session(HarnessConfig(**{**vars(config), "seed": 1}), progress=False)
     assert other_seed.quantized()[1].config()["calibration"]["images_sha256"] != recorded["calibration"]["images_sha256"]
     assert other_seed.trace(None, "test").path != trace.path
 
 
 def test_calibration_images_are_capped_and_spread_over_the_split(tmp_path, monkeypatch):
     monkeypatch.setattr(SmoothQuant, "calibration_images", 8)
-    ctx = Context(HarnessConfig(limit=64, batch_size=32, quant="smoothquant-fp32", cache_dir=str(tmp_path)),
+    ctx = Session(HarnessConfig(limit=64, batch_size=32, quant="smoothquant-fp32", cache_dir=str(tmp_path)),
                   progress=False)
     _, quantizer = ctx.quantized()
     assert quantizer.config()["calibration"]["images"] == 8
@@ -141,7 +141,7 @@ def test_calibration_images_are_capped_and_spread_over_the_split(tmp_path, monke
 
 
 def test_smoothquant_fp32_traces_equal_fp32_traces(tmp_path):
-    ctx = Context(HarnessConfig(limit=32, batch_size=32, quant="fp32", cache_dir=str(tmp_path)), progress=False)
+    ctx = Session(HarnessConfig(limit=32, batch_size=32, quant="fp32", cache_dir=str(tmp_path)), progress=False)
     fp32, smooth = ctx.trace("fp32", "test"), ctx.trace("smoothquant-fp32", "test")
     assert smooth.path != fp32.path
     np.testing.assert_allclose(smooth.logits, fp32.logits, atol=1e-3, rtol=1e-4)

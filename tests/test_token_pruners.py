@@ -14,14 +14,14 @@ from torch import nn
 import harness.drivers as drivers
 from harness.backbones import cls_attention
 from harness.config import HarnessConfig
-from harness.context import Context
+from harness.session import Session
 from harness.drivers import TokenView, _drop_tokens, run_early_exit
 from harness.evaluate import BlockFlops, flops_per_sample
 from harness.flops import block_flops, tower_flops
 from harness.policy import create_method, keep_top
 from harness.quantizers._fake import FakeQuantAttention
 from harness.run import format_tables, run
-from harness.testbed import outcome_flops, real_outcome
+from harness.scoring import outcome_flops
 from methods.token_pruner import masked_block, pruned_forward
 
 
@@ -33,7 +33,7 @@ def _formula(n: int, d: int) -> int:
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return Context(HarnessConfig(limit=32, batch_size=16, quant="fp32", cache_dir=str(cache)), progress=False)
+    return Session(HarnessConfig(limit=32, batch_size=16, quant="fp32", cache_dir=str(cache)), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_dropping_tokens_equals_masking_them_out_of_attention(ctx, attention):
 def test_training_masks_see_the_quantization_of_dropped_tokens(tmp_path):
     """Under a per-tensor quantizer (one activation scale per tensor) masked rows are zeroed before each Linear,
     so the scales, and the kept tokens' outputs, are those of the pruned batch."""
-    ctx = Context(HarnessConfig(limit=16, batch_size=16, quant="fake-w8a3-tensor", cache_dir=str(tmp_path)),
+    ctx = Session(HarnessConfig(limit=16, batch_size=16, quant="fake-w8a3-tensor", cache_dir=str(tmp_path)),
                   progress=False)
     backbone, quantizer = ctx.quantized()
     assert not quantizer.batch_invariant
@@ -191,25 +191,25 @@ def test_the_fused_token_is_the_attention_weighted_mean_of_the_dropped(ctx):
         assert set(torch.argsort(attention[b], descending=True)[:35].tolist()) == set(keep[b].nonzero()[:, 0].tolist())
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int8-torchao", None])  # None: the embedded default (per-tensor)
+@pytest.mark.parametrize("quant", ["fp32", "int8-torchao", None])  # None: the embedded default
 def test_keep_ratio_one_reproduces_the_full_depth_quantized_model(tmp_path, quant):
     config = HarnessConfig(limit=32, batch_size=16, quant=quant, cache_dir=str(tmp_path))
-    ctx = Context(config, progress=False)
+    ctx = Session(config, progress=False)
     test = ctx.trace(None, "test")
     for name in ("evit", "token-pruner"):
         policy = create_method(name)
         policy.fit(ctx.fit_context())
-        outcome = real_outcome(ctx, policy.with_knob(1.0), test)
+        outcome = ctx.real_outcome(policy.with_knob(1.0), test)
         np.testing.assert_array_equal(outcome.logits, test.logits)
         assert (outcome.tokens == ctx.num_tokens - 1).all()
         assert all(policy.with_knob(1.0).head_flops(layer) == 0 for layer in range(1, 13))
-        pruned = real_outcome(ctx, policy, test)
+        pruned = ctx.real_outcome(policy, test)
         assert (pruned.tokens[:, -1] < ctx.num_tokens - 1).all()
 
 
 def test_learned_pruner_state_round_trips_and_training_is_reproducible(ctx, pruner):
     buffer = io.BytesIO()
-    torch.save(pruner.state_dict(), buffer)  # as fit_policy caches it
+    torch.save(pruner.state_dict(), buffer)  # as Session.fit caches it
     buffer.seek(0)
     reloaded = create_method("token-pruner")
     reloaded.load_state_dict(torch.load(buffer, weights_only=True))
@@ -256,10 +256,8 @@ def test_replay_refuses_token_policies(ctx, evit):
 
 
 def test_run_compares_the_pruners_with_lra_ee_at_each_budget(tmp_path, count_calls):
-    import harness.testbed as testbed_module
-
     config = HarnessConfig(limit=32, batch_size=16, cache_dir=str(tmp_path))
-    passes = count_calls(testbed_module, "real_outcome")
+    passes = count_calls(Session, "real_outcome")
     metrics, frame = run(config, ["token-pruner", "evit", "lra-ee"], seeds=1, latency=False, agreement_images=16,
                          budgets=(10.0, 25.0))
     rows = metrics["rows"]
@@ -285,10 +283,8 @@ def test_run_compares_the_pruners_with_lra_ee_at_each_budget(tmp_path, count_cal
 def test_real_driver_outcomes_are_cached_across_seeds_and_runs(tmp_path, count_calls):
     """evit's fit does not depend on the seed: its real-driver pass runs once for 2 seeds, and not at all when
     the run is repeated; the replayed outcome is the one measured."""
-    import harness.testbed as testbed
-
     config = HarnessConfig(limit=32, batch_size=16, cache_dir=str(tmp_path))
-    calls = count_calls(testbed, "real_outcome")
+    calls = count_calls(Session, "real_outcome")
     quick = dict(latency=False, agreement_images=0, budgets=())  # no budgets: the default setting's pass only
     first, frame = run(config, ["evit"], seeds=2, **quick)
     assert calls["n"] == 1

@@ -7,7 +7,8 @@ from PIL import Image
 
 from harness.backbones import Backbone
 from harness.cache import DamagedEntry, read_entry
-from harness.context import Context, HarnessConfig
+from harness.config import HarnessConfig
+from harness.session import Session
 from harness.datasets import Split, create_dataset
 from harness.quantizers import create_quantizer
 from harness.trace import layer_features, trace_split
@@ -15,7 +16,7 @@ from harness.trace import layer_features, trace_split
 
 @pytest.fixture
 def ctx(cache_dir):
-    return Context(HarnessConfig(limit=40, batch_size=16, cache_dir=str(cache_dir), quant="fp32"), progress=False)
+    return Session(HarnessConfig(limit=40, batch_size=16, cache_dir=str(cache_dir), quant="fp32"), progress=False)
 
 
 def test_trace_matches_a_direct_forward(ctx, embedded_dataset):
@@ -61,7 +62,7 @@ def _forbid_forward(monkeypatch):
 
 def test_second_run_hits_the_cache(ctx, cache_dir, monkeypatch):
     first = ctx.trace("fp32", "test")
-    again = Context(ctx.config, progress=False)
+    again = Session(ctx.config, progress=False)
     _forbid_forward(monkeypatch)
     second = again.trace("fp32", "test")
     assert second.path == first.path
@@ -84,7 +85,7 @@ def test_damaged_entry_is_detected_and_rebuilt(ctx, damage, capsys):
     with pytest.raises(DamagedEntry):
         read_entry(path)
     capsys.readouterr()
-    rebuilt = Context(ctx.config, progress=False).trace("fp32", "test")
+    rebuilt = Session(ctx.config, progress=False).trace("fp32", "test")
     assert f"note: cache entry {path} is corrupt" in capsys.readouterr().err
     read_entry(path)
     assert np.array_equal(np.array(rebuilt.patch_mean), original)
@@ -94,7 +95,7 @@ def test_cache_key_separates_quantizers_and_batch_size_only_when_it_matters(ctx,
     fp32 = ctx.trace("fp32", "test")
     dyn = ctx.trace("int8-dynamic", "test")
     assert fp32.path != dyn.path
-    bigger = Context(HarnessConfig(**{**ctx.config.__dict__, "batch_size": 32}), progress=False)
+    bigger = Session(HarnessConfig(**{**ctx.config.__dict__, "batch_size": 32}), progress=False)
     assert bigger.trace("fp32", "test").path == fp32.path  # batch-invariant: same entry
     assert bigger.trace("int8-dynamic", "test").path != dyn.path  # batch-dependent: its own entry
 
@@ -121,14 +122,14 @@ def test_bad_images_are_skipped_and_reported(tmp_path, embedded_backbone, cache_
 def test_key_follows_what_changes_the_numbers(ctx):
     base = ctx.config.__dict__
     gate, test = ctx.trace("fp32", "gate").path, ctx.trace("fp32", "test").path
-    other_seed = Context(HarnessConfig(**{**base, "seed": 1}), progress=False)
+    other_seed = Session(HarnessConfig(**{**base, "seed": 1}), progress=False)
     assert other_seed.trace("fp32", "test").path == test  # the test split does not depend on the seed
     assert other_seed.trace("fp32", "gate").path != gate
-    fewer = Context(HarnessConfig(**{**base, "limit": 20}), progress=False)
+    fewer = Session(HarnessConfig(**{**base, "limit": 20}), progress=False)
     assert fewer.trace("fp32", "test").path != test
-    fp16_text = Context(HarnessConfig(**{**base, "text_precision": "fp16"}), progress=False)
+    fp16_text = Session(HarnessConfig(**{**base, "text_precision": "fp16"}), progress=False)
     assert fp16_text.trace("fp32", "test").path != test
-    random_init = Context(HarnessConfig(**{**base, "pretrained": "none"}), progress=False)
+    random_init = Session(HarnessConfig(**{**base, "pretrained": "none"}), progress=False)
     assert random_init.trace("fp32", "test").path != test
 
 

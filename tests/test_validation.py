@@ -164,7 +164,7 @@ def test_cli_run_with_a_failing_method_writes_the_others_and_exits_1(tmp_path, m
 
 
 def test_empty_class_folders_are_refused_unless_the_flag_allows_them(tmp_path, capsys, fmnist_images):
-    from harness.context import Context
+    from harness.session import Session
 
     root = tmp_path / "folder"
     for name in ("bag", "coat"):
@@ -178,7 +178,7 @@ def test_empty_class_folders_are_refused_unless_the_flag_allows_them(tmp_path, c
     assert "2 class folders hold no images: coat, sandal" in err and "--allow-empty-classes" in err
     config = HarnessConfig(data="imagefolder", data_root=str(root), allow_empty_classes=True,
                            cache_dir=str(tmp_path / "cache"))
-    assert Context(config).dataset.classnames == ("bag", "coat", "sandal")
+    assert Session(config).dataset.classnames == ("bag", "coat", "sandal")
 
 
 def test_results_from_before_an_option_existed_compare_as_its_default():

@@ -1,8 +1,8 @@
 """``python -m harness experiment NAME``: the paper's tables and figures as commands.
 
-Each experiment is a function ``(bed, seeds, options) -> Report`` registered
+Each experiment is a function ``(session, seeds, options) -> Report`` registered
 with :func:`experiment`; ``all`` runs every one. They share one
-:class:`~harness.testbed.TestBed` (traces and fitted methods are
+:class:`~harness.session.Session` (traces and fitted methods are
 cached), and write ``tables.md``, ``tables.tex``, ``data.json`` and figures
 into ``results/experiments/<name>-<model>-<data>-<quant>/``. The paper's
 numbers come from ``paper_numbers.json`` and appear only in columns labelled
@@ -19,10 +19,10 @@ from typing import Any, Callable
 from harness.config import HarnessConfig
 from harness.errors import ConfigError
 from harness.experiments.report import Report
-from harness.testbed import TestBed
+from harness.session import Session
 from harness.provenance import environment
 
-Experiment = Callable[[TestBed, int, dict[str, Any]], Report]
+Experiment = Callable[[Session, int, dict[str, Any]], Report]
 EXPERIMENTS: dict[str, tuple[Experiment, str]] = {}
 
 
@@ -55,12 +55,12 @@ def run_experiments(name: str, config: HarnessConfig, seeds: int, options: dict[
     unknown = [n for n in chosen if n not in EXPERIMENTS]
     if unknown:
         raise ConfigError(f"unknown experiment {unknown[0]!r}; known: all, {', '.join(EXPERIMENTS)}")
-    bed = TestBed(config)
-    c = bed.config
+    session = Session(config)
+    c = session.config
     folders, failures = [], []
     for n in chosen:
         started = time.time()
-        report = EXPERIMENTS[n][0](bed, seeds, options)
+        report = EXPERIMENTS[n][0](session, seeds, options)
         out = out_root / f"{n}-{c.model}-{c.data}-{c.quant}"
         context = {"config": dataclasses.asdict(c), "seeds": seeds, "options": options,
                    "wall_time_s": round(time.time() - started, 1), "environment": environment()}

@@ -19,27 +19,27 @@ from harness.experiments.figures import _figure
 from harness.experiments.report import Report, paper_numbers
 from harness.experiments.tables import LRA
 from harness.protocol import best_control, control_points, method_points, routing_gain
-from harness.testbed import TestBed
+from harness.session import Session
 
 # Our method -> the paper's Table 2 row it corresponds to (methods not here have no paper row)
 PAPER_ROWS = {"cls-ee": "cls-ee", "pabee": "pabee", "token-pruner": "adavit (token pruner)", LRA: LRA}
 
 
 @experiment("compare", "Table 2: every method at LRA-EE's gate-split FLOPs saving, operating points chosen on gate")
-def compare(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
+def compare(session: Session, seeds: int, options: dict[str, Any]) -> Report:
     from harness.policy import METHODS
 
-    seed = bed.config.seed
-    reference = bed.baseline_top1()
-    target = bed.gate_point(bed.fit(LRA, seed), seed)["flops_saving"]
-    controls = control_points(bed, seed, (target,))
+    seed = session.config.seed
+    reference = session.zero_shot_top1()
+    target = session.gate_point(session.fit(LRA, seed), seed)["flops_saving"]
+    controls = control_points(session, seed, (target,))
     control = best_control(controls, 0)
     paper = paper_numbers("compare")
     rows, data = [], {}
     for name in METHODS.names():
-        (point,) = method_points(bed, name, seed, (target,), {})
-        policy = bed.fit(name, seed)
-        curve = bed.sweep(policy, seed)
+        (point,) = method_points(session, name, seed, (target,), {})
+        policy = session.fit(name, seed)
+        curve = session.sweep(policy, seed)
         paper_row = paper.get(PAPER_ROWS.get(name, ""), {})
         chosen = None if point is None else {**point.as_dict(), **routing_gain(point, control)}
         data[name] = {"knob": policy.knob, "chosen": chosen, "test_curve": curve, "test_front": pareto_front(curve),
@@ -53,7 +53,7 @@ def compare(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     report = Report("compare")
     report.table(
         f"Every method at LRA-EE's gate-split FLOPs saving ({target:.2f}%), operating points chosen on gate, "
-        f"scored on test; {bed.config.quant} full depth {reference:.2f}% ({len(bed.labels)} test images, seed {seed})",
+        f"scored on test; {session.config.quant} full depth {reference:.2f}% ({len(session.labels)} test images, seed {seed})",
         ["row", "knob chosen on gate", "gate top-1 % / saving %", "test top-1 %", "test FLOPs saving %",
          "delta vs quant full depth", "routing gain vs best control (p)", "paper: top-1 % / FLOPs saving %"], rows,
         note="'out of reach': no knob value saves that much on gate. Routing gain: test top-1 minus the control "
@@ -72,7 +72,7 @@ def compare(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
                 color=f"C{i}", alpha=0.6, label=f"{name}: test curve ({d['knob']})")
         if d["chosen"]:
             ax.plot([d["chosen"]["test_saving"]], [d["chosen"]["test_top1"]], "*", markersize=10, color=f"C{i}")
-    ax.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"{bed.config.quant} full depth")
+    ax.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"{session.config.quant} full depth")
     ax.axvline(target, color="0.5", linestyle=":", linewidth=1, label="budget: LRA-EE's gate saving")
     ax.set(xlabel="FLOPs saving (%)", ylabel="top-1 (%)",
            title="Test curves over each knob (*: the point chosen on gate)")

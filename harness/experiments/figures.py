@@ -3,7 +3,7 @@
 
 Numbers in tables are operating points chosen on the ``gate`` split at each
 of the protocol's default budgets (:mod:`harness.protocol`). Threshold sweeps
-on ``test`` (:meth:`TestBed.sweep`: a fitted LRA-EE's thresholds replaced by
+on ``test`` (:meth:`Session.sweep`: a fitted LRA-EE's thresholds replaced by
 one shared value from the paper's 25-point grid, no refit) are drawn as
 curves, labelled as test curves; nothing is chosen from them.
 """
@@ -17,7 +17,7 @@ from harness.experiments.report import Report, paper_numbers
 from harness.evaluate import pareto_front
 from harness.experiments.tables import LRA
 from harness.protocol import DEFAULT_BUDGETS, method_points
-from harness.testbed import TestBed
+from harness.session import Session
 
 
 def _figure(ncols: int = 1):
@@ -31,12 +31,12 @@ def _figure(ncols: int = 1):
 
 
 @experiment("profile", "Figure 1: QIRC noise profile (fp32 vs quantized, block by block) and INR per layer")
-def profile(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
+def profile(session: Session, seeds: int, options: dict[str, Any]) -> Report:
     from harness import profile as noise
 
-    result = noise.noise_profile(bed.ctx)
+    result = noise.noise_profile(session)
     report = Report("profile")
-    report.table(f"Noise profile, {bed.config.quant} vs fp32 ({result.samples} {result.split} images)",
+    report.table(f"Noise profile, {session.config.quant} vs fp32 ({result.samples} {result.split} images)",
                  ["block", "natural update", "quantization error", "ratio (error / update)",
                   "relative error ||z_q - z|| / ||z||", "token cosine", "CLS cosine", "patch-mean cosine", "INR"],
                  [[r["layer"], f"{r['nat_update']:.4g}", f"{r['quant_error']:.4g}", f"{r['ratio']:.4f}",
@@ -54,13 +54,13 @@ def profile(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
 
 
 @experiment("pareto", "Figure 2: LRA-EE's top-1 vs FLOPs saving across thresholds, and its exit distribution")
-def pareto(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
-    seed = bed.config.seed
-    policy = bed.fit(LRA, seed)
-    fitted = bed.score(policy, seed)
-    points = bed.sweep(policy, seed)
+def pareto(session: Session, seeds: int, options: dict[str, Any]) -> Report:
+    seed = session.config.seed
+    policy = session.fit(LRA, seed)
+    fitted = session.evaluate(policy, seed).metrics
+    points = session.sweep(policy, seed)
     front = pareto_front(points)
-    reference = bed.baseline_top1()
+    reference = session.zero_shot_top1()
     report = Report("pareto")
     report.table("Test curve of LRA-EE with one shared threshold (seed %d; drawn for looking, nothing is chosen "
                  "from it)" % seed, ["threshold", "top-1 %", "FLOPs saving %"],
@@ -72,13 +72,13 @@ def pareto(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
                  [[layer, f"{share:.1f}", paper.get(str(layer), "-")] for layer, share in distribution.items()],
                  note=f"Fitted thresholds {[round(t, 2) for t in policy.thresholds]} at layers "
                       f"{policy.exit_layers()}: top-1 {fitted['top1']:.2f}%, FLOPs saving "
-                      f"{fitted['flops_saving']:.2f}% ({bed.config.quant} full depth {reference:.2f}%). "
+                      f"{fitted['flops_saving']:.2f}% ({session.config.quant} full depth {reference:.2f}%). "
                       "Paper column: the paper's Figure 2(b).")
     fig, (a, b) = _figure(2)
     a.plot([p["flops_saving"] for p in points], [p["top1"] for p in points], "o", color="0.6", label="threshold sweep")
     a.plot([p["flops_saving"] for p in front], [p["top1"] for p in front], "-o", color="C0", label="Pareto front")
     a.plot([fitted["flops_saving"]], [fitted["top1"]], "*", color="C3", markersize=12, label="fitted (LCT)")
-    a.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"{bed.config.quant} full depth")
+    a.axhline(reference, color="k", linestyle="--", linewidth=1, label=f"{session.config.quant} full depth")
     a.set(xlabel="FLOPs saving (%)", ylabel="top-1 (%)", title="LRA-EE accuracy vs FLOPs")
     a.legend(fontsize=8)
     layers = list(distribution)
@@ -92,14 +92,14 @@ def pareto(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
 
 
 @experiment("gates", "Figure 3: heuristic confidence gate vs learned gate, at each budget and over the threshold sweep")
-def gates(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
-    seed = bed.config.seed
+def gates(session: Session, seeds: int, options: dict[str, Any]) -> Report:
+    seed = session.config.seed
     variants = {gate: {"gate": gate, "thresholds": "global"} for gate in ("heuristic", "learned")}
     report = Report("gates")
     rows, chosen = [], {}
     for gate, config in variants.items():
         chosen[gate] = [None if p is None else p.as_dict()
-                        for p in method_points(bed, LRA, seed, DEFAULT_BUDGETS, config)]
+                        for p in method_points(session, LRA, seed, DEFAULT_BUDGETS, config)]
         for budget, point in zip(DEFAULT_BUDGETS, chosen[gate]):
             rows.append([gate, f"{budget:g}", *(["out of reach on gate", "-", "-"] if point is None else
                          [f"{point['gate_top1']:.2f} / {point['gate_saving']:.2f}", f"{point['test_top1']:.2f}",
@@ -108,14 +108,14 @@ def gates(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
                  ["gate", "budget %", "gate top-1 % / saving %", "test top-1 %", "test FLOPs saving %"], rows,
                  note="Paper (Figure 3, read off its test curves): heuristic peaks at 60.28% with 4.7% saving; "
                       "learned reaches 61.07% at 9.9% saving.")
-    curves = {gate: bed.sweep(bed.fit(LRA, seed, **config), seed) for gate, config in variants.items()}
+    curves = {gate: session.sweep(session.fit(LRA, seed, **config), seed) for gate, config in variants.items()}
     fig, (a, b) = _figure(2)
     for gate, points in curves.items():
         a.plot([p["value"] for p in points], [p["top1"] for p in points], "-o", markersize=3, label=gate)
         front = pareto_front(points)
         b.plot([p["flops_saving"] for p in front], [p["top1"] for p in front], "-o", markersize=3, label=gate)
     for ax in (a, b):
-        ax.axhline(bed.baseline_top1(), color="k", linestyle="--", linewidth=1, label="full depth")
+        ax.axhline(session.zero_shot_top1(), color="k", linestyle="--", linewidth=1, label="full depth")
         ax.legend(fontsize=8)
     a.set(xlabel="threshold", ylabel="top-1 (%)", title="test curve over the threshold (nothing chosen from it)")
     b.set(xlabel="FLOPs saving (%)", ylabel="top-1 (%)", title="Pareto front of the test curve")
@@ -125,9 +125,9 @@ def gates(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
 
 
 @experiment("pathology", "Figure 4: accuracy with each candidate exit layer included vs excluded, and INR pruning")
-def pathology(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
-    seed = bed.config.seed
-    selected = bed.fit(LRA, seed)
+def pathology(session: Session, seeds: int, options: dict[str, Any]) -> Report:
+    seed = session.config.seed
+    selected = session.fit(LRA, seed)
     candidates = selected.report.get("inr_layers", [])
     values = selected.report.get("inr", [])
     kept = selected.exit_layers()
@@ -142,12 +142,12 @@ def pathology(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
         if not without:
             continue
         variants = {"included": with_layer, "excluded": without}
-        points = {name: method_points(bed, LRA, seed, DEFAULT_BUDGETS, {"exit_layers": layers, "thresholds": "global"})
+        points = {name: method_points(session, LRA, seed, DEFAULT_BUDGETS, {"exit_layers": layers, "thresholds": "global"})
                   for name, layers in variants.items()}
         gaps[layer] = [None if i is None or e is None else i.test_top1 - e.test_top1
                        for i, e in zip(points["included"], points["excluded"])]
         rows.append([layer, *("-" if g is None else f"{g:+.2f}" for g in gaps[layer])])
-        curves[layer] = {name: bed.sweep(bed.fit(LRA, seed, exit_layers=layers, thresholds="global"), seed)
+        curves[layer] = {name: session.sweep(session.fit(LRA, seed, exit_layers=layers, thresholds="global"), seed)
                          for name, layers in variants.items()}
     report.table("Test top-1 with the layer included minus excluded, each fitted to the budget on gate (points)",
                  ["layer", *(f"budget {b:g}%" for b in DEFAULT_BUDGETS)], rows,

@@ -11,7 +11,7 @@ from harness.experiments import experiment
 from harness.experiments.figures import _figure
 from harness.experiments.report import Report
 from harness.protocol import at_budget
-from harness.testbed import TestBed
+from harness.session import Session
 
 QUANTIZERS = ("fp32", "int8-dynamic", "int8-torchao", "fake-w8a8", "fake-w6a6", "fake-w4a8", "fake-w4a4")
 # Each quantizer needs its own traces; without --limit the sweep samples this many images per split.
@@ -20,18 +20,18 @@ BUDGET = 25.0  # FLOPs saving (%) every method and static exit must reach on gat
 
 
 @experiment("precision", "Exit methods vs recalibration and static exits across quantizers, chosen on gate")
-def precision(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
+def precision(session: Session, seeds: int, options: dict[str, Any]) -> Report:
     from harness.policy import METHODS
 
-    quantizers = list(dict.fromkeys([*QUANTIZERS, bed.config.quant]))
-    limit = bed.config.limit or DEFAULT_LIMIT
+    quantizers = list(dict.fromkeys([*QUANTIZERS, session.config.quant]))
+    limit = session.config.limit or DEFAULT_LIMIT
     methods = tuple(m for m in METHODS.names() if not getattr(METHODS.get(m), "prunes_tokens", False))
-    seed = bed.config.seed
+    seed = session.config.seed
     rows, data = [], {}
     for quant in quantizers:
-        other = bed.derived(quant=quant, limit=limit)
+        other = session.derived(quant=quant, limit=limit)
         run = at_budget(other, seed, BUDGET, methods)
-        run["fp32_top1"] = other.baseline_top1("fp32")
+        run["fp32_top1"] = other.zero_shot_top1("fp32")
         run["driver"] = "real driver" if not other.batch_invariant else "replay"
         data[quant] = run
         full, recal, static = run["full_depth_top1"], run["recalibration"], run["best_static"]

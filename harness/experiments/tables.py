@@ -11,7 +11,8 @@ from harness import evaluate
 from harness.errors import ConfigError
 from harness.experiments import experiment
 from harness.experiments.report import Report, paper_numbers
-from harness.testbed import Evaluation, TestBed
+from harness.scoring import Evaluation
+from harness.session import Session
 
 LRA = "lra-ee"
 # --factor names that are not LRA-EE config keys, and their level spellings
@@ -31,10 +32,10 @@ def pm(values: list[float]) -> str:
     return f"{np.mean(values):.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
 
 
-def over_seeds(bed: TestBed, seeds: int, method: str, **config: Any) -> list[Evaluation]:
+def over_seeds(session: Session, seeds: int, method: str, **config: Any) -> list[Evaluation]:
     """Evaluate ``method`` with ``config`` once per seed."""
-    base = bed.config.seed
-    return [bed.evaluate(bed.fit(method, base + s, **config), base + s) for s in range(seeds)]
+    base = session.config.seed
+    return [session.evaluate(session.fit(method, base + s, **config), base + s) for s in range(seeds)]
 
 
 def _paper(table: str, label: str, key: str) -> str:
@@ -43,36 +44,36 @@ def _paper(table: str, label: str, key: str) -> str:
 
 
 @experiment("main", "Table 1: fp32 and quantized full depth, LRA-EE with a global threshold and with LCT")
-def main(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
+def main(session: Session, seeds: int, options: dict[str, Any]) -> Report:
     report = Report("main")
-    quant = bed.config.quant
-    reference = bed.baseline_top1()
-    rows = [["fp32 full depth", f"{bed.baseline_top1('fp32'):.2f}", "0.00", "-", "-", "-"],
+    quant = session.config.quant
+    reference = session.zero_shot_top1()
+    rows = [["fp32 full depth", f"{session.zero_shot_top1('fp32'):.2f}", "0.00", "-", "-", "-"],
             [f"{quant} full depth", f"{reference:.2f}", "0.00", "+0.00", _paper("main", "int8 full depth", "top1"),
              _paper("main", "int8 full depth", "flops_saving")]]
     measured = {}
 
-    def lra_row(label: str, paper_label: str, testbed: TestBed, **switches: str) -> None:
-        runs = [e.metrics for e in over_seeds(testbed, seeds, LRA, **switches)]
+    def lra_row(label: str, paper_label: str, session_: Session, **switches: str) -> None:
+        runs = [e.metrics for e in over_seeds(session_, seeds, LRA, **switches)]
         top1, saving = [m["top1"] for m in runs], [m["flops_saving"] for m in runs]
         measured[label] = {"top1": top1, "flops_saving": saving}
         rows.append([label, pm(top1), pm(saving), f"{np.mean(top1) - reference:+.2f}",
                      _paper("main", paper_label, "top1"), _paper("main", paper_label, "flops_saving")])
 
-    lra_row("LRA-EE initial (global threshold)", "lra-ee initial (global threshold)", bed, thresholds="global")
-    lra_row("LRA-EE optimized (LCT)", "lra-ee optimized (lct)", bed, thresholds="lct")
-    smooth = bed.derived(quant=f"smoothquant-{quant}")
-    smooth_full = smooth.baseline_top1()
+    lra_row("LRA-EE initial (global threshold)", "lra-ee initial (global threshold)", session, thresholds="global")
+    lra_row("LRA-EE optimized (LCT)", "lra-ee optimized (lct)", session, thresholds="lct")
+    smooth = session.derived(quant=f"smoothquant-{quant}")
+    smooth_full = smooth.zero_shot_top1()
     rows.append([f"smoothquant-{quant} full depth", f"{smooth_full:.2f}", "0.00", f"{smooth_full - reference:+.2f}",
                  "-", "-"])
     lra_row("LRA-EE + SmoothQuant", "lra-ee + smoothquant", smooth)
     measured["LRA-EE + SmoothQuant"]["full_depth_top1"] = smooth_full
-    report.table(f"Main results ({len(bed.labels)} test images, {seeds} seed(s))",
+    report.table(f"Main results ({len(session.labels)} test images, {seeds} seed(s))",
                  ["configuration", "top-1 %", "FLOPs saving %", "delta vs quant", "paper top-1 %",
                   "paper FLOPs saving %"], rows,
                  note=f"Paper columns: the paper's INT8 ViT-B/32 ImageNet numbers, not ours. SmoothQuant rows: "
                       f"per-channel smoothing (alpha 0.5, calibrated on "
-                      f"{smooth.ctx.quantized()[1].config()['calibration']['images']} gate images of the first "
+                      f"{smooth.quantized()[1].config()['calibration']['images']} gate images of the first "
                       f"seed) folded into the weights, then {quant}; deltas are against "
                       f"{quant} full depth.")
     report.data = {"reference_top1": reference, "measured": measured}
@@ -124,9 +125,9 @@ def effects(cells: list[dict[str, str]], correct: np.ndarray, factors: dict[str,
 
 
 @experiment("ablation", "Table 3: factorial ablation of LRA-EE switches (default: the paper's five configurations)")
-def ablation(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
+def ablation(session: Session, seeds: int, options: dict[str, Any]) -> Report:
     report = Report("ablation")
-    reference = bed.baseline_top1()
+    reference = session.zero_shot_top1()
     factors = parse_factors(options.get("factor") or [])
     cells: list[tuple[str, dict[str, str] | None]] = (
         [(", ".join(f"{k}={v}" for k, v in cell.items()), cell) for cell in design(factors)] if factors
@@ -135,15 +136,15 @@ def ablation(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     for label, switches in cells:
         if switches is None:
             top1, saving = [reference], [0.0]
-            correct.append(bed.baseline_correct.astype(float))
+            correct.append(session.baseline_correct.astype(float))
         else:
-            runs = over_seeds(bed, seeds, LRA, **switches)
+            runs = over_seeds(session, seeds, LRA, **switches)
             top1, saving = [e.metrics["top1"] for e in runs], [e.metrics["flops_saving"] for e in runs]
             correct.append(np.mean([e.correct for e in runs], axis=0))
         measured[label] = {"switches": switches, "top1": top1, "flops_saving": saving}
         rows.append([label, pm(saving), pm(top1), f"{np.mean(top1) - reference:+.2f}",
                      _paper("ablation", label, "flops_saving"), _paper("ablation", label, "top1")])
-    report.table(f"Ablation ({len(bed.labels)} test images, {seeds} seed(s))",
+    report.table(f"Ablation ({len(session.labels)} test images, {seeds} seed(s))",
                  ["configuration", "FLOPs saving %", "top-1 %", "delta vs quant", "paper FLOPs saving %",
                   "paper top-1 %"], rows,
                  note="Paper columns: the paper's INT8 ViT-B/32 ImageNet numbers (Table 3), only for its five "
@@ -151,7 +152,7 @@ def ablation(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     if factors:
         report.table("Main effects and interactions (top-1 points, 95% bootstrap CI over test samples)",
                      ["effect", "estimate", "95% CI"],
-                     effects([c for _, c in cells], np.asarray(correct), factors, seed=bed.config.seed))
+                     effects([c for _, c in cells], np.asarray(correct), factors, seed=session.config.seed))
     else:
         contrasts = {"architecture (ii)-(i)": (1, 0), "distillation (iii)-(ii)": (2, 1),
                      "early exit, hard (iv)-(ii)": (3, 1), "early exit, distilled (v)-(iii)": (4, 2),
@@ -160,7 +161,7 @@ def ablation(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
         contrast_rows = []
         for name, (a, b) in contrasts.items():
             diff = 100 * (c[a] - c[b])
-            low, high = evaluate.bootstrap_ci(diff, seed=bed.config.seed)
+            low, high = evaluate.bootstrap_ci(diff, seed=session.config.seed)
             contrast_rows.append([name, f"{diff.mean():+.2f}", f"[{low:+.2f}, {high:+.2f}]"])
         report.table("Pairwise contrasts (top-1 points, 95% bootstrap CI over test samples)",
                      ["contrast", "estimate", "95% CI"], contrast_rows,
@@ -170,13 +171,13 @@ def ablation(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
 
 
 @experiment("rescue", "Table 4: four quadrants vs quantized full depth, net rescue, McNemar, per exit layer")
-def rescue(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
+def rescue(session: Session, seeds: int, options: dict[str, Any]) -> Report:
     report = Report("rescue")
-    seed = bed.config.seed
-    result = bed.evaluate(bed.fit(LRA, seed), seed)
+    seed = session.config.seed
+    result = session.evaluate(session.fit(LRA, seed), seed)
     metrics, exit_layer = result.metrics, result.outcome.exit_layer
     q = metrics["quadrants"]
-    n = len(bed.labels)
+    n = len(session.labels)
     paper = paper_numbers("rescue")
     rows = []
     for key, label in [("both_correct", "both correct"), ("rescued", "rescued (exit right, full depth wrong)"),
@@ -185,13 +186,13 @@ def rescue(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
                      f"{100 * paper[key] / paper['samples']:.1f}" if key in paper else "-"])
     rows.append(["net rescue", q["net_rescue"], f"{100 * q['net_rescue'] / n:+.2f}", paper.get("net_rescue", "-"),
                  f"{100 * paper['net_rescue'] / paper['samples']:+.2f}"])
-    report.table(f"Four quadrants, LRA-EE vs {bed.config.quant} full depth (seed {seed}, {n} test images)",
+    report.table(f"Four quadrants, LRA-EE vs {session.config.quant} full depth (seed {seed}, {n} test images)",
                  ["outcome", "samples", "%", "paper samples", "paper %"], rows,
                  note=f"McNemar exact p = {q['mcnemar_p']:.3g}. Paper columns: the paper's Table 4 (ImageNet).")
     layer_rows = []
     for layer in sorted(set(exit_layer.tolist())):
         rows_at = exit_layer == layer
-        lq = evaluate.quadrants(result.correct[rows_at], bed.baseline_correct[rows_at])
+        lq = evaluate.quadrants(result.correct[rows_at], session.baseline_correct[rows_at])
         layer_rows.append([layer, int(rows_at.sum()), f"{100 * result.correct[rows_at].mean():.2f}",
                            lq.both_correct, lq.rescued, lq.lost, lq.both_wrong, f"{lq.net_rescue:+d}"])
     report.table("Per exit layer (12 = full depth: same prediction as the baseline unless a last-layer head decides)",

@@ -37,7 +37,7 @@ from harness.experiments import experiment
 from harness.experiments.figures import _figure
 from harness.experiments.report import Report
 from harness.protocol import at_budget
-from harness.testbed import TestBed
+from harness.session import Session
 
 METHODS = ("lra-ee", "pabee", "cls-ee")
 BUDGET = 25.0  # FLOPs saving (%) every method and static exit must reach on gate
@@ -67,11 +67,11 @@ def _rescues(row: dict[str, Any] | None) -> bool:
 
 
 @experiment("validate", "The instrument's controls: a rescue found where noise destroys information, none in fp32")
-def validate(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
-    onset = default_onset(bed.num_blocks)
+def validate(session: Session, seeds: int, options: dict[str, Any]) -> Report:
+    onset = default_onset(session.num_blocks)
     quants = {"positive": f"noise-b{onset}-s{NOISE_SIZE:g}", "negative": "fp32"}
-    seed_list = [bed.config.seed + s for s in range(seeds)]
-    controls = {role: [at_budget(bed.derived(quant=quant), seed, BUDGET, METHODS) for seed in seed_list]
+    seed_list = [session.config.seed + s for s in range(seeds)]
+    controls = {role: [at_budget(session.derived(quant=quant), seed, BUDGET, METHODS) for seed in seed_list]
                 for role, quant in quants.items()}
     passing = [m for m in METHODS if all(_rescues(run["methods"][m]) and run["methods"][m]["earliest_exit"] < onset
                                          for run in controls["positive"])]
@@ -89,7 +89,7 @@ def validate(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
     verdict = {"positive": f"passed ({', '.join(passing)})" if passing else "FAILED",
                "negative": "FAILED" if false_alarms else "passed"}
     report.table(
-        f"Controls of the instrument at {BUDGET:g}% FLOPs saving ({len(bed.labels)} test images, seeds "
+        f"Controls of the instrument at {BUDGET:g}% FLOPs saving ({len(session.labels)} test images, seeds "
         f"{', '.join(map(str, seed_list))}): positive control {verdict['positive']}, negative control "
         f"{verdict['negative']}",
         ["scenario", "row", "test top-1 %", "test FLOPs saving %", "net rescue vs full depth, samples (max p)",
@@ -100,7 +100,7 @@ def validate(bed: TestBed, seeds: int, options: dict[str, Any]) -> Report:
              f"with p < {ALPHA}; the positive control passes when a method that can exit before block {onset} "
              f"rescues in every seed, the negative control when none rescues in any seed. Every operating "
              f"point is chosen on gate.")
-    sweep = None if options.get("no_sweep") else _sweep(bed, report)
+    sweep = None if options.get("no_sweep") else _sweep(session, report)
     report.data = {"budget": BUDGET, "alpha": ALPHA, "onset": onset, "scenarios": quants, "seeds": seed_list,
                    "controls": controls, "passing_methods": passing, "false_alarms": false_alarms,
                    "failures": report.failures, "sweep": sweep}
@@ -135,10 +135,10 @@ def _control_rows(label: str, runs: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def _sweep(bed: TestBed, report: Report) -> dict[str, Any]:
+def _sweep(session: Session, report: Report) -> dict[str, Any]:
     """Damage onset x size for noise and outliers, one seed, :data:`SWEEP_LIMIT` images per split."""
-    seed, limit = bed.config.seed, min(bed.config.limit or SWEEP_LIMIT, SWEEP_LIMIT)
-    onsets = sweep_onsets(bed.num_blocks)
+    seed, limit = session.config.seed, min(session.config.limit or SWEEP_LIMIT, SWEEP_LIMIT)
+    onsets = sweep_onsets(session.num_blocks)
     families = {
         "noise": [(f"noise-b{o}-s{s:g}", o, f"{s:g} x RMS") for o in onsets for s in NOISE_SIZES],
         "outliers": [(f"outliers-b{o}-c{OUTLIER_CHANNELS}-x{s}-{OUTLIER_BASE}", o, f"x{s}")
@@ -149,7 +149,7 @@ def _sweep(bed: TestBed, report: Report) -> dict[str, Any]:
     for family, scenarios in families.items():
         data[family] = []
         for quant, onset, size in scenarios:
-            run = at_budget(bed.derived(quant=quant, limit=limit), seed, BUDGET, METHODS)
+            run = at_budget(session.derived(quant=quant, limit=limit), seed, BUDGET, METHODS)
             data[family].append({"quant": quant, "onset": onset, "size": size, **run})
             static = run["best_static"]
             rows.append([family, onset, size, f"{run['full_depth_top1']:.2f}",

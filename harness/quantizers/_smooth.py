@@ -11,7 +11,7 @@ In a pre-norm ViT block the division is free: it is folded into the affine
 parameters of the LayerNorm that produces X. Each block has two such pairs,
 ``ln_1`` -> the attention input projection (``attn.in_proj_weight``, shared
 by queries, keys and values) and ``ln_2`` -> ``mlp.c_fc``. ``max|X_j|`` comes
-from calibration images (the ``gate`` split, see :class:`harness.context.Context`).
+from calibration images (the ``gate`` split, see :class:`harness.session.Session`).
 
 ``smoothquant`` smooths then applies ``int8-dynamic`` (the paper's INT8
 scheme); ``smoothquant-BASE`` applies any other quantizer after smoothing;
@@ -165,7 +165,7 @@ class SmoothQuant(Quantizer):
         """A copy of ``visual`` with the factors folded in (same function, up to float rounding)."""
         if self.factors is None:
             raise RuntimeError("smoothquant: call calibrate(visual, images) before quantize() "
-                               f"(harness.Context does, on the {self.calibration_split!r} split)")
+                               f"(harness.session.Session does, on the {self.calibration_split!r} split)")
         return fold_channel_factors(visual, self.factors)
 
     def quantize(self, visual: nn.Module) -> nn.Module:

@@ -1,0 +1,493 @@
+"""One config's session: everything a command builds, fits and scores, built lazily and built once.
+
+A :class:`Session` holds the backbone, its quantized copies, the dataset and
+its splits, the zero-shot classifier and the traces (cached on disk); it
+fits methods and controls (cached on disk, and kept in memory for the
+session) and scores them on the ``test`` split. ``run``, ``check``,
+``profile``, ``bench`` and every experiment use it, so there is one
+evaluation path.
+
+:meth:`Session.uses_real_driver` is the one place that decides how a
+policy is scored, from what the policy declares
+(:attr:`~harness.policy.ExitPolicy.prunes_tokens`) and what the quantizer
+declares (``batch_invariant``). Exit policies under a batch-invariant
+quantizer are scored by replaying the traces, which is exactly what a
+deployment gets (tested). Token policies (whose later features depend on the
+tokens they drop), and every policy under a batch-dependent quantizer (where
+a sample's features depend on who else is still in its batch), run the
+images through the real driver, on ``gate`` and on ``test`` alike, so one
+table never mixes drivers. Real-driver outcomes are kept in the cache per
+fitted state (:meth:`Session.stored_real_outcome`), so a seed-independent fit
+is evaluated once for all seeds and a warm run replays every real-driver pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from harness import evaluate
+from harness.backbones import Backbone, backbone_config, create_backbone
+from harness.cache import cached_state, code_fields, fit_fields, trace_fields
+from harness.config import HarnessConfig
+from harness.datasets import Dataset, ImageBatches, Split, create_dataset
+from harness.drivers import ExitOutcome, replay, run_early_exit
+from harness.errors import ConfigError
+from harness.policy import ExitPolicy, FitContext, create_method
+from harness.quantizers import Quantizer, create_quantizer
+from harness.scoring import Evaluation, drops_nothing, outcome_flops, score
+from harness.trace import Trace, trace_split
+
+# cached properties that every derived session shares (the same for any seed, quantizer and limit)
+_SHARED = ("backbone", "dataset", "classifier", "tower")
+# cached properties that belong to one quantizer and one draw of the test split
+_SCORING = ("test", "labels", "baseline_correct", "full", "batch_invariant")
+
+
+def _check_device(device: str) -> None:
+    """Raise ConfigError for a device torch does not know or cannot use here."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: the harness runs on cpu or cuda only")
+
+
+def _policy_key(policy: ExitPolicy, fit_ctx: FitContext) -> dict[str, Any]:
+    """Cache key fields of a fitted policy: its config, the code of its class hierarchy (outside plugins and
+    the shared bases they build on) and of the harness, the FLOPs, the data it fits on, the seed."""
+    # the fp32 twin of the heads split is fixed by the heads trace's key, so it needs no entry here
+    return {"policy": policy.describe(), "block_flops": fit_ctx.block_flops,
+            **fit_fields((fit_ctx.heads, fit_ctx.gate), fit_ctx.seed, [cls.__module__ for cls in type(policy).__mro__])}
+
+
+def fit_digest(policy: ExitPolicy) -> str:
+    """Identity of a fitted policy: its description and every value of its state."""
+    digest = hashlib.sha256(json.dumps(policy.describe(), sort_keys=True, default=str).encode())
+
+    def update(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                update(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                update(item)
+        else:
+            digest.update(repr(value).encode())
+
+    state = policy.state_dict()
+    update({k: v for k, v in state.items() if k != "report"})  # diagnostics (timings) are not the fit
+    return digest.hexdigest()
+
+
+class Session:
+    """Lazily built, cached objects of one :class:`HarnessConfig`, and the one way to fit and score policies.
+
+    Example:
+        >>> session = Session(HarnessConfig(limit=64))  # doctest: +SKIP
+        >>> session.evaluate(session.fit("pabee", seed=0), seed=0).metrics["top1"]  # doctest: +SKIP
+    """
+
+    def __init__(self, config: HarnessConfig, progress: bool = True):
+        self.config = config.resolved()
+        _check_device(self.config.device)
+        self.progress = progress
+        self._backbones: dict[str, tuple[Backbone, Quantizer]] = {}
+        self._traces: dict[tuple[str, str, bytes], Trace] = {}
+        self._seeded: dict[int, Session] = {}
+        self._fits: dict[tuple[str, str, int, str], ExitPolicy] = {}
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+
+    # -- what the config names: backbone, data, classifier, traces ------------------------------------
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.config.cache_dir)
+
+    @cached_property
+    def backbone(self) -> Backbone:
+        """The full-precision backbone."""
+        c = self.config
+        return create_backbone(c.model, c.pretrained, device=c.device, seed=c.seed)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        return create_dataset(self.config.data, self.config.data_root, on_bad_image=self.config.on_bad_image,
+                              **self.config.dataset_options())
+
+    @cached_property
+    def splits(self) -> dict[str, Split]:
+        return self.dataset.splits(self.config.seed, limit=self.config.limit)
+
+    @cached_property
+    def classifier(self) -> torch.Tensor:
+        return self.backbone.zero_shot_classifier(
+            self.dataset.classnames, self.dataset.templates, self.config.text_precision, self.cache_dir
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.backbone.num_blocks
+
+    @cached_property
+    def num_tokens(self) -> int:
+        """Tokens per image entering block 1 (CLS included)."""
+        grid = self.backbone.visual.grid_size
+        return grid[0] * grid[1] + 1
+
+    @cached_property
+    def tower(self) -> dict[str, Any]:
+        """FLOPs of one image through the full-depth tower: ``embed``, ``blocks`` (a list), ``head``, ``total``."""
+        from harness.flops import tower_flops
+
+        return tower_flops(self.backbone)
+
+    @property
+    def block_flops(self) -> list[float]:
+        """FLOPs of each block for one image with all its tokens."""
+        return [float(flops) for flops in self.tower["blocks"]]
+
+    @property
+    def full_flops(self) -> float:
+        return float(self.tower["total"])
+
+    @property
+    def block_share(self) -> np.ndarray:
+        """Each block's share of the blocks' FLOPs (the paper's saving formula)."""
+        blocks = np.asarray(self.tower["blocks"], dtype=np.float64)
+        return blocks / blocks.sum()
+
+    @cached_property
+    def token_flops(self) -> evaluate.BlockFlops:
+        """FLOPs of a block at any token count (token policies), with the tower's embed and head."""
+        return evaluate.BlockFlops(self.backbone, self.tower["embed"], self.tower["head"])
+
+    def quantized(self, quant: str | None = None) -> tuple[Backbone, Quantizer]:
+        """The backbone with its vision tower quantized by ``quant`` (default: the config's)."""
+        quant = quant or self.config.quant
+        if quant not in self._backbones:
+            quantizer = create_quantizer(quant)
+            quantizer.check_device(self.config.device)
+            if quantizer.calibration_split is not None:
+                quantizer.calibrate(self.backbone.visual, self._calibration_images(quantizer))
+            visual = quantizer.quantize(self.backbone.visual)
+            self._backbones[quant] = (self.backbone.with_visual(visual, quant), quantizer)
+        return self._backbones[quant]
+
+    def _calibration_images(self, quantizer: Quantizer) -> torch.Tensor:
+        """Up to ``quantizer.calibration_images`` preprocessed images of its split, evenly spaced, in split order.
+
+        Evenly spaced rather than the first ones: a part stored class by class
+        (an image folder) would otherwise calibrate on a few classes only.
+        """
+        split = self.splits[quantizer.calibration_split]
+        count = min(quantizer.calibration_images, len(split))
+        chosen = Split(split.part, split.indices[np.linspace(0, len(split) - 1, count).round().astype(np.int64)])
+        return torch.cat([images for images, _, _ in self.image_batches(chosen)] or [torch.empty(0)])
+
+    def image_batches(self, split: Split | str, batch_size: int | None = None,
+                      backbone: Backbone | None = None) -> ImageBatches:
+        """(images, labels, dataset indices) of ``split`` (a name or a :class:`Split`), preprocessed for
+        ``backbone`` (default: the full-precision one), in batches of ``batch_size`` (default: the run's);
+        unreadable images are handled by ``--on-bad-image``."""
+        split = self.splits[split] if isinstance(split, str) else split
+        return ImageBatches(self.dataset, split, (backbone or self.backbone).preprocess,
+                            batch_size or self.config.batch_size, on_bad_image=self.config.on_bad_image)
+
+    def trace(self, quant: str | None, split: str) -> Trace:
+        """The cached trace of ``split`` under ``quant``.
+
+        Without ``--limit`` the whole part behind the split is traced once and
+        the split's rows are selected from it, so splits re-drawn for another
+        seed cost no new backbone pass.
+        """
+        quant = quant or self.config.quant
+        part_split = self.splits[split]
+        if self.config.limit is None:
+            part_split = Split(part_split.part, np.arange(self.dataset.parts()[part_split.part]))
+        key = (quant, part_split.part, part_split.indices.tobytes())
+        if key not in self._traces:
+            backbone, quantizer = self.quantized(quant)
+            self._traces[key] = trace_split(
+                backbone, quantizer, self.dataset, part_split, self.classifier,
+                batch_size=self.config.batch_size, cache_dir=self.cache_dir,
+                on_bad_image=self.config.on_bad_image, progress=self.progress,
+            )
+        return self._traces[key].select(self.splits[split].indices)
+
+    def zero_shot_top1(self, quant: str | None = None, split: str = "test") -> float:
+        """Full-depth zero-shot top-1 (%) of ``split`` under ``quant`` (default: the config's)."""
+        return evaluate.top1(self.trace(quant, split))
+
+    def describe(self, quant: str | None = None) -> dict[str, Any]:
+        """Resolved config, backbone identity, quantizer parameters and data fingerprints, for results."""
+        _, quantizer = self.quantized(quant)
+        return {
+            "config": dataclasses.asdict(self.config),
+            "backbone": backbone_config(self.backbone),
+            "quantizer": quantizer.config(),
+            "dataset": {"name": self.dataset.name,
+                        "fingerprints": {part: self.dataset.fingerprint(part) for part in self.dataset.parts()}},
+        }
+
+    # -- other sessions that share this one's backbone ------------------------------------------------
+    def derived(self, **changes: Any) -> "Session":
+        """This session with another ``seed``, ``quant`` or ``limit``: the backbone, data and classifier
+        are shared, not loaded again.
+
+        A seed or quantizer change shares the quantized towers and traces held
+        here too (a calibrated quantizer keeps the calibration of the seed it
+        was built for); a limit change draws other splits, so those start
+        afresh. A seed change keeps the test split and its scores (``test`` is
+        the same for every seed) and the fits; a quantizer or limit change
+        does not.
+        """
+        unknown = set(changes) - {"seed", "quant", "limit"}
+        if unknown:
+            raise ValueError(f"a derived session changes seed, quant or limit only, not {sorted(unknown)}")
+        for shared in _SHARED:
+            getattr(self, shared)  # built here first, so that every derived session shares this one's
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **changes)
+        other.__dict__.pop("splits", None)  # cached_property: redrawn on first use
+        if other.config.limit != self.config.limit:
+            other._backbones, other._traces = {}, {}
+        if (other.config.quant, other.config.limit) != (self.config.quant, self.config.limit):
+            for name in _SCORING:
+                other.__dict__.pop(name, None)
+            other._seeded, other._fits = {}, {}
+        return other
+
+    def seeded(self, seed: int) -> "Session":
+        """This session with the ``heads`` and ``gate`` splits of ``seed`` (one per seed, kept)."""
+        if seed == self.config.seed:
+            return self
+        if seed not in self._seeded:
+            self._seeded[seed] = self.derived(seed=seed)
+        return self._seeded[seed]
+
+    # -- fitting ------------------------------------------------------------------------------------
+    def fit_context(self, quant: str | None = None, seed: int | None = None) -> FitContext:
+        """What a policy fits on under ``quant``: this session's heads and gate traces (never test).
+
+        ``seed`` seeds the fit's own randomness (default: the config's); the
+        splits are the config seed's (:meth:`fit` fits on the seed's own splits).
+        """
+        backbone, _ = self.quantized(quant)
+        seed = self.config.seed if seed is None else seed
+        return FitContext(
+            heads=self.trace(quant, "heads"),
+            gate=self.trace(quant, "gate"),
+            load_heads_fp32=lambda: self.trace("fp32", "heads"),
+            classifier=self.classifier,
+            logit_scale=self.backbone.logit_scale,
+            num_blocks=backbone.num_blocks,
+            width=backbone.width,
+            embed_dim=backbone.embed_dim,
+            block_flops=self.block_flops,
+            seed=seed,
+            backbone=backbone,
+            image_batches=functools.partial(self._fit_images, backbone),
+            store=functools.partial(self._stored_fit, quant, seed),
+        )
+
+    def _fit_images(self, backbone: Backbone, split: str, batch_size: int):
+        """:attr:`FitContext.image_batches`: (images, labels) of ``heads`` or ``gate``, in the split's order."""
+        if split not in ("heads", "gate"):
+            raise ValueError(f"policies fit on the heads and gate splits only, not {split!r}")
+        for images, labels, _ in self.image_batches(split, batch_size, backbone):
+            yield images, labels
+
+    def _stored_fit(self, quant: str | None, seed: int, name: str, build: Callable[[], dict]) -> dict:
+        """:meth:`FitContext.cached` on disk: keyed by ``name``, the code that defines ``build``, the fit
+        splits' traces and rows, and the seed."""
+        traces = (self.trace(quant, "heads"), self.trace(quant, "gate"))
+        fields = {"name": name, **fit_fields(traces, seed, [build.__module__])}
+        return cached_state(self.cache_dir, "fits", fields, build, f"fit {name!r}")
+
+    def fit(self, method: str, seed: int, **config: Any) -> ExitPolicy:
+        """``method`` with ``config`` overrides, fitted on the splits of ``seed`` (cached on disk, kept here).
+
+        Raises:
+            TypeError: the policy's state holds something other than tensors and plain values.
+        """
+        return self._fitted("method", method, seed, config, lambda: create_method(method, **config))
+
+    def fit_control(self, name: str, seed: int) -> ExitPolicy:
+        """The control ``name`` (:mod:`harness.controls`), fitted on the splits of ``seed``."""
+        from harness.controls import create_control
+
+        return self._fitted("control", name, seed, {}, lambda: create_control(name))
+
+    def _fitted(self, kind: str, name: str, seed: int, config: dict[str, Any],
+                create: Callable[[], ExitPolicy]) -> ExitPolicy:
+        key = (kind, name, seed, json.dumps(config, sort_keys=True, default=str))
+        if key not in self._fits:
+            self._fits[key] = self.seeded(seed)._fit_on_own_splits(create())
+        return self._fits[key]
+
+    def _fit_on_own_splits(self, policy: ExitPolicy) -> ExitPolicy:
+        """``policy`` fitted on this session's heads/gate splits, from the disk cache when an identical fit exists."""
+        fit_ctx = self.fit_context()
+        fitted: list[bool] = []  # set by a fresh fit, which needs no reload from its own state
+
+        def fit() -> dict[str, Any]:
+            policy.fit(fit_ctx)
+            fitted.append(True)
+            return policy.state_dict()
+
+        state = cached_state(self.cache_dir, "policies", _policy_key(policy, fit_ctx), fit,
+                             f"{policy.kind} {policy.name!r}")
+        if not fitted:
+            policy.load_state_dict(state)
+        return policy
+
+    # -- scoring ------------------------------------------------------------------------------------
+    @cached_property
+    def test(self) -> Trace:
+        """The test split's trace under the config's quantizer (the same for every seed)."""
+        return self.trace(None, "test")
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.test.labels)
+
+    @cached_property
+    def baseline_correct(self) -> np.ndarray:
+        """bool per test sample: the zero-shot full-depth model under the config's quantizer is right."""
+        return np.asarray(self.test.logits).argmax(1) == self.labels
+
+    @cached_property
+    def full(self) -> ExitOutcome:
+        """Full depth's outcome on the test split."""
+        return self.full_outcome(self.test)
+
+    @cached_property
+    def batch_invariant(self) -> bool:
+        return self.quantized()[1].batch_invariant
+
+    def uses_real_driver(self, policy: ExitPolicy) -> bool:
+        """Whether ``policy`` is scored by the real driver instead of replaying the traces.
+
+        A token policy needs it (replay cannot know the features after a drop);
+        so does any policy under a batch-dependent quantizer, where replay would
+        score features computed in batches a deployment never runs.
+        """
+        return policy.prunes_tokens or not self.batch_invariant
+
+    def outcome(self, policy: ExitPolicy, desc: str | None = None, split: str = "test",
+                seed: int | None = None) -> ExitOutcome:
+        """What ``policy`` does on every sample of ``split``, by the driver :meth:`uses_real_driver` names.
+
+        ``split`` is ``test`` (the same for every seed) or ``gate`` of ``seed``.
+        ``desc`` labels the real driver's progress bar.
+        """
+        session = self if split == "test" else self.seeded(seed)
+        trace = self.test if split == "test" else session.trace(None, split)
+        if not self.uses_real_driver(policy):
+            return replay(policy, trace, self.num_blocks, self.num_tokens - 1)
+        if drops_nothing(policy) or not (policy.prunes_tokens or policy.exit_layers()):
+            return self.full_outcome(trace)  # what the real driver gives on the trace's own batches (tested)
+        return session.stored_real_outcome(policy, trace, desc, split)
+
+    def real_outcome(self, policy: ExitPolicy, trace: Trace, desc: str | None = None,
+                     split: str = "test") -> ExitOutcome:
+        """``policy`` on the whole ``split`` (``trace``'s) under the real driver, in batches of the run's batch size.
+
+        The batches are the trace's (split order, bad images skipped alike), so
+        the rows line up with ``trace`` and, for a batch-dependent quantizer, a
+        policy that drops nothing reproduces the traced full-depth logits exactly.
+        ``desc`` labels a progress bar (None: none).
+        """
+        from tqdm import tqdm
+
+        backbone, _ = self.quantized()
+        parts, indices = [], []
+        for images, _, batch_indices in tqdm(self.image_batches(split, backbone=backbone), desc=desc, unit="batch",
+                                             leave=False, disable=desc is None or not self.progress):
+            parts.append(run_early_exit(policy, backbone, images, self.classifier))
+            indices.append(batch_indices)
+        if not np.array_equal(np.concatenate(indices) if indices else np.zeros(0, np.int64), np.asarray(trace.indices)):
+            raise RuntimeError(f"the real driver's {split} images do not match the {split} trace's rows")
+        return ExitOutcome(*(np.concatenate([getattr(p, f.name) for p in parts])
+                             for f in dataclasses.fields(ExitOutcome)))
+
+    def stored_real_outcome(self, policy: ExitPolicy, trace: Trace, desc: str | None = None,
+                            split: str = "test") -> ExitOutcome:
+        """:meth:`real_outcome`, kept in the cache: a warm run, another seed of a seed-independent fit, or a
+        sweep point seen before replays it instead of running the backbone again.
+
+        The key is the fitted state (:func:`fit_digest`), the trace's key and rows (backbone, weights,
+        quantizer, data), the batch size and the code of the policy's class hierarchy and the real driver.
+        """
+        fields = {"fit": fit_digest(policy), "trace": trace_fields(trace), "batch_size": self.config.batch_size,
+                  "code": code_fields([*(cls.__module__ for cls in type(policy).__mro__), "harness.drivers",
+                                       "harness.session"])}
+
+        def run() -> dict[str, torch.Tensor]:
+            outcome = self.real_outcome(policy, trace, desc=desc, split=split)
+            return {f.name: torch.from_numpy(np.ascontiguousarray(getattr(outcome, f.name)))
+                    for f in dataclasses.fields(ExitOutcome)}
+
+        state = cached_state(self.cache_dir, "outcomes", fields, run, f"method {policy.name!r}")
+        return ExitOutcome(**{name: value.numpy() for name, value in state.items()})
+
+    def full_outcome(self, trace: Trace) -> ExitOutcome:
+        """Every sample of ``trace`` through every block with all its tokens, classified by the backbone."""
+        n = len(trace)
+        return ExitOutcome(np.full(n, self.num_blocks), np.asarray(trace.logits),
+                           np.full((n, self.num_blocks), self.num_tokens - 1), np.zeros(n, bool))
+
+    def gate_point(self, policy: ExitPolicy, seed: int, desc: str | None = None) -> dict[str, float]:
+        """``policy``'s top-1 and FLOPs saving (%) on the ``gate`` split of ``seed``: what operating points
+        are chosen on (never ``test``)."""
+        outcome = self.outcome(policy, desc, split="gate", seed=seed)
+        labels = np.asarray(self.seeded(seed).trace(None, "gate").labels)
+        flops = outcome_flops(policy, outcome, self.token_flops, self.num_blocks)
+        return {"top1": float(100 * np.mean(outcome.predictions == labels)),
+                "flops_saving": float(100 * (1 - flops.mean() / self.full_flops))}
+
+    def evaluate(self, policy: ExitPolicy, seed: int, outcome: ExitOutcome | None = None,
+                 desc: str | None = None) -> Evaluation:
+        """``policy``'s outcome (:meth:`outcome` unless given), FLOPs and metrics; ``seed`` seeds the CIs."""
+        outcome = outcome if outcome is not None else self.outcome(policy, desc)
+        flops = outcome_flops(policy, outcome, self.token_flops, self.num_blocks)
+        metrics = score(outcome, self.labels, self.baseline_correct, flops, self.full_flops, self.block_share,
+                        self.num_blocks, seed)
+        return Evaluation(outcome, flops, outcome.predictions == self.labels, metrics)
+
+    def sweep(self, policy: ExitPolicy, seed: int) -> list[dict[str, Any]]:
+        """``policy``'s accuracy/FLOPs curve on ``test``: one point per value of its
+        :attr:`~ExitPolicy.knob_grid`, for drawing only (operating points are chosen on ``gate``).
+
+        Each point has the knob ``value``, ``top1``, ``flops_saving`` and its
+        ``source``. No refit (:meth:`ExitPolicy.with_knob`).
+        """
+        points = []
+        for value in policy.knob_grid:
+            variant = policy.with_knob(value)
+            outcome = self.outcome(variant, desc=f"{policy.name} {policy.knob}={value:g}")
+            if drops_nothing(variant):
+                source = "full depth (keep 1.0 drops nothing)"
+            else:
+                source = "real driver" if self.uses_real_driver(policy) else "replay"
+            metrics = self.evaluate(variant, seed, outcome).metrics
+            points.append({"value": value, "top1": metrics["top1"], "flops_saving": metrics["flops_saving"],
+                           "source": source})
+        return points
