@@ -38,6 +38,15 @@ def _images(session: Session, backbone: Backbone, batch_size: int) -> torch.Tens
     return batch.repeat(repeats, 1, 1, 1)[:batch_size].to(backbone.device)
 
 
+def seconds_per_call(fn: Callable[[], object], min_run_time: float = 0.0) -> float:
+    """Median seconds of one call of ``fn``, timed by ``torch.utils.benchmark`` at the current torch thread
+    count (the Timer's own default is one thread): one call when ``min_run_time`` is 0, else as many
+    blocks as fill ``min_run_time`` seconds."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time) if min_run_time > 0 else timer.timeit(1)
+    return measurement.median
+
+
 def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds: int = 3,
             min_run_time: float = 1.0) -> dict[str, dict[str, float]]:
     """Median seconds per call and images/s for each contender, rounds interleaved."""
@@ -47,8 +56,7 @@ def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds
             fn()
         for _ in range(rounds):
             for name, fn in contenders.items():
-                m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-                times[name].append(m.median)
+                times[name].append(seconds_per_call(fn, min_run_time))
     return {
         name: {"seconds_per_batch": statistics.median(t), "images_per_s": batch_size / statistics.median(t)}
         for name, t in times.items()
@@ -75,10 +83,17 @@ def trace_overhead(session: Session, quant: str | None = None, rounds: int = 3) 
 
 
 def quantizer_throughput(session: Session, quants: list[str], rounds: int = 3) -> dict:
-    """Vision-tower images/s per quantizer on the same images."""
-    backbones = {q: session.quantized(q)[0] for q in quants}
+    """Vision-tower images/s per quantizer on the same images.
+
+    With ``fp32`` among ``quants``, the fp32 tower under ``torch.compile`` runs
+    too (``fp32+compile``), so that a compiled int8 scheme's gain can be split
+    into what compiling gives and what int8 adds.
+    """
+    towers = {q: session.quantized(q)[0].visual for q in quants}
+    if "fp32" in towers:
+        towers["fp32+compile"] = torch.compile(towers["fp32"])
     images = _images(session, session.backbone, session.config.batch_size)
-    result = compare({q: (lambda b=b: b.visual(images)) for q, b in backbones.items()}, len(images), rounds)
+    result = compare({q: (lambda tower=tower: tower(images)) for q, tower in towers.items()}, len(images), rounds)
     base = result[quants[0]]["images_per_s"]
     for timing in result.values():
         timing[f"speedup_vs_{quants[0]}"] = timing["images_per_s"] / base

@@ -39,7 +39,7 @@ META = "meta.json"
 STATE = "state.pt"  # the one file of a :func:`cached_state` entry
 
 # Harness modules whose code feeds every fit: FitContext and its traces, FLOPs and options, the fit driver.
-FIT_MODULES = ("harness.policy", "harness.session", "harness.flops", "harness.trace",
+FIT_MODULES = ("harness.policy", "harness.fitting", "harness.flops", "harness.trace",
                "harness.options", "harness.heads", "harness.fidelity")
 
 

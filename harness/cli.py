@@ -126,7 +126,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"results/{stamp}-{config.model}-{config.data}-{config.quant}")
     check_out(out)  # now, not after minutes of work
     metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
-                               latency_images=args.latency_images, agreement_images=args.agreement_images,
+                               latency_images=args.latency_images, latency_seconds=args.latency_seconds,
+                               agreement_images=args.agreement_images,
                                overrides=overrides, budgets=budgets)
     write_results(out, metrics, predictions)
     print(format_tables(metrics, fmt="simple"))
@@ -272,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default: results/TIME-MODEL-DATA-QUANT)")
     p.add_argument("--no-latency", action="store_true", help="skip the real-driver latency measurement")
     p.add_argument("--latency-images", type=_at_least(1), default=32,
-                   help="test images timed by the real driver (--no-latency skips the pass)")
+                   help="test images timed by the real driver, one at a time and as one batch "
+                        "(--no-latency skips the pass)")
+    p.add_argument("--latency-seconds", type=float, default=120.0,
+                   help="at most this long for the latency rounds: they stop earlier once every latency saving's "
+                        "95%% CI is within +-2 points")
     p.add_argument("--agreement-images", type=_at_least(0), default=1024,
                    help="test images run through the real driver to report its disagreement with trace replay "
                         "(non-zero only for batch-dependent quantizers); 0 skips")

@@ -98,8 +98,11 @@ def choose(curve: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
 
 
 def _scored(session: Session, policy: ExitPolicy, seed: int, budget: float, knob: float | None,
-            gate: dict[str, Any]) -> OperatingPoint:
-    evaluation = session.evaluate(policy, seed, desc=f"{policy.name} at {budget:g}% (real driver)")
+            gate: dict[str, Any], intervals: bool = False) -> OperatingPoint:
+    """The operating point of ``policy`` as chosen on ``gate``, scored on ``test`` (bootstrap CIs only with
+    ``intervals``: an operating point reports its seeds' spread instead)."""
+    evaluation = session.evaluate(policy, seed, desc=f"{policy.name} at {budget:g}% (real driver)",
+                                  intervals=intervals)
     return OperatingPoint(budget, knob, gate["top1"], gate["flops_saving"], evaluation.metrics["top1"],
                           evaluation.metrics["flops_saving"], evaluation)
 
@@ -169,7 +172,8 @@ def recalibration_points(session: Session, seed: int) -> dict[str, OperatingPoin
     points = {}
     for name in CONTROL_FEATURES:
         policy = session.fit_control(name, seed)
-        points[name] = _scored(session, policy, seed, 0.0, session.num_blocks, session.gate_point(policy, seed))
+        points[name] = _scored(session, policy, seed, 0.0, session.num_blocks, session.gate_point(policy, seed),
+                               intervals=True)  # a run's control row
     return points
 
 

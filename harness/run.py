@@ -6,7 +6,8 @@ For each seed the methods are fitted on the ``heads``/``gate`` traces
 quantizer exit methods replay the traces, which costs no backbone pass;
 token pruners, and every method under a batch-dependent quantizer, run the
 images through the real driver. Latency comes from the real early-exit
-driver, measured against full depth in the same process.
+driver, timed against full depth in paired rounds with 95% CIs
+(:mod:`harness.latency`).
 Every method and control is also scored at each FLOPs budget, its operating
 point chosen on ``gate`` (:mod:`harness.protocol`).
 Results go to ``results/<run-id>/``: ``config.json``, ``metrics.json``
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +37,7 @@ from harness.errors import ConfigError, DataError
 from harness.policy import METHODS, ExitPolicy, create_method
 from harness.protocol import (DEFAULT_BUDGETS, OperatingPoint, best_control, control_points, method_points,
                               recalibration_points, routing_gain, summarize)
+from harness.latency import DEFAULT_IMAGES, DEFAULT_MAX_SECONDS, measure_latency
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION, results_json
 from harness.scoring import FullDepth
@@ -169,43 +170,19 @@ def driver_agreement(session: Session, policies: dict[str, ExitPolicy], images: 
     return result
 
 
-def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: int, repeats: int) -> dict[str, Any]:
-    """Per-image median wall time of the real driver at batch 1 and at the run's batch size.
+def _latency(session: Session, policies: dict[str, ExitPolicy], images: int, max_seconds: float) -> dict[str, Any]:
+    """:func:`~harness.latency.measure_latency` on the first ``images`` test images, measured once per fitted
+    policies, settings, code and machine (CPU model and count, torch threads): a warm run reads it back, and
+    ``measured_at`` says when it was taken."""
+    machine = {key: value for key, value in environment().items()
+               if key in ("platform", "cpu", "cpu_count", "torch_threads", "cuda")}
 
-    Methods and the full-depth reference alternate within each repeat, so
-    machine noise hits them alike; warm-up runs are excluded.
-    """
-    backbone, _ = session.quantized()
-    x, _ = _test_images(session, images)
-    count = len(x)
-    batch = x[: min(session.config.batch_size, count)]
-    contenders = {"full-depth": FullDepth(), **policies}
-    single: dict[str, list[float]] = {name: [] for name in contenders}
-    batched: dict[str, list[float]] = {name: [] for name in contenders}
-    for policy in contenders.values():  # warm-up
-        run_early_exit(policy, backbone, batch, session.classifier)
-    for _ in range(repeats):
-        for name, policy in contenders.items():
-            for i in range(count):
-                start = time.perf_counter()
-                run_early_exit(policy, backbone, x[i:i + 1], session.classifier)
-                single[name].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            run_early_exit(policy, backbone, batch, session.classifier)
-            batched[name].append((time.perf_counter() - start) / len(batch))
-    full_1, full_b = statistics.median(single["full-depth"]), statistics.median(batched["full-depth"])
-    return {
-        "threads": torch.get_num_threads(), "images": count, "repeats": repeats, "throughput_batch": len(batch),
-        "methods": {
-            name: {
-                "batch1_ms": 1e3 * statistics.median(single[name]),
-                "throughput_ms_per_image": 1e3 * statistics.median(batched[name]),
-                "batch1_saving": 100 * (1 - statistics.median(single[name]) / full_1),
-                "throughput_saving": 100 * (1 - statistics.median(batched[name]) / full_b),
-            }
-            for name in contenders
-        },
-    }
+    def measure() -> dict[str, Any]:
+        result = measure_latency(session, policies, _test_images(session, images)[0], max_seconds=max_seconds)
+        return {**result, "measured_at": environment()["timestamp"]}
+
+    return session.stored_pass("latency", policies, measure, {"images": images, "max_seconds": max_seconds,
+                                                              "machine": machine}, ("harness.latency", "harness.bench"))
 
 
 def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -218,7 +195,8 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = True,
-        latency_images: int = 32, latency_repeats: int = 3, agreement_images: int = 1024,
+        latency_images: int = DEFAULT_IMAGES, latency_seconds: float = DEFAULT_MAX_SECONDS,
+        agreement_images: int = 1024,
         overrides: dict[str, dict[str, Any]] | None = None,
         budgets: tuple[float, ...] = DEFAULT_BUDGETS) -> tuple[dict[str, Any], "pd.DataFrame"]:  # noqa: F821
     """Fit and evaluate ``methods`` and the controls over ``seeds``; return (metrics, per-sample predictions).
@@ -308,8 +286,10 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
         "failures": failures,
         "environment": environment(),
         "rows": rows,
-        "latency": measure_latency(session, fitted, latency_images, latency_repeats) if latency else None,
-        "driver_agreement": driver_agreement(session, exit_policies, agreement_images) if agreement_images else None,
+        "latency": _latency(session, fitted, latency_images, latency_seconds) if latency else None,
+        "driver_agreement": session.stored_pass(
+            "agreement", exit_policies, lambda: driver_agreement(session, exit_policies, agreement_images),
+            {"images": agreement_images}, ("harness.run",)) if agreement_images else None,
     }
     metrics["run"]["wall_time_s"] = round(time.time() - started, 1)
     return metrics, pd.concat(frames, ignore_index=True)
@@ -391,10 +371,17 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
             f"{s['top1']['mean'] - reference:+.2f}",
             pm("flops_saving"),
             pm("flops_saving_paper_formula"),
-            f"{lat['batch1_saving']:.1f} / {lat['throughput_saving']:.1f}" if lat else "-",
+            f"{_latency_cell(lat, 'batch1')} / {_latency_cell(lat, 'throughput')}" if lat else "-",
             ", ".join(f"{layer}: {share:.1f}" for layer, share in first["exit_distribution"].items()),
         ])
     return out
+
+
+def _latency_cell(latency: dict[str, Any], mode: str) -> str:
+    """``saving ± CI half-width`` of one batch size (no ± without a CI: a single round)."""
+    ci = latency.get(f"{mode}_saving_ci")
+    saving = latency[f"{mode}_saving"]
+    return f"{saving:.1f}" + (f" ± {(ci[1] - ci[0]) / 2:.1f}" if ci else "")
 
 
 OPERATING_POINT_HEADERS = ["budget %", "row", "kind", "knob chosen on gate (per seed)", "test top-1 %",

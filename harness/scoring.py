@@ -46,18 +46,25 @@ def outcome_flops(policy: ExitPolicy, outcome: ExitOutcome, block_flops: evaluat
 
 
 def score(outcome: ExitOutcome, labels: np.ndarray, baseline_correct: np.ndarray, flops: np.ndarray,
-          full_flops: float, block_share: np.ndarray, num_blocks: int, seed: int) -> dict[str, Any]:
-    """The metrics of one outcome on the test split (JSON-safe)."""
+          full_flops: float, block_share: np.ndarray, num_blocks: int, seed: int,
+          intervals: bool = True) -> dict[str, Any]:
+    """The metrics of one outcome on the test split (JSON-safe).
+
+    ``intervals=False`` leaves out the bootstrap CIs (``None``), the costly
+    part, for outcomes whose CIs nobody reports (points on a sweep).
+    """
     correct = outcome.predictions == labels
     q = evaluate.quadrants(correct, baseline_correct)
-    low, high = evaluate.bootstrap_ci(correct, seed=seed)
-    flops_low, flops_high = evaluate.bootstrap_ci(1 - flops / full_flops, seed=seed)
+    top1_ci = flops_ci = None
+    if intervals:
+        top1_ci = [100 * bound for bound in evaluate.bootstrap_ci(correct, seed=seed)]
+        flops_ci = [100 * bound for bound in evaluate.bootstrap_ci(1 - flops / full_flops, seed=seed)]
     return {
-        "top1": float(100 * correct.mean()), "top1_ci": [100 * low, 100 * high],
+        "top1": float(100 * correct.mean()), "top1_ci": top1_ci,
         "top5": float(100 * evaluate.topk_correct(outcome.logits, labels, 5).mean()),
         "flops_per_sample": float(flops.mean()),
         "flops_saving": float(100 * (1 - flops.mean() / full_flops)),
-        "flops_saving_ci": [100 * flops_low, 100 * flops_high],
+        "flops_saving_ci": flops_ci,
         "flops_saving_paper_formula": 100 * evaluate.paper_flops_saving(outcome.exit_layer, block_share),
         "exit_distribution": evaluate.exit_distribution(outcome.exit_layer, num_blocks),
         "quadrants": {**dataclasses.asdict(q), "net_rescue": q.net_rescue},

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 from functools import cached_property
@@ -35,9 +34,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from harness import evaluate
+from harness import evaluate, fitting
 from harness.backbones import Backbone, backbone_config, create_backbone
-from harness.cache import cached_state, code_fields, fit_fields, trace_fields
+from harness.cache import cached_state, code_fields, trace_fields
 from harness.config import HarnessConfig
 from harness.datasets import Dataset, ImageBatches, Split, create_dataset
 from harness.drivers import ExitOutcome, replay, run_early_exit
@@ -63,14 +62,6 @@ def _check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu")
     if kind not in ("cpu", "cuda"):
         raise ConfigError(f"--device {device}: the harness runs on cpu or cuda only")
-
-
-def _policy_key(policy: ExitPolicy, fit_ctx: FitContext) -> dict[str, Any]:
-    """Cache key fields of a fitted policy: its config, the code of its class hierarchy (outside plugins and
-    the shared bases they build on) and of the harness, the FLOPs, the data it fits on, the seed."""
-    # the fp32 twin of the heads split is fixed by the heads trace's key, so it needs no entry here
-    return {"policy": policy.describe(), "block_flops": fit_ctx.block_flops,
-            **fit_fields((fit_ctx.heads, fit_ctx.gate), fit_ctx.seed, [cls.__module__ for cls in type(policy).__mro__])}
 
 
 def fit_digest(policy: ExitPolicy) -> str:
@@ -284,45 +275,13 @@ class Session:
 
     # -- fitting ------------------------------------------------------------------------------------
     def fit_context(self, quant: str | None = None, seed: int | None = None) -> FitContext:
-        """What a policy fits on under ``quant``: this session's heads and gate traces (never test).
-
-        ``seed`` seeds the fit's own randomness (default: the config's); the
-        splits are the config seed's (:meth:`fit` fits on the seed's own splits).
-        """
-        backbone, _ = self.quantized(quant)
-        seed = self.config.seed if seed is None else seed
-        return FitContext(
-            heads=self.trace(quant, "heads"),
-            gate=self.trace(quant, "gate"),
-            load_heads_fp32=lambda: self.trace("fp32", "heads"),
-            classifier=self.classifier,
-            logit_scale=self.backbone.logit_scale,
-            num_blocks=backbone.num_blocks,
-            width=backbone.width,
-            embed_dim=backbone.embed_dim,
-            block_flops=self.block_flops,
-            seed=seed,
-            backbone=backbone,
-            image_batches=functools.partial(self._fit_images, backbone),
-            store=functools.partial(self._stored_fit, quant, seed),
-        )
-
-    def _fit_images(self, backbone: Backbone, split: str, batch_size: int):
-        """:attr:`FitContext.image_batches`: (images, labels) of ``heads`` or ``gate``, in the split's order."""
-        if split not in ("heads", "gate"):
-            raise ValueError(f"policies fit on the heads and gate splits only, not {split!r}")
-        for images, labels, _ in self.image_batches(split, batch_size, backbone):
-            yield images, labels
-
-    def _stored_fit(self, quant: str | None, seed: int, name: str, build: Callable[[], dict]) -> dict:
-        """:meth:`FitContext.cached` on disk: keyed by ``name``, the code that defines ``build``, the fit
-        splits' traces and rows, and the seed."""
-        traces = (self.trace(quant, "heads"), self.trace(quant, "gate"))
-        fields = {"name": name, **fit_fields(traces, seed, [build.__module__])}
-        return cached_state(self.cache_dir, "fits", fields, build, f"fit {name!r}")
+        """What a policy fits on under ``quant`` (:func:`harness.fitting.fit_context`): this session's heads
+        and gate traces, never test; ``seed`` seeds the fit (default: the config's)."""
+        return fitting.fit_context(self, quant, seed)
 
     def fit(self, method: str, seed: int, **config: Any) -> ExitPolicy:
-        """``method`` with ``config`` overrides, fitted on the splits of ``seed`` (cached on disk, kept here).
+        """``method`` with ``config`` overrides, fitted on the splits of ``seed`` (cached on disk:
+        :func:`harness.fitting.fit_cached`; and kept here).
 
         Raises:
             TypeError: the policy's state holds something other than tensors and plain values.
@@ -339,24 +298,8 @@ class Session:
                 create: Callable[[], ExitPolicy]) -> ExitPolicy:
         key = (kind, name, seed, json.dumps(config, sort_keys=True, default=str))
         if key not in self._fits:
-            self._fits[key] = self.seeded(seed)._fit_on_own_splits(create())
+            self._fits[key] = fitting.fit_cached(self.seeded(seed), create())
         return self._fits[key]
-
-    def _fit_on_own_splits(self, policy: ExitPolicy) -> ExitPolicy:
-        """``policy`` fitted on this session's heads/gate splits, from the disk cache when an identical fit exists."""
-        fit_ctx = self.fit_context()
-        fitted: list[bool] = []  # set by a fresh fit, which needs no reload from its own state
-
-        def fit() -> dict[str, Any]:
-            policy.fit(fit_ctx)
-            fitted.append(True)
-            return policy.state_dict()
-
-        state = cached_state(self.cache_dir, "policies", _policy_key(policy, fit_ctx), fit,
-                             f"{policy.kind} {policy.name!r}")
-        if not fitted:
-            policy.load_state_dict(state)
-        return policy
 
     # -- scoring ------------------------------------------------------------------------------------
     @cached_property
@@ -433,20 +376,37 @@ class Session:
         """:meth:`real_outcome`, kept in the cache: a warm run, another seed of a seed-independent fit, or a
         sweep point seen before replays it instead of running the backbone again.
 
-        The key is the fitted state (:func:`fit_digest`), the trace's key and rows (backbone, weights,
-        quantizer, data), the batch size and the code of the policy's class hierarchy and the real driver.
+        Keyed by :meth:`_real_driver_key`.
         """
-        fields = {"fit": fit_digest(policy), "trace": trace_fields(trace), "batch_size": self.config.batch_size,
-                  "code": code_fields([*(cls.__module__ for cls in type(policy).__mro__), "harness.drivers",
-                                       "harness.session"])}
-
         def run() -> dict[str, torch.Tensor]:
             outcome = self.real_outcome(policy, trace, desc=desc, split=split)
             return {f.name: torch.from_numpy(np.ascontiguousarray(getattr(outcome, f.name)))
                     for f in dataclasses.fields(ExitOutcome)}
 
-        state = cached_state(self.cache_dir, "outcomes", fields, run, f"method {policy.name!r}")
+        state = cached_state(self.cache_dir, "outcomes", self._real_driver_key({policy.name: policy}, trace), run,
+                             f"method {policy.name!r}")
         return ExitOutcome(**{name: value.numpy() for name, value in state.items()})
+
+    def stored_pass(self, kind: str, policies: dict[str, ExitPolicy], build: Callable[[], dict[str, Any]],
+                    fields: dict[str, Any], modules: tuple[str, ...]) -> dict[str, Any]:
+        """``build()``: what ``policies`` do under the real driver on test images (``run``'s latency and
+        driver-agreement passes), kept in the cache under ``kind`` so that a warm run reads it back.
+
+        Keyed like :meth:`stored_real_outcome`, plus ``fields`` (the pass's settings; for timings, the
+        machine) and the code of ``modules``.
+        """
+        key = {**self._real_driver_key(policies, self.test, modules), **fields}
+        return cached_state(self.cache_dir, kind, key, build, f"the {kind} pass")
+
+    def _real_driver_key(self, policies: dict[str, ExitPolicy], trace: Trace,
+                         modules: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Cache key fields of real-driver work: each fitted state (:func:`fit_digest`), the trace's key and rows
+        (backbone, weights, quantizer, data), the batch size, and the code of the policies' class hierarchies,
+        the real driver and ``modules``."""
+        classes = [cls.__module__ for policy in policies.values() for cls in type(policy).__mro__]
+        return {"fit": {name: fit_digest(policy) for name, policy in policies.items()},
+                "trace": trace_fields(trace), "batch_size": self.config.batch_size,
+                "code": code_fields([*classes, "harness.drivers", "harness.session", *modules])}
 
     def full_outcome(self, trace: Trace) -> ExitOutcome:
         """Every sample of ``trace`` through every block with all its tokens, classified by the backbone."""
@@ -464,12 +424,13 @@ class Session:
                 "flops_saving": float(100 * (1 - flops.mean() / self.full_flops))}
 
     def evaluate(self, policy: ExitPolicy, seed: int, outcome: ExitOutcome | None = None,
-                 desc: str | None = None) -> Evaluation:
-        """``policy``'s outcome (:meth:`outcome` unless given), FLOPs and metrics; ``seed`` seeds the CIs."""
+                 desc: str | None = None, intervals: bool = True) -> Evaluation:
+        """``policy``'s outcome (:meth:`outcome` unless given), FLOPs and metrics; ``seed`` seeds the CIs
+        (``intervals=False``: none, see :func:`~harness.scoring.score`)."""
         outcome = outcome if outcome is not None else self.outcome(policy, desc)
         flops = outcome_flops(policy, outcome, self.token_flops, self.num_blocks)
         metrics = score(outcome, self.labels, self.baseline_correct, flops, self.full_flops, self.block_share,
-                        self.num_blocks, seed)
+                        self.num_blocks, seed, intervals)
         return Evaluation(outcome, flops, outcome.predictions == self.labels, metrics)
 
     def sweep(self, policy: ExitPolicy, seed: int) -> list[dict[str, Any]]:
@@ -487,7 +448,7 @@ class Session:
                 source = "full depth (keep 1.0 drops nothing)"
             else:
                 source = "real driver" if self.uses_real_driver(policy) else "replay"
-            metrics = self.evaluate(variant, seed, outcome).metrics
+            metrics = self.evaluate(variant, seed, outcome, intervals=False).metrics
             points.append({"value": value, "top1": metrics["top1"], "flops_saving": metrics["flops_saving"],
                            "source": source})
         return points

@@ -27,7 +27,7 @@ def results(tmp_path_factory) -> tuple[Path, dict]:
     """One real run folder (two methods, one seed, latency measured) and its metrics."""
     base = tmp_path_factory.mktemp("leaderboard")
     metrics, predictions = run(HarnessConfig(limit=32, batch_size=16, cache_dir=str(base / "cache")),
-                               ["cls-ee", "pabee"], seeds=1, latency=True, latency_images=4, latency_repeats=1,
+                               ["cls-ee", "pabee"], seeds=1, latency=True, latency_images=4, latency_seconds=0,
                                agreement_images=0)
     write_results(base / "run", metrics, predictions)
     return base / "run", json.loads((base / "run" / "metrics.json").read_text())

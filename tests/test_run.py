@@ -35,7 +35,7 @@ def test_replaying_more_methods_costs_no_backbone_pass(tmp_path, count_calls):
 
 def test_results_folder_and_tables(tmp_path):
     metrics, predictions = run(_config(tmp_path / "cache"), ["cls-ee", "pabee"], seeds=2, latency=True,
-                               latency_images=4, latency_repeats=1)
+                               latency_images=4, latency_seconds=0)
     out = tmp_path / "results"
     write_results(out, metrics, predictions)
     saved = json.loads((out / "metrics.json").read_text())
@@ -167,7 +167,7 @@ def test_a_bad_test_image_is_skipped_by_every_pass_and_rows_stay_aligned(tmp_pat
 
     config = HarnessConfig(data="imagefolder", data_root=str(root), quant="fp32", batch_size=16,
                            cache_dir=str(tmp_path / "cache"))
-    metrics, _ = run(config, ["cls-ee"], seeds=1, latency=True, latency_images=8, latency_repeats=1,
+    metrics, _ = run(config, ["cls-ee"], seeds=1, latency=True, latency_images=8, latency_seconds=0,
                      agreement_images=60)
     bad_images = metrics["run"]["bad_images"]
     assert [b["sample"] for b in bad_images["test"]] == [str(bad)]

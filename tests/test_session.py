@@ -70,3 +70,12 @@ def test_a_policy_needs_decide_only_when_it_declares_exit_layers(session):
     np.testing.assert_array_equal(outcome.predictions, np.asarray(session.test.logits).argmax(1))
     with pytest.raises(NotImplementedError, match=r"exits-without-decide declares exit layers \[3\] but implements no"):
         session.real_outcome(ExitsWithoutDecide(), session.test)
+
+
+def test_leaving_out_the_intervals_changes_nothing_else(session):
+    policy = session.fit("pabee", 0)
+    full, quick = session.evaluate(policy, 0).metrics, session.evaluate(policy, 0, intervals=False).metrics
+    assert quick["top1_ci"] is None and quick["flops_saving_ci"] is None
+    assert full["top1_ci"][0] <= full["top1"] <= full["top1_ci"][1]
+    assert {k: v for k, v in quick.items() if not k.endswith("_ci")} == {
+        k: v for k, v in full.items() if not k.endswith("_ci")}

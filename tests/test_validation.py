@@ -137,7 +137,7 @@ def test_a_failing_method_loses_only_its_row(tmp_path, monkeypatch):
     monkeypatch.setattr(_FailsToFit, "name", "fails-to-fit")
     config = HarnessConfig(limit=32, batch_size=16, cache_dir=str(tmp_path / "cache"))
     metrics, predictions = run(config, ["fails-to-fit", "cls-ee"], seeds=1, latency=True, latency_images=4,
-                               latency_repeats=1, agreement_images=32)
+                               latency_seconds=0, agreement_images=32)
     assert metrics["failures"] == {"fails-to-fit": "RuntimeError: head training diverged"}
     assert "cls-ee" in metrics["rows"] and "fails-to-fit" not in metrics["rows"]
     assert set(metrics["latency"]["methods"]) == {"full-depth", "cls-ee"}

@@ -76,7 +76,7 @@ QUANTIZERS: Registry[type[Quantizer]] = Registry(
     "quantizer",
     entry_point_group="harness.quantizers",
     builtin_modules=("harness.quantizers._builtin", "harness.quantizers._fake", "harness.quantizers._smooth",
-                    "harness.quantizers._damage"),
+                    "harness.quantizers._damage", "harness.quantizers._pt2e"),
 )
 register_quantizer = QUANTIZERS.register
 register_quantizer_family = QUANTIZERS.register_pattern
