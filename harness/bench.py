@@ -1,15 +1,23 @@
-"""``python -m harness bench``: throughput ratios measured in one run.
+"""``python -m harness bench``: throughput and latency ratios, each measured within one run.
 
 - ``trace``: the trace driver's per-batch work (all blocks + per-layer
   features + embedding + logits) versus open_clip's plain vision forward, on
   the same images, backbone and quantizer. The goal is <= 5% overhead.
 - ``quant``: vision-tower throughput of several quantizers on one backbone
-  (default: random-init ViT-B-32 at batch 32, as in SPEC section 8).
+  (default: random-init ViT-B-32 at batch 32, as in SPEC section 8), with
+  the fp32 tower under ``torch.compile`` beside them.
+- ``latency``: every registered method, fitted for the first seed, against
+  full depth under the real driver (:mod:`harness.latency`: paired rounds,
+  95% CIs, realized latency / FLOPs saving at batch 1 and at the batch).
+- ``all``: the three, each with its own settings (``quant`` on the random-init
+  ViT-B-32 at batch 32, the others on the given config), written to
+  ``results/bench/`` with the machine described.
 
-Both contenders get the same preprocessed images, so image decoding is
-outside the comparison. Timings use ``torch.utils.benchmark`` (warm-up excluded), alternating the
-contenders over several rounds and reporting medians, because the machines
-are noisy; compare ratios, not absolute numbers, across machines.
+Contenders get the same preprocessed images, so image decoding is outside
+the comparison. Timings use ``torch.utils.benchmark`` at the session's torch
+thread count (warm-up excluded), alternating the contenders over several
+rounds and reporting medians, because the machines are noisy; compare
+ratios, not absolute numbers, across machines.
 """
 
 from __future__ import annotations
@@ -27,14 +35,11 @@ from harness.errors import DataError
 
 
 def _images(session: Session, backbone: Backbone, batch_size: int) -> torch.Tensor:
-    """``batch_size`` real test images through the backbone's own preprocessing."""
-    split = session.splits["test"]
-    count = min(batch_size, len(split))
-    if count == 0:
+    """``batch_size`` real test images, preprocessed (repeated when the test split has fewer)."""
+    batch, _ = session.test_images(batch_size)
+    if len(batch) == 0:
         raise DataError("the test split is empty: nothing to time")
-    images = [backbone.preprocess(session.dataset.read_image(split.part, int(i))) for i in split.indices[:count]]
-    batch = torch.stack(images)
-    repeats = -(-batch_size // count)
+    repeats = -(-batch_size // len(batch))
     return batch.repeat(repeats, 1, 1, 1)[:batch_size].to(backbone.device)
 
 
@@ -98,3 +103,64 @@ def quantizer_throughput(session: Session, quants: list[str], rounds: int = 3) -
     for timing in result.values():
         timing[f"speedup_vs_{quants[0]}"] = timing["images_per_s"] / base
     return {"batch_size": len(images), "timings": result}
+
+
+def method_latency(session: Session, images: int = 32, max_seconds: float = 300.0) -> dict:
+    """Every registered method, fitted for the config's seed, timed against full depth
+    (:func:`harness.latency.measure_latency`) on the first ``images`` test images."""
+    from harness.latency import measure_latency
+    from harness.policy import METHODS
+
+    policies = {name: session.fit(name, session.config.seed) for name in METHODS.names()}
+    return measure_latency(session, policies, session.test_images(images)[0], max_seconds=max_seconds)
+
+
+SUITES = ("trace", "quant", "latency")
+# the quant suite's own setting under ``all`` (SPEC section 8): a random-init ViT-B-32 at batch 32
+QUANT_SETTING = {"model": "ViT-B-32", "pretrained": "none", "batch_size": 32}
+DEFAULT_QUANTS = ("fp32", "int8-dynamic", "int8-torchao", "int8-pt2e")
+
+
+def run_suite(suite: str, session: Session, rounds: int = 3, quants: tuple[str, ...] = DEFAULT_QUANTS) -> dict:
+    """One suite's result (see the module docstring)."""
+    if suite == "trace":
+        return {quant: trace_overhead(session, quant, rounds) for quant in dict.fromkeys(["fp32", session.config.quant])}
+    if suite == "quant":
+        return quantizer_throughput(session, list(quants), rounds)
+    if suite == "latency":
+        return method_latency(session)
+    raise ValueError(f"unknown bench suite {suite!r}; suites: {', '.join(SUITES)}, all")
+
+
+def format_result(suite: str, result: dict) -> str:
+    """A suite's result as plain-text tables."""
+    from tabulate import tabulate
+
+    def timings(timing: dict) -> str:
+        rows = [(name, t["seconds_per_batch"] * 1e3, t["images_per_s"]) for name, t in timing.items()]
+        return tabulate(rows, headers=["contender", "ms / batch (median)", "images / s"], floatfmt=".1f")
+
+    if suite == "trace":
+        return "\n\n".join(f"{r['quant']}, batch {r['batch_size']}: trace overhead {r['trace_overhead_percent']:+.1f}%\n"
+                           + timings(r["timings"]) for r in result.values())
+    if suite == "quant":
+        return f"batch {result['batch_size']}\n" + timings(result["timings"])
+
+    def saving(row: dict, mode: str) -> str:
+        ci = row[f"{mode}_saving_ci"]
+        return f"{row[f'{mode}_saving']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    rows = [(name, f"{row['batch1_ms_per_image']:.2f}", f"{row['throughput_ms_per_image']:.3f}",
+             saving(row, "batch1") if "flops_saving" in row else "-",
+             saving(row, "throughput") if "flops_saving" in row else "-",
+             f"{row['flops_saving']:.1f}" if "flops_saving" in row else "-",
+             ratio(row.get("batch1_realized")), ratio(row.get("throughput_realized")))
+            for name, row in result["methods"].items()]
+    return (f"{result['images']} test images, {result['rounds']} rounds, {result['threads']} threads; every CI within "
+            f"+-{result['target_ci_halfwidth']:g}: {'yes' if result['target_reached'] else 'no'}\n"
+            + tabulate(rows, headers=["", "ms / image (b=1)", f"ms / image (b={result['throughput_batch']})",
+                                      "latency saving % b=1 [95% CI]", "latency saving % batch [95% CI]",
+                                      "FLOPs saving %", "realized b=1", "realized batch"], disable_numparse=True))

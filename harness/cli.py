@@ -170,27 +170,28 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from tabulate import tabulate
+    import dataclasses
 
     from harness import bench
-    from harness.session import Session
     from harness.provenance import environment
     from harness.results import results_json
+    from harness.session import Session
 
-    session = Session(_config(args))
-    if args.suite == "trace":
-        result = bench.trace_overhead(session, rounds=args.rounds)
-        print(f"{session.config.model} / {result['quant']}, batch {result['batch_size']}: "
-              f"trace overhead {result['trace_overhead_percent']:+.1f}%")
-    else:
-        result = bench.quantizer_throughput(session, args.quants.split(","), rounds=args.rounds)
-    rows = [(name, t["seconds_per_batch"] * 1e3, t["images_per_s"]) for name, t in result["timings"].items()]
-    print(tabulate(rows, headers=["contender", "ms / batch (median)", "images / s"], floatfmt=".1f"))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(results_json({**result, **session.describe(), "environment": environment()}))
-        print(f"wrote {out}")
+    config = _config(args).resolved()
+    suites = bench.SUITES if args.suite == "all" else (args.suite,)
+    out_dir = Path(args.out or "results/bench") if args.suite == "all" else None
+    for suite in suites:
+        suite_config = dataclasses.replace(config, **bench.QUANT_SETTING) if (
+            suite == "quant" and args.suite == "all") else config
+        session = Session(suite_config)
+        result = bench.run_suite(suite, session, rounds=args.rounds, quants=tuple(args.quants.split(",")))
+        print(f"## {suite}: {session.config.model} / {session.config.quant}\n\n{bench.format_result(suite, result)}\n")
+        out = out_dir / f"{suite}.json" if out_dir else (Path(args.out) if args.out else None)
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(results_json({"suite": suite, "result": result, **session.describe(),
+                                         "environment": environment()}))
+            print(f"wrote {out}")
     return 0
 
 
@@ -299,16 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("heads", "gate", "test"))
     p.set_defaults(func=_cmd_zeroshot)
 
-    p = sub.add_parser("bench", help="throughput ratios: trace driver overhead, or quantizers side by side",
-                       epilog="examples:\n  python -m harness bench --suite trace\n"
-                              "  python -m harness bench --suite quant --model ViT-B-32 --batch-size 32",
+    p = sub.add_parser("bench", help="throughput and latency ratios: trace overhead, quantizers, methods' latency",
+                       epilog="examples:\n  python -m harness bench --suite all      # everything, to results/bench/\n"
+                              "  python -m harness bench --suite trace\n"
+                              "  python -m harness bench --suite quant --model ViT-B-32 --pretrained none "
+                              "--batch-size 32",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_arguments(p)
-    p.add_argument("--suite", choices=("trace", "quant"), default="trace",
-                   help="trace: trace driver vs plain encode_image; quant: --quants side by side")
-    p.add_argument("--quants", default="fp32,int8-dynamic,int8-torchao", help="quantizers for --suite quant")
+    p.add_argument("--suite", choices=("trace", "quant", "latency", "all"), default="trace",
+                   help="trace: trace driver vs plain encode_image (fp32 and --quant); quant: --quants side by side; "
+                        "latency: every method vs full depth under the real driver, with 95%% CIs; all: the three "
+                        "(quant on a random-init ViT-B-32 at batch 32), written to results/bench/")
+    p.add_argument("--quants", default="fp32,int8-dynamic,int8-torchao,int8-pt2e", help="quantizers for --suite quant")
     p.add_argument("--rounds", type=_at_least(1), default=3, help="interleaved timing rounds (medians reported)")
-    p.add_argument("--out", default=None, help="also write the result as JSON here")
+    p.add_argument("--out", default=None, help="also write the result as JSON here (--suite all: the folder, "
+                                               "default results/bench)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("train-embedded", help="train the embedded default CLIP on Fashion-MNIST")

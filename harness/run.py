@@ -32,8 +32,7 @@ from harness._io import atomic_path, atomic_write_text
 from harness.config import HarnessConfig
 from harness.session import Session
 from harness.drivers import ExitOutcome, TraceView, replay, run_early_exit
-from harness.datasets import Split
-from harness.errors import ConfigError, DataError
+from harness.errors import ConfigError
 from harness.policy import METHODS, ExitPolicy, create_method
 from harness.protocol import (DEFAULT_BUDGETS, OperatingPoint, best_control, control_points, method_points,
                               recalibration_points, routing_gain, summarize)
@@ -120,21 +119,6 @@ def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, flo
     return accuracy
 
 
-def _test_images(session: Session, count: int) -> tuple[torch.Tensor, np.ndarray]:
-    """The readable ones among the first ``count`` test images, preprocessed, and their dataset indices.
-
-    Read through :class:`~harness.datasets.ImageBatches` like every other pass,
-    so ``--on-bad-image`` applies here too.
-    """
-    backbone, _ = session.quantized()
-    split = session.splits["test"]
-    first = Split(split.part, split.indices[:count])
-    batches = list(session.image_batches(first, backbone=backbone))
-    if not batches:
-        raise DataError(f"none of the first {count} test images can be read (see --on-bad-image)")
-    return torch.cat([images for images, _, _ in batches]), np.concatenate([indices for _, _, indices in batches])
-
-
 def driver_agreement(session: Session, policies: dict[str, ExitPolicy], images: int) -> dict[str, Any]:
     """How often the real driver and trace replay disagree, on the first ``images`` test images.
 
@@ -149,7 +133,7 @@ def driver_agreement(session: Session, policies: dict[str, ExitPolicy], images: 
     test trace skipped are skipped here too.
     """
     backbone, quantizer = session.quantized()
-    x, indices = _test_images(session, images)
+    x, indices = session.test_images(images)
     trace_indices = np.asarray(session.test.indices)
     rows = np.searchsorted(trace_indices, indices)
     if not np.array_equal(trace_indices[np.minimum(rows, len(trace_indices) - 1)], indices):
@@ -178,7 +162,7 @@ def _latency(session: Session, policies: dict[str, ExitPolicy], images: int, max
                if key in ("platform", "cpu", "cpu_count", "torch_threads", "cuda")}
 
     def measure() -> dict[str, Any]:
-        result = measure_latency(session, policies, _test_images(session, images)[0], max_seconds=max_seconds)
+        result = measure_latency(session, policies, session.test_images(images)[0], max_seconds=max_seconds)
         return {**result, "measured_at": environment()["timestamp"]}
 
     return session.stored_pass("latency", policies, measure, {"images": images, "max_seconds": max_seconds,

@@ -40,7 +40,7 @@ from harness.cache import cached_state, code_fields, trace_fields
 from harness.config import HarnessConfig
 from harness.datasets import Dataset, ImageBatches, Split, create_dataset
 from harness.drivers import ExitOutcome, replay, run_early_exit
-from harness.errors import ConfigError
+from harness.errors import ConfigError, DataError
 from harness.policy import ExitPolicy, FitContext, create_method
 from harness.quantizers import Quantizer, create_quantizer
 from harness.scoring import Evaluation, drops_nothing, outcome_flops, score
@@ -100,7 +100,8 @@ class Session:
         _check_device(self.config.device)
         self.progress = progress
         self._backbones: dict[str, tuple[Backbone, Quantizer]] = {}
-        self._traces: dict[tuple[str, str, bytes], Trace] = {}
+        self._traces: dict[tuple[str, str, bytes], Trace] = {}  # memory-mapped, per part (or --limit rows)
+        self._selections: dict[tuple[str, str, bytes], Trace] = {}  # a split's rows, in memory
         self._seeded: dict[int, Session] = {}
         self._fits: dict[tuple[str, str, int, str], ExitPolicy] = {}
         if self.config.threads:
@@ -201,14 +202,33 @@ class Session:
         return ImageBatches(self.dataset, split, (backbone or self.backbone).preprocess,
                             batch_size or self.config.batch_size, on_bad_image=self.config.on_bad_image)
 
+    def test_images(self, count: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The readable ones among the first ``count`` test images, preprocessed, and their dataset indices
+        (read like every other pass, so ``--on-bad-image`` applies)."""
+        split = self.splits["test"]
+        batches = list(self.image_batches(Split(split.part, split.indices[:count])))
+        if not batches:
+            raise DataError(f"none of the first {count} test images can be read (see --on-bad-image)")
+        return torch.cat([images for images, _, _ in batches]), np.concatenate([i for _, _, i in batches])
+
     def trace(self, quant: str | None, split: str) -> Trace:
         """The cached trace of ``split`` under ``quant``.
 
         Without ``--limit`` the whole part behind the split is traced once and
         the split's rows are selected from it, so splits re-drawn for another
-        seed cost no new backbone pass.
+        seed cost no new backbone pass. The selection (a copy of the rows) is
+        kept for the session: fits, gate sweeps and scoring ask for the same
+        splits hundreds of times in one run.
         """
         quant = quant or self.config.quant
+        rows = self.splits[split].indices
+        selected = (quant, self.splits[split].part, rows.tobytes())
+        if selected not in self._selections:
+            self._selections[selected] = self._part_trace(quant, split).select(rows)
+        return self._selections[selected]
+
+    def _part_trace(self, quant: str, split: str) -> Trace:
+        """The trace behind ``split``: of the split's rows under ``--limit``, else of the whole part."""
         part_split = self.splits[split]
         if self.config.limit is None:
             part_split = Split(part_split.part, np.arange(self.dataset.parts()[part_split.part]))
@@ -220,7 +240,7 @@ class Session:
                 batch_size=self.config.batch_size, cache_dir=self.cache_dir,
                 on_bad_image=self.config.on_bad_image, progress=self.progress,
             )
-        return self._traces[key].select(self.splits[split].indices)
+        return self._traces[key]
 
     def zero_shot_top1(self, quant: str | None = None, split: str = "test") -> float:
         """Full-depth zero-shot top-1 (%) of ``split`` under ``quant`` (default: the config's)."""
@@ -258,7 +278,7 @@ class Session:
         other.config = dataclasses.replace(self.config, **changes)
         other.__dict__.pop("splits", None)  # cached_property: redrawn on first use
         if other.config.limit != self.config.limit:
-            other._backbones, other._traces = {}, {}
+            other._backbones, other._traces, other._selections = {}, {}, {}
         if (other.config.quant, other.config.limit) != (self.config.quant, self.config.limit):
             for name in _SCORING:
                 other.__dict__.pop(name, None)
