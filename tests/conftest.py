@@ -47,6 +47,12 @@ def fmnist_images(embedded_dataset):
     return images, embedded_dataset.labels("test")[:16]
 
 
+@pytest.fixture(scope="session")
+def images(embedded_backbone, fmnist_images):
+    """The 16 Fashion-MNIST test images, preprocessed for the embedded backbone [16, 3, 28, 28]."""
+    return torch.stack([embedded_backbone.preprocess(im) for im in fmnist_images[0]])
+
+
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "cache"

@@ -10,11 +10,6 @@ from harness.errors import ConfigError
 from harness.quantizers import create_quantizer
 
 
-@pytest.fixture(scope="module")
-def images(embedded_backbone, fmnist_images):
-    return torch.stack([embedded_backbone.preprocess(im) for im in fmnist_images[0]])
-
-
 def _block_outputs(visual: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """The residual stream after every block (hooks included), [B, T, D] each."""
     x = visual._embeds(images)

@@ -23,11 +23,6 @@ def two_blocks(embedded_backbone) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def images(embedded_backbone, fmnist_images):
-    return torch.stack([embedded_backbone.preprocess(im) for im in fmnist_images[0]])
-
-
-@pytest.fixture(scope="module")
 def quantized(two_blocks, images):
     quantizer = create_quantizer("int8-pt2e")
     before = state_dict_sha256(two_blocks)

@@ -11,11 +11,6 @@ from harness.quantizers._fake import FakeQuantAttention, FakeQuantLinear, fake_q
 QUANTIZERS = ["fp32", "int8-dynamic", "int8-torchao", "fake-w8a8", "fake-w4a4", "fake-w6a6-tensor"]
 
 
-@pytest.fixture(scope="module")
-def images(embedded_backbone, fmnist_images):
-    return torch.stack([embedded_backbone.preprocess(im) for im in fmnist_images[0]])
-
-
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
     """Dequantized weight of every Linear-like module (works for torch.ao and torchao too)."""
     out = {}

@@ -20,6 +20,7 @@ group ``harness.quantizers``.
 from __future__ import annotations
 
 import abc
+import hashlib
 from typing import Any
 
 import torch
@@ -94,6 +95,13 @@ def create_quantizer(name: str) -> Quantizer:
 def list_quantizers() -> list[tuple[str, str]]:
     """(name, one-line description) for every registered quantizer."""
     return QUANTIZERS.describe()
+
+
+def calibration_record(split: str, images: torch.Tensor) -> dict[str, Any]:
+    """What identifies a quantizer's calibration images in its config (the cache key): the split, the count and
+    a digest of the pixels (which fix the indices, the dataset content and the preprocessing)."""
+    pixels = images.detach().cpu().float().contiguous().numpy().tobytes()
+    return {"split": split, "images": len(images), "images_sha256": hashlib.sha256(pixels).hexdigest()}
 
 
 def mlp_linear_names(visual: nn.Module) -> list[str]:

@@ -25,7 +25,6 @@ channel. CPU only.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import warnings
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.quantizers import Quantizer, QuantizerUnavailable, register_quantizer
+from harness.quantizers import Quantizer, QuantizerUnavailable, calibration_record, register_quantizer
 
 _CALIBRATION_BATCH = 32
 
@@ -132,9 +131,7 @@ class Int8PT2E(Quantizer):
         if len(images) == 0:
             raise ConfigError(f"int8-pt2e needs calibration images; the {self.calibration_split!r} split gave none")
         self._inputs = _block_inputs(visual, images)
-        pixels = images.detach().cpu().float().contiguous().numpy().tobytes()
-        self._calibration = {"split": self.calibration_split, "images": len(images),
-                             "images_sha256": hashlib.sha256(pixels).hexdigest()}
+        self._calibration = calibration_record(self.calibration_split, images)
 
     def quantize(self, visual: nn.Module) -> nn.Module:
         if self._inputs is None:

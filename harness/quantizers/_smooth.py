@@ -22,14 +22,14 @@ unchanged up to float rounding (tested).
 from __future__ import annotations
 
 import copy
-import hashlib
 from typing import Any
 
 import torch
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.quantizers import Quantizer, QuantizerUnavailable, create_quantizer, register_quantizer_family
+from harness.quantizers import (Quantizer, QuantizerUnavailable, calibration_record, create_quantizer,
+                                register_quantizer_family)
 
 DEFAULT_BASE = "int8-dynamic"
 DEFAULT_ALPHA = 0.5
@@ -156,10 +156,7 @@ class SmoothQuant(Quantizer):
         for norm, layer in pairs:
             weight_max = _input_weight(visual.get_submodule(layer)).detach().abs().amax(dim=0).float()
             self.factors[norm] = smoothing_factors(act_max[norm], weight_max, self.alpha)
-        # The pixels identify the images (split, indices, dataset content, preprocessing) for the cache key.
-        pixels = images.detach().cpu().float().contiguous().numpy().tobytes()
-        self._calibration = {"split": self.calibration_split, "images": len(images),
-                             "images_sha256": hashlib.sha256(pixels).hexdigest()}
+        self._calibration = calibration_record(self.calibration_split, images)
 
     def smooth(self, visual: nn.Module) -> nn.Module:
         """A copy of ``visual`` with the factors folded in (same function, up to float rounding)."""
