@@ -31,14 +31,12 @@ import torch.utils.benchmark as benchmark
 
 from harness.backbones import Backbone
 from harness.session import Session
-from harness.errors import DataError
 
 
 def _images(session: Session, backbone: Backbone, batch_size: int) -> torch.Tensor:
-    """``batch_size`` real test images, preprocessed (repeated when the test split has fewer)."""
+    """``batch_size`` real test images, preprocessed (repeated when the test split has fewer; none readable
+    raises :class:`~harness.errors.DataError`, from :meth:`Session.test_images`)."""
     batch, _ = session.test_images(batch_size)
-    if len(batch) == 0:
-        raise DataError("the test split is empty: nothing to time")
     repeats = -(-batch_size // len(batch))
     return batch.repeat(repeats, 1, 1, 1)[:batch_size].to(backbone.device)
 
