@@ -41,7 +41,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...]
         if hints[f.name] is bool:
             group.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
-        kind = int if hints[f.name] in (int, typing.Optional[int]) else str
+        base = next((arm for arm in typing.get_args(hints[f.name]) if arm is not type(None)), hints[f.name])
+        kind = base if base in (int, float) else str
         group.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
 
 

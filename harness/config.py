@@ -43,6 +43,14 @@ class HarnessConfig:
                                         "(default: the shipped weights for 'embedded', else 'none')")
     data: str = _opt("embedded", "dataset name (see `python -m harness list`)")
     data_root: str | None = _opt(None, "dataset folder (default: the dataset's own)")
+    train_root: str | None = _opt(None, "imagenet: the train folder; heads and gate are then drawn from train and "
+                                        "test is all of val (the paper's protocol)")
+    heads_fraction: float | None = option(None, above=0, max=1, help="imagenet/imagefolder: share of the images in "
+                                          "heads (with --train-root: of train, default 0.1; else default 0.3)")
+    gate_size: int | None = _opt(None, "imagenet with --train-root: gate images drawn from train (default 5000)",
+                                 min=1)
+    templates: str | None = _opt(None, "prompt templates: 'openai' (80), 'simple' (5), or a file with one per "
+                                       "line (default: the dataset's own)")
     quant: str | None = _opt(None, "quantizer (default: int8-dynamic; for 'embedded' "
                                    f"{embedded.DEFAULT_QUANT}, see README)")
     seed: int = _opt(0, "split seed, and the seed of a random init", min=0)
@@ -58,7 +66,10 @@ class HarnessConfig:
 
     def dataset_options(self) -> dict[str, Any]:
         """Keywords for :func:`~harness.datasets.create_dataset` beyond name and root (only those set)."""
-        return {"allow_empty_classes": True} if self.allow_empty_classes else {}
+        options = {"train_root": self.train_root, "heads_fraction": self.heads_fraction, "gate_size": self.gate_size}
+        if self.allow_empty_classes:
+            options["allow_empty_classes"] = True
+        return {key: value for key, value in options.items() if value is not None}
 
     def resolved(self) -> "HarnessConfig":
         """A checked copy with defaults filled in (quantizer, cache dir).

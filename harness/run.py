@@ -413,6 +413,9 @@ def format_tables(metrics: dict[str, Any], fmt: str = "github") -> str:
     run_info = metrics["run"]
     title = (f"{run_info['backbone']['model']} / {run_info['config']['quant']} / {run_info['dataset']['name']}: "
              f"{run_info['test_samples']} test images, {run_info['seeds']} seed(s)")
+    data = run_info["dataset"]
+    if "protocol" in data:  # recorded since the --train-root protocol
+        title += f"\nsplits: {data['protocol']}; prompts: {data['templates']['name']} ({data['templates']['count']})"
     table = tabulate(table_rows(metrics), headers=TABLE_HEADERS, tablefmt=fmt, disable_numparse=True)
     text = (f"{title}\n\nOperating points: for each FLOPs-saving budget, the knob with the best gate-split "
             "top-1 among those saving at least the budget on gate (controls: the exit block); scored on test. "

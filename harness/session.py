@@ -39,6 +39,7 @@ from harness.backbones import Backbone, backbone_config, create_backbone
 from harness.cache import cached_state, code_fields, trace_fields
 from harness.config import HarnessConfig
 from harness.datasets import Dataset, ImageBatches, Split, create_dataset
+from harness.prompts import prompt_templates
 from harness.drivers import ExitOutcome, replay, run_early_exit
 from harness.errors import ConfigError, DataError
 from harness.policy import ExitPolicy, FitContext, create_method
@@ -47,7 +48,7 @@ from harness.scoring import Evaluation, drops_nothing, outcome_flops, score
 from harness.trace import Trace, trace_split
 
 # cached properties that every derived session shares (the same for any seed, quantizer and limit)
-_SHARED = ("backbone", "dataset", "classifier", "tower")
+_SHARED = ("backbone", "dataset", "templates", "classifier", "tower")
 # cached properties that belong to one quantizer and one draw of the test split
 _SCORING = ("test", "labels", "baseline_correct", "full", "batch_invariant")
 
@@ -128,9 +129,14 @@ class Session:
         return self.dataset.splits(self.config.seed, limit=self.config.limit)
 
     @cached_property
+    def templates(self) -> tuple[str, ...]:
+        """The prompt templates of the zero-shot classifier (``--templates``, default the dataset's)."""
+        return prompt_templates(self.config.templates, self.dataset.templates)
+
+    @cached_property
     def classifier(self) -> torch.Tensor:
         return self.backbone.zero_shot_classifier(
-            self.dataset.classnames, self.dataset.templates, self.config.text_precision, self.cache_dir
+            self.dataset.classnames, self.templates, self.config.text_precision, self.cache_dir
         )
 
     @property
@@ -228,10 +234,14 @@ class Session:
         return self._selections[selected]
 
     def _part_trace(self, quant: str, split: str) -> Trace:
-        """The trace behind ``split``: of the split's rows under ``--limit``, else of the whole part."""
+        """The trace behind ``split``: of the whole part when the splits drawn from it cover at least half
+        of it (so another seed's splits cost no new backbone pass), else (``--limit``, or heads and gate
+        drawn from a large train folder) of the split's own rows."""
         part_split = self.splits[split]
-        if self.config.limit is None:
-            part_split = Split(part_split.part, np.arange(self.dataset.parts()[part_split.part]))
+        size = self.dataset.parts()[part_split.part]
+        drawn = sum(len(s) for s in self.splits.values() if s.part == part_split.part)
+        if self.config.limit is None and 2 * drawn >= size:
+            part_split = Split(part_split.part, np.arange(size))
         key = (quant, part_split.part, part_split.indices.tobytes())
         if key not in self._traces:
             backbone, quantizer = self.quantized(quant)
@@ -253,7 +263,9 @@ class Session:
             "config": dataclasses.asdict(self.config),
             "backbone": backbone_config(self.backbone),
             "quantizer": quantizer.config(),
-            "dataset": {"name": self.dataset.name,
+            "dataset": {"name": self.dataset.name, "protocol": self.dataset.protocol,
+                        "split_sizes": {name: len(split) for name, split in self.splits.items()},
+                        "templates": {"name": self.config.templates or "dataset", "count": len(self.templates)},
                         "fingerprints": {part: self.dataset.fingerprint(part) for part in self.dataset.parts()}},
         }
 

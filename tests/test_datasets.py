@@ -22,6 +22,7 @@ from harness.datasets import (
     list_datasets,
 )
 from harness.datasets import fashion_mnist
+from harness.errors import DataError
 
 TINY = Compose([Resize((8, 8)), ToTensor()])
 HAVE_IDX = all((fashion_mnist.DEFAULT_DIR / n).is_file() for p in fashion_mnist.FILES.values() for n in p)
@@ -336,6 +337,60 @@ def test_imagenet_layout_uses_open_clip_names(tmp_path: Path) -> None:
     assert [len(s) for s in ds.splits(0).values()] == [3, 2, 6]
 
 
+@pytest.fixture(scope="module")
+def imagenet_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A generated ImageNet train + val layout: 1,000 WordNet-id folders each, 3 train and 1 val tiny images."""
+    root = tmp_path_factory.mktemp("imagenet")
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    for kind, count in (("train", 3), ("val", 1)):
+        for c in range(1000):
+            folder = root / kind / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels[0, 0] = (c % 256, i, c // 256)  # every file distinct
+                Image.fromarray(pixels).save(folder / f"{kind}_{c}_{i}.png")
+    return root / "train", root / "val"
+
+
+def test_imagenet_paper_protocol_draws_heads_and_gate_from_train(imagenet_layout: tuple[Path, Path]) -> None:
+    train, val = imagenet_layout
+    ds = create_dataset("imagenet", root=str(val), train_root=str(train), heads_fraction=0.1, gate_size=500)
+    assert ds.parts() == {"train": 3000, "val": 1000}
+    splits = ds.splits(seed=0)
+    assert {name: (s.part, len(s)) for name, s in splits.items()} == {
+        "heads": ("train", 300), "gate": ("train", 500), "test": ("val", 1000)}
+    _assert_disjoint(splits)
+    np.testing.assert_array_equal(splits["test"].indices, np.arange(1000))  # test is all of val
+    assert ds.describe_sample("train", 0).endswith("train/n00000000/train_0_0.png")
+    np.testing.assert_array_equal(ds.labels("val"), np.arange(1000))
+    np.testing.assert_array_equal(ds.labels("train"), np.repeat(np.arange(1000), 3))
+    other = ds.splits(seed=1)
+    assert not np.array_equal(other["heads"].indices, splits["heads"].indices)  # heads and gate follow the seed
+    np.testing.assert_array_equal(other["test"].indices, splits["test"].indices)  # test does not
+    limited = ds.splits(seed=0, limit=50)
+    assert [len(s) for s in limited.values()] == [50, 50, 50]
+    assert set(limited["heads"].indices) <= set(splits["heads"].indices)
+    assert "paper: heads = 10% of train (300 images), gate = 500" in ds.protocol
+    assert "all 1,000 val images" in ds.protocol
+    # the train part's fingerprint is its own, and val's stays what val alone gives
+    val_only = create_dataset("imagenet", root=str(val))
+    assert ds.fingerprint("val") == val_only.fingerprint("all") != ds.fingerprint("train")
+    assert val_only.protocol.startswith("val only: ") and [len(s) for s in val_only.splits(0).values()] == [300, 200, 500]
+
+
+def test_imagenet_paper_protocol_refuses_what_cannot_work(imagenet_layout: tuple[Path, Path], tmp_path: Path) -> None:
+    train, val = imagenet_layout
+    with pytest.raises(DataError, match="too few for 300 heads \\+ 5000 gate images; lower --heads-fraction"):
+        create_dataset("imagenet", root=str(val), train_root=str(train)).splits(0)
+    with pytest.raises(DataError, match="needs --train-root"):
+        create_dataset("imagenet", root=str(val), gate_size=10)
+    with pytest.raises(FileNotFoundError, match="train root .*missing.* is not an existing folder; pass --train-root"):
+        create_dataset("imagenet", root=str(val), train_root=str(tmp_path / "missing"))
+    (tmp_path / "n01440764").mkdir()
+    with pytest.raises(DataError, match="is not an ImageNet train folder.*pass --train-root"):
+        create_dataset("imagenet", root=str(val), train_root=str(tmp_path))
+
+
 # --- batching ---------------------------------------------------------------
 
 
@@ -359,3 +414,21 @@ def test_image_batches_reject_wrong_part_and_batch_size(emb: Dataset) -> None:
         ImageBatches(emb, Split("all", np.arange(3)), ToTensor(), batch_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         ImageBatches(emb, emb.splits(0, limit=3)["test"], ToTensor(), batch_size=0)
+
+
+def test_a_session_on_the_paper_protocol_traces_test_from_val(imagenet_layout: tuple[Path, Path], tmp_path: Path) -> None:
+    """End to end through the session: heads and gate come from train, test is val, the run's record says so."""
+    from harness.config import HarnessConfig
+    from harness.session import Session
+
+    train, val = imagenet_layout
+    session = Session(HarnessConfig(data="imagenet", data_root=str(val), train_root=str(train), heads_fraction=0.01,
+                                    gate_size=40, templates="simple", quant="fp32", batch_size=64,
+                                    cache_dir=str(tmp_path)), progress=False)
+    heads, test = session.trace(None, "heads"), session.trace(None, "test")
+    assert (len(heads), len(session.trace(None, "gate")), len(test)) == (30, 40, 1000)
+    np.testing.assert_array_equal(test.labels, np.arange(1000))
+    assert set(heads.indices) == set(session.splits["heads"].indices)
+    described = session.describe()["dataset"]
+    assert described["protocol"].startswith("paper: heads = 1% of train (30 images), gate = 40")
+    assert set(described["fingerprints"]) == {"train", "val"} and described["templates"]["count"] == 5

@@ -59,3 +59,43 @@ def test_batched_weights_equal_one_batch_and_class_order(embedded_backbone, embe
                                 prompts_per_batch=len(templates) * 3, progress=False)
     torch.testing.assert_close(swapped[:2], whole[[1, 0]], atol=1e-5, rtol=0)
     assert not torch.allclose(whole[0], whole[1], atol=1e-3)
+
+
+# --- --templates ------------------------------------------------------------------------------------------
+
+
+def test_templates_by_name_or_file(tmp_path):
+    import pytest
+
+    from harness.errors import ConfigError
+    from harness.prompts import SIMPLE_TEMPLATES, prompt_templates
+
+    own = ("a {} garment.",)
+    assert prompt_templates(None, own) == own
+    assert prompt_templates("simple", own) == SIMPLE_TEMPLATES and len(SIMPLE_TEMPLATES) == 5
+    openai = prompt_templates("openai", own)
+    assert len(openai) == 80 and openai[0] == "a bad photo of a {}."
+    path = tmp_path / "mine.txt"
+    path.write_text("# my prompts\n\na sketch of a {}.\n  a {} on a shelf.  \n", encoding="utf-8")
+    assert prompt_templates(str(path), own) == ("a sketch of a {}.", "a {} on a shelf.")
+    for text, message in (("a photo.\n", "needs exactly one {}"), ("a {} {}\n", "needs exactly one {}"),
+                          ("a {0} {}\n", "needs exactly one {}"), ("# only a comment\n", "no templates")):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=message):
+            prompt_templates(str(path), own)
+    with pytest.raises(ConfigError, match="not openai or simple, and no such file"):
+        prompt_templates(str(tmp_path / "absent.txt"), own)
+
+
+def test_templates_change_the_classifier_and_are_recorded(tmp_path):
+    from harness.config import HarnessConfig
+    from harness.session import Session
+
+    sessions = {name: Session(HarnessConfig(limit=8, templates=name, cache_dir=str(tmp_path)), progress=False)
+                for name in (None, "simple")}
+    own, simple = (sessions[name].classifier for name in (None, "simple"))
+    assert own.shape == simple.shape and not torch.allclose(own, simple)
+    described = sessions["simple"].describe()["dataset"]
+    assert described["templates"] == {"name": "simple", "count": 5}
+    assert sessions[None].describe()["dataset"]["templates"]["name"] == "dataset"
+    assert described["split_sizes"] == {"heads": 8, "gate": 8, "test": 8}

@@ -122,6 +122,11 @@ class Dataset(abc.ABC):
     def _draws(self, seed: int) -> dict[str, tuple[str, np.ndarray]]:
         """Split name -> (part, indices in draw order) before ``limit`` and sorting."""
 
+    @property
+    def protocol(self) -> str:
+        """One line saying where each split comes from, recorded with results."""
+        return "heads, gate and test drawn by the dataset's own rule (see its documentation)"
+
     def fingerprint(self, part: str) -> str:
         """sha256 hex digest identifying the content of ``part`` (cached)."""
         self._check_part(part)

@@ -83,7 +83,7 @@ def _check_options(name: str, factory: Callable[..., Dataset], options: dict[str
     for key in options:
         if key not in known:
             raise ConfigError(
-                f"dataset {name!r} has no option {key!r}; its options: {', '.join(known) or 'none'}"
+                f"dataset {name!r} has no option {key!r} (--{key.replace('_', '-')}); its options: {', '.join(known) or 'none'}"
             )
 
 

@@ -171,6 +171,11 @@ class _ArrayDataset(Dataset):
         yield np.ascontiguousarray(p.images, dtype=np.uint8).tobytes()
         yield np.ascontiguousarray(p.labels, dtype="<i8").tobytes()
 
+    @property
+    def protocol(self) -> str:
+        return (f"heads ({HEADS_SIZE:,}) and gate ({GATE_SIZE:,}) drawn with the run's seed from the held-out "
+                f"train images; test = the whole test set")
+
     def _draws(self, seed: int) -> dict[str, tuple[str, np.ndarray]]:
         heads, gate = seeded_draw(self.parts()["holdout"], seed, (HEADS_SIZE, GATE_SIZE))
         return {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -138,6 +139,77 @@ class _Scan:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class ClassFolder:
+    """One scanned folder of class sub-folders: its image files and their labels.
+
+    Attributes:
+        root: the folder.
+        folders: the class sub-folders, sorted (= label order).
+        files: image paths relative to ``root``, class by class.
+        labels: the int64 label of each file.
+        skipped: what the scan left out, paths relative to root (see :class:`_Scan`).
+    """
+
+    root: Path
+    folders: list[str]
+    files: list[str]
+    labels: np.ndarray
+    skipped: dict[str, list[str]]
+
+    def path(self, index: int) -> Path:
+        return self.root / self.files[index]
+
+    def content_chunks(self) -> Iterator[bytes]:
+        """Class folder names, then each file's path, size and mtime."""
+        # os.fsencode gives back a name's bytes as on disk, also when they are not UTF-8;
+        # for UTF-8 names it equals str.encode(), so existing fingerprints stay the same
+        yield b"\n".join(map(os.fsencode, self.folders)) + b"\0"
+        for rel in self.files:
+            try:
+                st = os.stat(self.root / rel)
+                yield os.fsencode(rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+            except FileNotFoundError:  # removed since the scan; read_image will report it
+                yield os.fsencode(rel) + b"\0missing\n"
+
+
+def existing_folder(root: str | Path | None, dataset: str, flag: str = "--data-root") -> Path:
+    """``root`` as a Path, or a one-line error naming ``flag`` when it is missing or not a folder."""
+    if root is None:
+        raise DataError(f"dataset {dataset!r} needs {flag} DIR (a folder with one sub-folder per class)")
+    path = Path(root)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag.lstrip('-').replace('-', ' ')} {path} for dataset {dataset!r} is not an "
+                                f"existing folder; pass {flag} DIR")
+    return path
+
+
+def scan_class_folder(root: Path, folders: list[str], dataset: str, allow_empty_classes: bool,
+                      empty_class_fix: str, flag: str = "--data-root") -> ClassFolder:
+    """The image files of each of ``folders`` under ``root`` (see :class:`_Scan`), with the checks every
+    class folder gets: at least one image, and no empty class folder unless ``allow_empty_classes``."""
+    scan = _Scan(root, folders)
+    note = scan.note(dataset)
+    if note:
+        print(note, file=sys.stderr)
+    files = [f.relative_to(root).as_posix() for class_files in scan.files for f in class_files]
+    if not files:
+        raise DataError(
+            f"no images found in {root}: expected one sub-folder per class holding "
+            f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files; pass {flag} DIR"
+        )
+    empty = [folder for folder, class_files in zip(folders, scan.files) if not class_files]
+    if empty and not allow_empty_classes:
+        raise DataError(
+            f"{_plural(len(empty), 'class folder')} {'holds' if len(empty) == 1 else 'hold'} no images: "
+            f"{', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''} in {root}; each would be a class "
+            f"no sample has: {empty_class_fix}, or keep them with --allow-empty-classes (allow_empty_classes=True)"
+        )
+    labels = np.repeat(np.arange(len(folders), dtype=np.int64), [len(class_files) for class_files in scan.files])
+    labels.setflags(write=False)
+    return ClassFolder(root, folders, files, labels, {"symlink loops": scan.loops, "duplicate paths": scan.duplicates})
+
+
 @register_dataset("imagefolder")
 class ImageFolder(Dataset):
     """Any folder with one sub-folder of images per class (--data-root DIR)."""
@@ -172,37 +244,17 @@ class ImageFolder(Dataset):
         self.fractions = {"test": test_fraction, "heads": heads_fraction, "gate": gate_fraction}
         if not all(0 < f <= 1 for f in self.fractions.values()) or sum(self.fractions.values()) > 1 + 1e-9:
             raise DataError(f"split fractions must each be in (0, 1] and sum to at most 1, got {self.fractions}")
-        if root is None:
-            raise DataError(f"dataset {self.name!r} needs --data-root DIR (a folder with one sub-folder per class)")
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"data root {self.root} for dataset {self.name!r} is not an existing folder; pass --data-root DIR"
-            )
+        self.root = existing_folder(root, self.name)
         folders = _sub_folders(self.root)
         self.classnames, self.templates = self._class_metadata(folders)
-        scan = _Scan(self.root, folders)
-        note = scan.note(self.name)
-        if note:
-            print(note, file=sys.stderr)
+        self.allow_empty_classes = allow_empty_classes
+        #: the scanned folder behind each part
+        self.folders: dict[str, ClassFolder] = {PART: self._scan(self.root, folders)}
         #: what the scan left out, paths relative to root (see :class:`_Scan`)
-        self.skipped = {"symlink loops": scan.loops, "duplicate paths": scan.duplicates}
-        self._files: list[str] = [f.relative_to(self.root).as_posix() for files in scan.files for f in files]
-        if not self._files:
-            raise DataError(
-                f"no images found in {self.root}: expected one sub-folder per class holding "
-                f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files; pass --data-root DIR"
-            )
-        empty = [folder for folder, files in zip(folders, scan.files) if not files]
-        if empty and not allow_empty_classes:
-            raise DataError(
-                f"{_plural(len(empty), 'class folder')} {'holds' if len(empty) == 1 else 'hold'} no images: "
-                f"{', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''} in {self.root}; each would be a class "
-                f"no sample has: {self.empty_class_fix}, or keep them with --allow-empty-classes (allow_empty_classes=True)"
-            )
-        self._labels = np.repeat(np.arange(len(folders), dtype=np.int64), [len(files) for files in scan.files])
-        self._labels.setflags(write=False)
-        self._folders = folders
+        self.skipped = self.folders[PART].skipped
+
+    def _scan(self, root: Path, folders: list[str], flag: str = "--data-root") -> ClassFolder:
+        return scan_class_folder(root, folders, self.name, self.allow_empty_classes, self.empty_class_fix, flag)
 
     def _class_metadata(self, folders: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(class names, templates) for the class ``folders``; subclasses validate here."""
@@ -215,33 +267,30 @@ class ImageFolder(Dataset):
             )
         return tuple(f.replace("_", " ") for f in folders), GENERIC_TEMPLATES
 
+    @property
+    def protocol(self) -> str:
+        shares = ", ".join(f"{name} {100 * share:g}%" for name, share in self.fractions.items())
+        return f"one folder, split by share of its images: {shares} (test drawn with a fixed seed)"
+
     def parts(self) -> dict[str, int]:
-        return {PART: len(self._files)}
+        return {part: len(folder.files) for part, folder in self.folders.items()}
 
     def labels(self, part: str) -> np.ndarray:
         self._check_part(part)
-        return self._labels
+        return self.folders[part].labels
 
     def read_image(self, part: str, index: int) -> Image.Image:
         return load_rgb(self.describe_sample(part, index))
 
     def describe_sample(self, part: str, index: int) -> str:
         self._check_part(part)
-        return str(self.root / self._files[index])
+        return str(self.folders[part].path(index))
 
     def _content_chunks(self, part: str) -> Iterator[bytes]:
-        # os.fsencode gives back a name's bytes as on disk, also when they are not UTF-8;
-        # for UTF-8 names it equals str.encode(), so existing fingerprints stay the same
-        yield b"\n".join(map(os.fsencode, self._folders)) + b"\0"
-        for rel in self._files:
-            try:
-                st = os.stat(self.root / rel)
-                yield os.fsencode(rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
-            except FileNotFoundError:  # removed since the scan; read_image will report it
-                yield os.fsencode(rel) + b"\0missing\n"
+        return self.folders[part].content_chunks()
 
     def _draws(self, seed: int) -> dict[str, tuple[str, np.ndarray]]:
-        n = len(self._files)
+        n = len(self.folders[PART].files)
         sizes = {name: int(f * n + 1e-9) for name, f in self.fractions.items()}
         if min(sizes.values()) == 0:
             raise DataError(f"{n} images in {self.root} are too few for split sizes {sizes}")
