@@ -9,12 +9,16 @@
 - ``latency``: every registered method, fitted for the first seed, against
   full depth under the real driver (:mod:`harness.latency`: paired rounds,
   95% CIs, realized latency / FLOPs saving at batch 1 and at the batch).
-- ``all``: the three, each with its own settings (``quant`` on the random-init
-  ViT-B-32 at batch 32, the others on the given config), written to
+- ``data``: the input pipeline: decoding alone (in this process and with
+  ``--workers`` DataLoader processes), and the trace fed by the workers
+  against ``encode_image`` on pre-decoded images (is tracing input-bound?).
+- ``all``: the four, each with its own settings (``quant`` on the random-init
+  ViT-B-32 at batch 32; ``data`` on the same tower fed a synthetic ImageNet
+  val folder; the others on the given config), written to
   ``results/bench/`` with the machine described.
 
 Contenders get the same preprocessed images, so image decoding is outside
-the comparison. Timings use ``torch.utils.benchmark`` at the session's torch
+the comparison (except in ``data``, which measures it). Timings use ``torch.utils.benchmark`` at the session's torch
 thread count (warm-up excluded), alternating the contenders over several
 rounds and reporting medians, because the machines are noisy; compare
 ratios, not absolute numbers, across machines.
@@ -113,9 +117,50 @@ def method_latency(session: Session, images: int = 32, max_seconds: float = 300.
     return measure_latency(session, policies, session.test_images(images)[0], max_seconds=max_seconds)
 
 
-SUITES = ("trace", "quant", "latency")
+def input_pipeline(session: Session, rounds: int = 3) -> dict:
+    """Whether tracing is input-bound: passes over the test split, each contender once per round.
+
+    - ``decode, N workers``: decoding and preprocessing alone, in this process and with ``--workers``;
+    - ``encode_image, pre-decoded`` and ``trace, pre-decoded``: the tower and the trace driver on the
+      same images decoded beforehand (no input cost);
+    - ``trace + decode, N workers``: the trace driver fed by the DataLoader, as a trace runs.
+
+    ``input_gap_percent`` is how much slower the fed trace is than ``encode_image`` on pre-decoded
+    images (the goal: at most 10).
+    """
+    from harness.datasets import ImageBatches
+    from harness.trace import trace_batch
+
+    backbone, _ = session.quantized(None)
+    classifier, workers = session.classifier, session.config.workers
+    split, batch_size = session.splits["test"], session.config.batch_size
+
+    def batches(count: int) -> ImageBatches:
+        return ImageBatches(session.dataset, split, backbone.preprocess, batch_size, workers=count)
+
+    decoded = [images.to(backbone.device) for images, _, _ in batches(workers)]
+    contenders = {
+        "decode, 0 workers": lambda: [None for _ in batches(0)],
+        f"decode, {workers} workers": lambda: [None for _ in batches(workers)],
+        "encode_image, pre-decoded": lambda: [backbone.visual(images) for images in decoded],
+        "trace, pre-decoded": lambda: [trace_batch(backbone, images, classifier) for images in decoded],
+        f"trace + decode, {workers} workers": lambda: [trace_batch(backbone, images.to(backbone.device), classifier)
+                                                       for images, _, _ in batches(workers)],
+    }
+    images = sum(len(batch) for batch in decoded)
+    result = compare(contenders, images, rounds, min_run_time=0.0)
+    fed, bare = result[f"trace + decode, {workers} workers"], result["encode_image, pre-decoded"]
+    return {"images": images, "batch_size": batch_size, "workers": workers, "timings": result,
+            "input_gap_percent": 100 * (1 - fed["images_per_s"] / bare["images_per_s"])}
+
+
+SUITES = ("trace", "quant", "latency", "data")
 # the quant suite's own setting under ``all`` (SPEC section 8): a random-init ViT-B-32 at batch 32
 QUANT_SETTING = {"model": "ViT-B-32", "pretrained": "none", "batch_size": 32}
+# the data suite's under ``all``: the same tower, fed 256 images of a synthetic ImageNet val folder
+# (:mod:`harness.datasets.synthetic`, 1 JPEG per class, 500 x 375) that ``bench`` writes to a temporary folder
+DATA_SETTING = {**QUANT_SETTING, "data": "imagenet", "limit": 256, "templates": "simple"}
+SETTINGS = {"quant": QUANT_SETTING, "data": DATA_SETTING}
 DEFAULT_QUANTS = ("fp32", "int8-dynamic", "int8-torchao", "int8-pt2e")
 
 
@@ -127,6 +172,8 @@ def run_suite(suite: str, session: Session, rounds: int = 3, quants: tuple[str, 
         return quantizer_throughput(session, list(quants), rounds)
     if suite == "latency":
         return method_latency(session)
+    if suite == "data":
+        return input_pipeline(session, rounds)
     raise ValueError(f"unknown bench suite {suite!r}; suites: {', '.join(SUITES)}, all")
 
 
@@ -143,6 +190,10 @@ def format_result(suite: str, result: dict) -> str:
                            + timings(r["timings"]) for r in result.values())
     if suite == "quant":
         return f"batch {result['batch_size']}\n" + timings(result["timings"])
+    if suite == "data":
+        return (f"{result['images']} images, batch {result['batch_size']}: the fed trace is "
+                f"{result['input_gap_percent']:.1f}% slower than encode_image on pre-decoded images\n"
+                + timings(result["timings"]))
 
     def saving(row: dict, mode: str) -> str:
         ci = row[f"{mode}_saving_ci"]

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 # Config fields that name where things are on one machine, not what is computed.
-_LOCAL_FIELDS = ("cache_dir", "threads")
+_LOCAL_FIELDS = ("cache_dir", "threads", "workers")
 # Standard errors a row may move: one-sided, 2 would fail about 1 unchanged row in 40 if
 # another CPU changed a row as much as a fresh set of seeds does. Measured (AMD EPYC baseline,
 # Intel Xeon re-run): method rows moved at most 0.5 standard errors; quantized full depth moved

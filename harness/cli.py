@@ -173,7 +173,10 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
+    import tempfile
+
     from harness import bench
+    from harness.datasets.synthetic import write_imagenet_layout
     from harness.provenance import environment
     from harness.results import results_json
     from harness.session import Session
@@ -181,9 +184,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     config = _config(args).resolved()
     suites = bench.SUITES if args.suite == "all" else (args.suite,)
     out_dir = Path(args.out or "results/bench") if args.suite == "all" else None
+    scratch = tempfile.TemporaryDirectory(prefix="exitbench-bench-")
     for suite in suites:
-        suite_config = dataclasses.replace(config, **bench.QUANT_SETTING) if (
-            suite == "quant" and args.suite == "all") else config
+        suite_config = config
+        if args.suite == "all" and suite in bench.SETTINGS:
+            suite_config = dataclasses.replace(config, **bench.SETTINGS[suite])
+            if suite == "data":
+                write_imagenet_layout(Path(scratch.name) / "val", per_class=1, progress=True)
+                suite_config = dataclasses.replace(suite_config, data_root=str(Path(scratch.name) / "val"))
         session = Session(suite_config)
         result = bench.run_suite(suite, session, rounds=args.rounds, quants=tuple(args.quants.split(",")))
         print(f"## {suite}: {session.config.model} / {session.config.quant}\n\n{bench.format_result(suite, result)}\n")
@@ -193,6 +201,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             out.write_text(results_json({"suite": suite, "result": result, **session.describe(),
                                          "environment": environment()}))
             print(f"wrote {out}")
+    return 0
+
+
+def _cmd_synth_imagenet(args: argparse.Namespace) -> int:
+    from harness.datasets.synthetic import write_imagenet_layout
+    from harness.errors import ConfigError
+
+    out = Path(args.out)
+    width, _, height = args.size.partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise ConfigError(f"--size {args.size}: expected WIDTHxHEIGHT, e.g. 500x375")
+    written = write_imagenet_layout(out / "val", args.per_class, (int(width), int(height)), args.seed, progress=True)
+    if args.train_per_class:
+        written += write_imagenet_layout(out / "train", args.train_per_class, (int(width), int(height)),
+                                         args.seed + 1, progress=True)
+    print(f"wrote {written:,} synthetic JPEGs under {out} (random content: accuracy on them is chance)")
     return 0
 
 
@@ -304,19 +328,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput and latency ratios: trace overhead, quantizers, methods' latency",
                        epilog="examples:\n  python -m harness bench --suite all      # everything, to results/bench/\n"
                               "  python -m harness bench --suite trace\n"
+                              "  python -m harness bench --suite data --model ViT-B-32 --pretrained none --data imagenet "
+                              "--data-root VAL --limit 256 --workers 2\n"
                               "  python -m harness bench --suite quant --model ViT-B-32 --pretrained none "
                               "--batch-size 32",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_arguments(p)
-    p.add_argument("--suite", choices=("trace", "quant", "latency", "all"), default="trace",
+    p.add_argument("--suite", choices=("trace", "quant", "latency", "data", "all"), default="trace",
                    help="trace: trace driver vs plain encode_image (fp32 and --quant); quant: --quants side by side; "
-                        "latency: every method vs full depth under the real driver, with 95%% CIs; all: the three "
-                        "(quant on a random-init ViT-B-32 at batch 32), written to results/bench/")
+                        "latency: every method vs full depth under the real driver, with 95%% CIs; data: decoding "
+                        "with and without --workers, and the fed trace vs encode_image on pre-decoded images; all: "
+                        "the four (quant and data on a random-init ViT-B-32 at batch 32, data fed 256 images of a "
+                        "synthetic ImageNet folder), written to results/bench/")
     p.add_argument("--quants", default="fp32,int8-dynamic,int8-torchao,int8-pt2e", help="quantizers for --suite quant")
     p.add_argument("--rounds", type=_at_least(1), default=3, help="interleaved timing rounds (medians reported)")
     p.add_argument("--out", default=None, help="also write the result as JSON here (--suite all: the folder, "
                                                "default results/bench)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("synth-imagenet", help="write a synthetic ImageNet-layout folder (random JPEGs) for timing "
+                                              "and memory checks offline")
+    p.add_argument("out", help="new folder: OUT/val (and OUT/train) get 1,000 WordNet-id-named class folders")
+    p.add_argument("--per-class", type=_at_least(1), default=10, help="val images per class (default 10)")
+    p.add_argument("--train-per-class", type=_at_least(0), default=0, help="train images per class (default none)")
+    p.add_argument("--size", default="500x375", help="WIDTHxHEIGHT of every image (default 500x375)")
+    p.add_argument("--seed", type=_at_least(0), default=0)
+    p.set_defaults(func=_cmd_synth_imagenet)
 
     p = sub.add_parser("train-embedded", help="train the embedded default CLIP on Fashion-MNIST")
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist",

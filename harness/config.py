@@ -21,6 +21,11 @@ def default_quantizer(model: str) -> str:
     return embedded.DEFAULT_QUANT if model == embedded.NAME else DEFAULT_QUANT
 
 
+def default_workers() -> int:
+    """Image-decoding worker processes when ``--workers`` is not given: one per usable CPU, at most 8."""
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def default_cache_dir() -> Path:
     """``$EXITBENCH_CACHE`` if set, else the user cache dir (e.g. ``~/.cache/exitbench``)."""
     if os.environ.get("EXITBENCH_CACHE"):
@@ -63,6 +68,8 @@ class HarnessConfig:
     allow_empty_classes: bool = _opt(False, "imagefolder/imagenet: keep class folders that hold no images as "
                                             "classes (refused by default)")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", min=1)
+    workers: int | None = _opt(None, "DataLoader processes decoding images, 0: none (default: the CPUs this "
+                                     "process may use, at most 8)", min=0)
 
     def dataset_options(self) -> dict[str, Any]:
         """Keywords for :func:`~harness.datasets.create_dataset` beyond name and root (only those set)."""
@@ -81,4 +88,5 @@ class HarnessConfig:
             check_config(self, as_flags=True),
             quant=self.quant or default_quantizer(self.model),
             cache_dir=str(Path(self.cache_dir) if self.cache_dir else default_cache_dir()),
+            workers=default_workers() if self.workers is None else self.workers,
         )

@@ -206,7 +206,8 @@ class Session:
         unreadable images are handled by ``--on-bad-image``."""
         split = self.splits[split] if isinstance(split, str) else split
         return ImageBatches(self.dataset, split, (backbone or self.backbone).preprocess,
-                            batch_size or self.config.batch_size, on_bad_image=self.config.on_bad_image)
+                            batch_size or self.config.batch_size, on_bad_image=self.config.on_bad_image,
+                            workers=self.config.workers, pin_memory=self.config.device.startswith("cuda"))
 
     def test_images(self, count: int) -> tuple[torch.Tensor, np.ndarray]:
         """The readable ones among the first ``count`` test images, preprocessed, and their dataset indices
@@ -245,11 +246,9 @@ class Session:
         key = (quant, part_split.part, part_split.indices.tobytes())
         if key not in self._traces:
             backbone, quantizer = self.quantized(quant)
-            self._traces[key] = trace_split(
-                backbone, quantizer, self.dataset, part_split, self.classifier,
-                batch_size=self.config.batch_size, cache_dir=self.cache_dir,
-                on_bad_image=self.config.on_bad_image, progress=self.progress,
-            )
+            batches = self.image_batches(part_split, backbone=backbone)
+            self._traces[key] = trace_split(backbone, quantizer, batches, self.classifier, self.cache_dir,
+                                            self.progress)
         return self._traces[key]
 
     def zero_shot_top1(self, quant: str | None = None, split: str = "test") -> float:

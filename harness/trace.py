@@ -214,29 +214,27 @@ def _keep_rows(file: Path, rows: int, chunk: int = 4096) -> None:
 def trace_split(
     backbone: Backbone,
     quantizer: Quantizer,
-    dataset: Dataset,
-    split: Split,
+    batches: ImageBatches,
     classifier: torch.Tensor,
-    batch_size: int = 256,
     cache_dir: Path | None = None,
-    on_bad_image: str = "skip",
     progress: bool = True,
 ) -> Trace:
-    """Trace ``split`` through ``backbone`` (already quantized by ``quantizer``), cached.
+    """Trace the split of ``batches`` through ``backbone`` (already quantized by ``quantizer``), cached.
 
     Args:
+        batches: the split's images as the trace reads them (dataset, split, batch size, bad-image
+            policy, decoding workers); bad images skipped are listed in ``Trace.bad_images``.
         classifier: zero-shot class embeddings [C, E] for the stored logits.
         cache_dir: cache root (default :func:`default_cache_dir`).
-        on_bad_image: ``skip`` (listed in ``Trace.bad_images``) or ``fail``.
     """
     if backbone.quantizer != quantizer.name:
         raise ValueError(f"backbone runs {backbone.quantizer!r} but quantizer is {quantizer.name!r}")
+    dataset, split = batches.dataset, batches.split
 
     def build(folder: Path) -> dict[str, Any]:
-        batches = ImageBatches(dataset, split, backbone.preprocess, batch_size, on_bad_image=on_bad_image)
         desc = f"trace {backbone.name}/{quantizer.name} {dataset.name}:{split.part}" if progress else None
         rows = _run_backbone(backbone, batches, classifier, folder, len(split.indices), desc)
         return {"rows": rows, "bad_images": batches.bad_images}
 
-    key = trace_key(backbone, quantizer, dataset, split, classifier, batch_size)
+    key = trace_key(backbone, quantizer, dataset, split, classifier, batches.batch_size)
     return _open(get_or_build(cache_dir or default_cache_dir(), "traces", key, build))

@@ -41,3 +41,40 @@ def test_an_unknown_suite_is_refused(tmp_path):
     session = Session(HarnessConfig(limit=32, cache_dir=str(tmp_path)), progress=False)
     with pytest.raises(ValueError, match="unknown bench suite"):
         bench.run_suite("nope", session)
+
+
+def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_path, capsys):
+    from harness.datasets.synthetic import write_imagenet_layout
+
+    assert write_imagenet_layout(tmp_path / "val", per_class=1, size=(40, 30)) == 1000
+    out = tmp_path / "data.json"
+    assert main(["bench", "--suite", "data", "--data", "imagenet", "--data-root", str(tmp_path / "val"),
+                 "--templates", "simple", "--limit", "96", "--batch-size", "32", "--workers", "2", "--rounds", "1",
+                 "--quant", "fp32", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["result"]
+    assert result["images"] == 96 and result["workers"] == 2
+    timings = result["timings"]
+    assert set(timings) == {"decode, 0 workers", "decode, 2 workers", "encode_image, pre-decoded",
+                            "trace, pre-decoded", "trace + decode, 2 workers"}
+    fed, bare = timings["trace + decode, 2 workers"]["images_per_s"], timings["encode_image, pre-decoded"]["images_per_s"]
+    assert result["input_gap_percent"] == pytest.approx(100 * (1 - fed / bare))
+    assert "slower than encode_image on pre-decoded images" in capsys.readouterr().out
+
+
+def test_a_synthetic_imagenet_folder_is_an_imagenet_layout(tmp_path):
+    import numpy as np
+
+    from harness.datasets import create_dataset
+    from harness.datasets.synthetic import synthetic_image, write_imagenet_layout
+    from harness.errors import DataError
+
+    assert main(["synth-imagenet", str(tmp_path / "in"), "--per-class", "1", "--train-per-class", "2",
+                 "--size", "16x12"]) == 0
+    ds = create_dataset("imagenet", root=str(tmp_path / "in" / "val"), train_root=str(tmp_path / "in" / "train"),
+                        gate_size=100)
+    assert ds.parts() == {"train": 2000, "val": 1000}
+    assert ds.read_image("val", 0).size == (16, 12)
+    rng = [np.random.default_rng(0) for _ in range(2)]
+    assert np.array_equal(np.asarray(synthetic_image(rng[0], (16, 12))), np.asarray(synthetic_image(rng[1], (16, 12))))
+    with pytest.raises(DataError, match="is not empty; pass a new folder"):
+        write_imagenet_layout(tmp_path / "in" / "val", per_class=1)

@@ -274,10 +274,11 @@ def test_odd_but_valid_images_load_as_rgb(mixed_folder: Path) -> None:
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
-def test_bad_images_are_skipped_and_reported(mixed_folder: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_images_are_skipped_and_reported(mixed_folder: Path, workers: int) -> None:
     ds = create_dataset("imagefolder", root=str(mixed_folder))
     split = Split("all", np.arange(ds.parts()["all"]))
-    batches = ImageBatches(ds, split, TINY, batch_size=2)
+    batches = ImageBatches(ds, split, TINY, batch_size=2, workers=workers)
     out = list(batches)
     assert [len(idx) for _, _, idx in out] == [2, 2, 1]  # skipped images are refilled
     kept = np.concatenate([idx for _, _, idx in out])
@@ -294,11 +295,12 @@ def test_bad_images_are_skipped_and_reported(mixed_folder: Path) -> None:
     assert len(batches.bad_images) == 4
 
 
-def test_bad_image_fails_when_asked(mixed_folder: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_image_fails_when_asked(mixed_folder: Path, workers: int) -> None:
     ds = create_dataset("imagefolder", root=str(mixed_folder), on_bad_image="fail")
     split = Split("all", np.arange(ds.parts()["all"]))
     with pytest.raises(BadImageError) as info:
-        list(ImageBatches(ds, split, TINY, batch_size=2))
+        list(ImageBatches(ds, split, TINY, batch_size=2, workers=workers))
     assert info.value.path.endswith("empty.jpg") and "empty.jpg" in str(info.value)
     assert info.value.reason == "empty file (0 bytes)"
     # the per-iterator flag overrides the dataset's default
@@ -407,6 +409,18 @@ def test_image_batches_follow_split_order(emb: Dataset, npz: dict[str, np.ndarra
         expected = torch.from_numpy(npz["holdout_images"][indices]).float() / 255
         torch.testing.assert_close(images[:, 0], expected)
     assert batches.bad_images == []
+
+
+def test_worker_processes_give_the_same_batches(imagenet_layout: tuple[Path, Path], embedded_backbone) -> None:
+    """DataLoader workers decode; the batches (composition, order, every value) are those of one process."""
+    _, val = imagenet_layout
+    ds = create_dataset("imagenet", root=str(val))
+    split = ds.splits(seed=0)["test"]
+    one, many = (list(ImageBatches(ds, split, embedded_backbone.preprocess, batch_size=64, workers=w)) for w in (0, 2))
+    assert len(one) == len(many) == 8
+    for (a, la, ia), (b, lb, ib) in zip(one, many):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+        np.testing.assert_array_equal(ia, ib)
 
 
 def test_image_batches_reject_wrong_part_and_batch_size(emb: Dataset) -> None:

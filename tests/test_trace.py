@@ -9,7 +9,7 @@ from harness.backbones import Backbone
 from harness.cache import DamagedEntry, read_entry
 from harness.config import HarnessConfig
 from harness.session import Session
-from harness.datasets import Split, create_dataset
+from harness.datasets import ImageBatches, Split, create_dataset
 from harness.quantizers import create_quantizer
 from harness.trace import layer_features, trace_split
 
@@ -112,8 +112,8 @@ def test_bad_images_are_skipped_and_reported(tmp_path, embedded_backbone, cache_
     everything = Split("all", np.arange(dataset.parts()["all"]))
     quantizer = create_quantizer("fp32")
     classifier = embedded_backbone.zero_shot_classifier(dataset.classnames, dataset.templates)
-    trace = trace_split(embedded_backbone, quantizer, dataset, everything, classifier,
-                        batch_size=4, cache_dir=cache_dir, progress=False)
+    batches = ImageBatches(dataset, everything, embedded_backbone.preprocess, batch_size=4)
+    trace = trace_split(embedded_backbone, quantizer, batches, classifier, cache_dir=cache_dir, progress=False)
     assert len(trace) == 6 and len(trace.bad_images) == 1
     assert trace.bad_images[0]["sample"].endswith("broken.png")
     assert trace.bad_images[0]["index"] not in set(trace.indices.tolist())

@@ -15,12 +15,39 @@ if TYPE_CHECKING:
     import torch
 
 
+class _Decoded:
+    """Map-style dataset for the DataLoader: position in the split -> (index, image tensor or None, error or None)."""
+
+    def __init__(self, batches: "ImageBatches") -> None:
+        self.dataset, self.part, self.transform = batches.dataset, batches.split.part, batches.transform
+        self.indices = batches.split.indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, "torch.Tensor | None", BadImageError | None]:
+        index = int(self.indices[position])
+        try:
+            return index, self.transform(self.dataset.read_image(self.part, index)), None
+        except BadImageError as err:
+            return index, None, err
+
+
+def _as_list(samples: list) -> list:
+    return samples
+
+
 class ImageBatches:
     """Batches of a :class:`Split`, in the split's index order, for the trace driver.
 
     Every batch but the last holds exactly ``batch_size`` good images: a skipped
     image is replaced by the next one in order, so the batch composition (which
     per-tensor dynamic quantization depends on) only depends on the split.
+
+    Images are decoded and transformed by a ``torch.utils.data.DataLoader``
+    with ``workers`` processes (``0``: in this process), in chunks of
+    ``batch_size`` samples, and batched here in split order: the batches are
+    the same for any number of workers.
 
     Args:
         dataset: the dataset the split belongs to.
@@ -29,13 +56,15 @@ class ImageBatches:
         batch_size: images per batch.
         on_bad_image: "skip" (record in :attr:`bad_images`) or "fail" (raise
             :class:`BadImageError`); None uses ``dataset.on_bad_image``.
+        workers: DataLoader worker processes; a split of one batch is decoded in this process.
+        pin_memory: return batches in pinned memory (for copies to a GPU).
 
     Attributes:
         bad_images: ``{"sample", "index", "reason"}`` of each image skipped so far
             in the current iteration.
 
     Example:
-        >>> batches = ImageBatches(ds, ds.splits(0)["test"], ToTensor(), batch_size=256)
+        >>> batches = ImageBatches(ds, ds.splits(0)["test"], ToTensor(), batch_size=256, workers=2)
         >>> for images, labels, indices in batches: ...
     """
 
@@ -46,15 +75,21 @@ class ImageBatches:
         transform: Callable[[Image.Image], "torch.Tensor"],
         batch_size: int,
         on_bad_image: str | None = None,
+        workers: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, not {batch_size}")
+        if workers < 0:
+            raise DataError(f"workers must be at least 0, not {workers}")
         dataset._check_part(split.part)
         self.dataset = dataset
         self.split = split
         self.transform = transform
         self.batch_size = batch_size
         self.on_bad_image = check_on_bad_image(on_bad_image or dataset.on_bad_image)
+        self.workers = workers
+        self.pin_memory = pin_memory
         self.bad_images: list[dict] = []
 
     def __len__(self) -> int:
@@ -63,37 +98,38 @@ class ImageBatches:
 
     def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", np.ndarray]]:
         """Yield ``(images [B, 3, H, W], int64 labels [B], int64 indices [B])``."""
-        import torch
+        from torch.utils.data import DataLoader
 
         self.bad_images = []
         labels = self.dataset.labels(self.split.part)
+        loader = DataLoader(_Decoded(self), batch_size=self.batch_size, collate_fn=_as_list,
+                            num_workers=self.workers if len(self) > 1 else 0)
         images: list[torch.Tensor] = []
         kept: list[int] = []
-        for index in self.split.indices.tolist():
-            try:
-                image = self.dataset.read_image(self.split.part, index)
-            except BadImageError as err:
-                if self.on_bad_image == "fail":
-                    raise
-                self.bad_images.append({
-                    "sample": self.dataset.describe_sample(self.split.part, index),
-                    "index": index,
-                    "reason": err.reason,
-                })
-                continue
-            images.append(self.transform(image))
-            kept.append(index)
-            if len(kept) == self.batch_size:
-                yield self._batch(images, labels, kept)
-                images, kept = [], []
+        for chunk in loader:
+            for index, image, error in chunk:
+                if error is not None:
+                    if self.on_bad_image == "fail":
+                        raise error
+                    self.bad_images.append({
+                        "sample": self.dataset.describe_sample(self.split.part, index),
+                        "index": index,
+                        "reason": error.reason,
+                    })
+                    continue
+                images.append(image)
+                kept.append(index)
+                if len(kept) == self.batch_size:
+                    yield self._batch(images, labels, kept)
+                    images, kept = [], []
         if kept:
             yield self._batch(images, labels, kept)
 
-    @staticmethod
     def _batch(
-        images: list["torch.Tensor"], labels: np.ndarray, kept: list[int]
+        self, images: list["torch.Tensor"], labels: np.ndarray, kept: list[int]
     ) -> tuple["torch.Tensor", "torch.Tensor", np.ndarray]:
         import torch
 
         indices = np.array(kept, dtype=np.int64)
-        return torch.stack(images), torch.from_numpy(labels[indices].astype(np.int64)), indices
+        batch = torch.stack(images)
+        return batch.pin_memory() if self.pin_memory else batch, torch.from_numpy(labels[indices].astype(np.int64)), indices
