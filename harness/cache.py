@@ -89,7 +89,7 @@ def get_or_build(cache_dir: Path, kind: str, fields: dict[str, Any], build: Call
         ConfigError: the cache folder cannot be written.
     """
     root = _writable(cache_dir, kind)
-    path = root / hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = _entry_path(root, fields)
     if path.exists():
         try:
             return Entry(path, read_entry(path))
@@ -109,6 +109,24 @@ def get_or_build(cache_dir: Path, kind: str, fields: dict[str, Any], build: Call
             return Entry(path, read_entry(path))
         raise
     return Entry(path, json.loads((path / META).read_text()))  # as a later load will read it
+
+
+def find_entry(cache_dir: Path, kind: str, fields: dict[str, Any]) -> Entry | None:
+    """The verified entry of ``fields`` if one is in the cache, else None (a damaged one counts as none)."""
+    path = _entry_path(Path(cache_dir) / kind, fields)
+    try:
+        return Entry(path, read_entry(path)) if path.exists() else None
+    except DamagedEntry:
+        return None
+
+
+def remove_entry(cache_dir: Path, kind: str, fields: dict[str, Any]) -> None:
+    """Delete the entry of ``fields`` (nothing when there is none)."""
+    _remove(_entry_path(Path(cache_dir) / kind, fields))
+
+
+def _entry_path(root: Path, fields: dict[str, Any]) -> Path:
+    return root / hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def cached_state(cache_dir: Path, kind: str, fields: dict[str, Any], build: Callable[[], T], owner: str) -> T:

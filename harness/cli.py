@@ -115,6 +115,7 @@ def _warn_refused_plugins() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     import datetime
 
+    from harness.distributed import Ranks, process_group, restore_threads, trace_for_run
     from harness.protocol import parse_budgets
     from harness.run import check_out, format_tables, parse_overrides, resolve_methods, run, write_results
 
@@ -125,7 +126,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set, methods)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"results/{stamp}-{config.model}-{config.data}-{config.quant}")
-    check_out(out)  # now, not after minutes of work
+    ranks = Ranks.from_env()
+    if ranks.rank == 0:
+        check_out(out)  # now, not after minutes of work
+    if ranks.sharded:  # every rank traces its shards; rank 0 goes on alone, from the cache
+        with process_group(ranks, config.device) as device:
+            trace_for_run(dataclasses.replace(config, device=device), [config.seed + s for s in range(args.seeds)],
+                          ranks)
+        if ranks.rank != 0:
+            print(f"rank {ranks.rank} of {ranks.world}: traced its shards; rank 0 writes the results")
+            return 0
+        restore_threads(config.threads)
     metrics, predictions = run(config, methods, args.seeds, latency=not args.no_latency,
                                latency_images=args.latency_images, latency_seconds=args.latency_seconds,
                                agreement_images=args.agreement_images,

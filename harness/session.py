@@ -234,15 +234,20 @@ class Session:
             self._selections[selected] = self._part_trace(quant, split).select(rows)
         return self._selections[selected]
 
-    def _part_trace(self, quant: str, split: str) -> Trace:
-        """The trace behind ``split``: of the whole part when the splits drawn from it cover at least half
+    def traced_rows(self, split: str) -> Split:
+        """What is traced for ``split``: the whole part when the splits drawn from it cover at least half
         of it (so another seed's splits cost no new backbone pass), else (``--limit``, or heads and gate
-        drawn from a large train folder) of the split's own rows."""
+        drawn from a large train folder) the split's own rows."""
         part_split = self.splits[split]
         size = self.dataset.parts()[part_split.part]
         drawn = sum(len(s) for s in self.splits.values() if s.part == part_split.part)
         if self.config.limit is None and 2 * drawn >= size:
-            part_split = Split(part_split.part, np.arange(size))
+            return Split(part_split.part, np.arange(size))
+        return part_split
+
+    def _part_trace(self, quant: str, split: str) -> Trace:
+        """The trace behind ``split`` (:meth:`traced_rows`)."""
+        part_split = self.traced_rows(split)
         key = (quant, part_split.part, part_split.indices.tobytes())
         if key not in self._traces:
             backbone, quantizer = self.quantized(quant)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from harness.backbones import Backbone
-from harness.cache import Entry, get_or_build, source_digest
+from harness.cache import Entry, find_entry, get_or_build, remove_entry, source_digest
 from harness.config import default_cache_dir
 from harness.datasets import Dataset, ImageBatches, Split
 from harness.quantizers import Quantizer
@@ -127,6 +127,15 @@ def trace_key(
         # A batch-dependent quantizer gives other numbers at another batch size.
         "batch_size": None if quantizer.batch_invariant else batch_size,
     }
+
+
+def shard_bounds(rows: int, batch_size: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges, one per rank, cut at multiples of ``batch_size`` (so each rank reads the very
+    batches one process would; ranks past the last batch get an empty range)."""
+    batches = -(-rows // batch_size)
+    per_rank = [batches // world + (rank < batches % world) for rank in range(world)]
+    cuts = np.minimum(np.cumsum([0, *per_rank]) * batch_size, rows)
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def _open(entry: Entry) -> Trace:
@@ -238,3 +247,72 @@ def trace_split(
 
     key = trace_key(backbone, quantizer, dataset, split, classifier, batches.batch_size)
     return _open(get_or_build(cache_dir or default_cache_dir(), "traces", key, build))
+
+
+def trace_shard(
+    backbone: Backbone,
+    quantizer: Quantizer,
+    batches: ImageBatches,
+    classifier: torch.Tensor,
+    cache_dir: Path,
+    rank: int,
+    world: int,
+    progress: bool = True,
+) -> Trace | None:
+    """One rank's part of :func:`trace_split`: the trace of the split of ``batches``, sharded across ``world``
+    processes that all call this (a collective: it waits for every rank at a ``torch.distributed`` barrier).
+
+    Each rank traces its contiguous shard (:func:`shard_bounds`) into a cache entry of its own, written
+    atomically like every entry: a rank that dies leaves no half-written shard, and a re-run reuses the
+    shards that completed. Rank 0 then merges the shards, in order, into the entry :func:`trace_split`
+    builds (same key, same arrays for a batch-invariant quantizer), removes them and returns the trace;
+    the other ranks return None. Nothing is traced when the merged entry exists.
+    """
+    import torch.distributed as dist
+
+    dataset, split = batches.dataset, batches.split
+    key = trace_key(backbone, quantizer, dataset, split, classifier, batches.batch_size)
+    done = find_entry(cache_dir, "traces", key)
+    if done is None:
+        bounds = shard_bounds(len(split), batches.batch_size, world)
+        shard_keys = {r: {**key, "shard": [r, world], "rows": [a, b]} for r, (a, b) in enumerate(bounds) if b > a}
+        start, stop = bounds[rank]
+        mine = batches.subset(start, stop)
+
+        def build_shard(folder: Path) -> dict[str, Any]:
+            desc = (f"trace {backbone.name}/{quantizer.name} {dataset.name}:{split.part} rank {rank}/{world}"
+                    if progress else None)
+            rows = _run_backbone(backbone, mine, classifier, folder, stop - start, desc)
+            return {"rows": rows, "bad_images": mine.bad_images}
+
+        if rank in shard_keys:
+            get_or_build(cache_dir, "trace-shards", shard_keys[rank], build_shard)
+        dist.barrier()
+        if rank == 0:
+            shards = [get_or_build(cache_dir, "trace-shards", k, _missing_shard) for k in shard_keys.values()]
+            done = get_or_build(cache_dir, "traces", key, lambda folder: _merge(shards, folder))
+            for k in shard_keys.values():
+                remove_entry(cache_dir, "trace-shards", k)
+    return _open(done) if rank == 0 else None
+
+
+def _missing_shard(folder: Path) -> dict[str, Any]:
+    raise RuntimeError(f"a trace shard is missing after every rank passed the barrier ({folder.name})")
+
+
+def _merge(shards: list[Entry], folder: Path) -> dict[str, Any]:
+    """Concatenate the shards' arrays into ``folder``, in shard order, chunk by chunk (memory stays bounded)."""
+    for name in _ARRAYS:
+        parts = [np.load(shard.path / f"{name}.npy", mmap_mode="r") for shard in shards]
+        out = np.lib.format.open_memmap(folder / f"{name}.npy", "w+", parts[0].dtype,
+                                        (sum(len(p) for p in parts), *parts[0].shape[1:]))
+        row = 0
+        for part in parts:
+            for start in range(0, len(part), 4096):
+                chunk = part[start:start + 4096]
+                out[row:row + len(chunk)] = chunk
+                row += len(chunk)
+        out.flush()
+        del out
+    return {"rows": sum(s.meta["rows"] for s in shards),
+            "bad_images": [bad for s in shards for bad in s.meta["bad_images"]]}

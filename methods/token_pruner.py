@@ -67,7 +67,7 @@ from harness.drivers import on_device
 from harness.errors import ConfigError
 from harness.options import BLOCKS_BUT_LAST, option
 from harness.policy import KEEP_RATIO_GRID, ExitPolicy, FitContext, LayerView, keep_top, register_method
-from harness.quantizers._fake import FakeQuantLinear, fake_quantize
+from harness.quantizers._fake import FakeQuantLinear, fused_fake_quantize
 
 
 @dataclass
@@ -135,7 +135,7 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     quantized kernels have none, which would cut every decision off the loss.
     """
     if isinstance(module, FakeQuantLinear):
-        rounded = fake_quantize(x.detach(), module.a_bits, dim=-1 if module.per_token else None)
+        rounded = fused_fake_quantize(x.detach(), module.a_bits, dim=-1 if module.per_token else None)
         return F.linear(rounded + (x - x.detach()), module.weight, module.bias)
     if isinstance(module, nn.Linear) and type(module.weight) in (torch.Tensor, nn.Parameter):
         return F.linear(x, module.weight, module.bias)

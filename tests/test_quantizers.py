@@ -91,6 +91,36 @@ def test_fake_quantize_by_hand():
     assert levels.abs().max() <= 127 + 1e-4
 
 
+def test_fused_fake_quantize_gives_the_eager_numbers_bit_for_bit(images, embedded_backbone):
+    from harness.quantizers._fake import fused_fake_quantize
+
+    g = torch.Generator().manual_seed(0)
+    real = embedded_backbone.embed(images)  # real tokens entering block 1
+    for x in (real, real[:3, :7], torch.randn(300, 128, generator=g) * 300, torch.randn(2, 5, 512, generator=g) * 1e-6):
+        for bits in (2, 4, 8):
+            for dim in (-1, None):
+                assert torch.equal(fused_fake_quantize(x, bits, dim), fake_quantize(x, bits, dim)), (x.shape, bits, dim)
+    assert fused_fake_quantize(real, None, -1) is real
+
+
+def test_fused_fake_quantize_falls_back_to_eager_with_one_warning(monkeypatch):
+    import torch._dynamo.exc
+
+    import harness.quantizers._fake as fake
+
+    def broken():
+        def call(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler"), None)
+        return call
+
+    monkeypatch.setattr(fake, "_fused", broken)
+    monkeypatch.setattr(fake, "_COMPILE_FAILED", False)
+    x = torch.randn(4, 6)
+    with pytest.warns(UserWarning, match="runs unfused .*RuntimeError: no C\\+\\+ compiler"):
+        assert torch.equal(fake.fused_fake_quantize(x, 4, -1), fake_quantize(x, 4, -1))
+    assert fake._COMPILE_FAILED  # later calls go straight to eager mode, without warning again
+
+
 def test_fake_quant_weights_are_per_output_channel(embedded_backbone):
     linear = embedded_backbone.blocks[0].mlp.c_fc  # weight [512, 128]: rows are output channels
     fq = FakeQuantLinear.from_linear(linear, w_bits=4, a_bits=None, per_token=True)

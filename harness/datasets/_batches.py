@@ -96,6 +96,12 @@ class ImageBatches:
         """Number of batches when no image is skipped (an upper bound otherwise)."""
         return -(-len(self.split) // self.batch_size)
 
+    def subset(self, start: int, stop: int) -> "ImageBatches":
+        """The same reader over rows ``start:stop`` of the split."""
+        rows = Split(self.split.part, self.split.indices[start:stop])
+        return ImageBatches(self.dataset, rows, self.transform, self.batch_size, self.on_bad_image, self.workers,
+                            self.pin_memory)
+
     def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", np.ndarray]]:
         """Yield ``(images [B, 3, H, W], int64 labels [B], int64 indices [B])``."""
         from torch.utils.data import DataLoader

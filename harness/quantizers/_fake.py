@@ -13,6 +13,9 @@ for the whole input tensor (batch-dependent, like ``quantize_dynamic``).
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,38 @@ def fake_quantize(x: torch.Tensor, bits: int | None, dim: int | None) -> torch.T
     return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
 
 
+@functools.cache
+def _fused() -> Callable[[torch.Tensor, int | None, int | None], torch.Tensor]:
+    return torch.compile(fake_quantize, dynamic=True)
+
+
+def fused_fake_quantize(x: torch.Tensor, bits: int | None, dim: int | None) -> torch.Tensor:
+    """:func:`fake_quantize` as one fused kernel (``torch.compile``): the same numbers, bit for bit.
+
+    The max is exact in any reduction order, and the division, rounding,
+    clamp and product are the same correctly rounded operations on the same
+    values; eager mode runs them as six passes over memory. The first call per
+    input rank and scale kind compiles (seconds). Where the compiler cannot
+    run (no C++ compiler for Inductor on CPU, say), it warns once and falls
+    back to eager mode, which gives the same numbers.
+    """
+    global _COMPILE_FAILED
+    if bits is None:
+        return x
+    if not _COMPILE_FAILED:
+        try:
+            return _fused()(x, bits, dim)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            _COMPILE_FAILED = True
+            cause = exc.inner_exception
+            warnings.warn(f"fake quantization runs unfused (slower, same numbers): torch.compile failed: "
+                          f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}", stacklevel=2)
+    return fake_quantize(x, bits, dim)
+
+
+_COMPILE_FAILED = False
+
+
 class FakeQuantLinear(nn.Module):
     """A Linear with pre-rounded weights and dynamically rounded inputs."""
 
@@ -53,7 +88,7 @@ class FakeQuantLinear(nn.Module):
         return cls(linear.weight, linear.bias, w_bits, a_bits, per_token)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = fake_quantize(x, self.a_bits, dim=-1 if self.per_token else None)
+        x = fused_fake_quantize(x, self.a_bits, dim=-1 if self.per_token else None)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
