@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from harness.config import HarnessConfig
+    from harness.distributed import Ranks
 
 EPILOG = """examples:
   python -m harness list
@@ -44,6 +45,14 @@ def _add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...]
         base = next((arm for arm in typing.get_args(hints[f.name]) if arm is not type(None)), hints[f.name])
         kind = base if base in (int, float) else str
         group.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser, jobs: str) -> None:
+    """--shard and --skip-existing (:mod:`harness.jobs`)."""
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help=f"run every N-th of the {jobs} from the I-th (0-based; default: a launcher's "
+                             "RANK/WORLD_SIZE, else all)")
+    parser.add_argument("--skip-existing", action="store_true", help=f"skip the {jobs} whose folder is complete")
 
 
 def _at_least(minimum: int):
@@ -113,22 +122,59 @@ def _warn_refused_plugins() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """One config; or, with comma-separated --model / --quant, a sweep: one results folder per config."""
     import datetime
 
-    from harness.distributed import Ranks, process_group, restore_threads, trace_for_run
+    from harness.distributed import Ranks
+    from harness.jobs import Shard, complete
     from harness.protocol import parse_budgets
-    from harness.run import check_out, format_tables, parse_overrides, resolve_methods, run, write_results
+    from harness.run import check_out, parse_overrides, resolve_methods
 
-    config = _config(args).resolved()
+    base = _config(args)
+    configs = [dataclasses.replace(base, model=model, quant=quant).resolved()
+               for model in _listed(base.model) for quant in _listed(base.quant)]
     budgets = parse_budgets(args.budgets)
     _warn_refused_plugins()
     methods = resolve_methods(args.methods)
     overrides = parse_overrides(args.set, methods)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or f"results/{stamp}-{config.model}-{config.data}-{config.quant}")
-    ranks = Ranks.from_env()
-    if ranks.rank == 0:
-        check_out(out)  # now, not after minutes of work
+    if len(configs) == 1 and args.shard is None and not args.skip_existing:
+        config = configs[0]
+        out = Path(args.out or f"results/{stamp}-{_folder_name(config)}")
+        ranks = Ranks.from_env()  # several ranks: they shard this config's traces
+        if ranks.rank == 0:
+            check_out(out)  # now, not after minutes of work
+        return _run_config(config, out, args, methods, overrides, budgets, ranks)
+    root = Path(args.out or f"results/{stamp}-sweep")
+    jobs = [(config, root / _folder_name(config)) for config in configs]
+    shard = Shard.parse(args.shard)  # several ranks: they split the configs, each run alone
+    mine = shard.mine(jobs)
+    print(f"sweep: {len(jobs)} config(s), shard {shard} runs {len(mine)}, results under {root}")
+    status = 0
+    for config, out in mine:
+        if args.skip_existing and complete(out, "metrics.json"):
+            print(f"skip {out}: complete (--skip-existing)")
+            continue
+        check_out(out)
+        status = max(status, _run_config(config, out, args, methods, overrides, budgets, Ranks()))
+    return status
+
+
+def _listed(value: str | None) -> list[str | None]:
+    """A comma-separated flag value as a list (``None``: the default, once)."""
+    return [None] if value is None else [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _folder_name(config: "HarnessConfig") -> str:
+    return f"{config.model}-{config.data}-{config.quant}".replace("/", "_")
+
+
+def _run_config(config: "HarnessConfig", out: Path, args: argparse.Namespace, methods: list[str],
+                overrides: dict, budgets: tuple[float, ...], ranks: "Ranks") -> int:
+    """Run one config into ``out`` (its traces sharded across ``ranks``); the exit code."""
+    from harness.distributed import process_group, restore_threads, trace_for_run
+    from harness.run import format_tables, run, write_results
+
     if ranks.sharded:  # every rank traces its shards; rank 0 goes on alone, from the cache
         with process_group(ranks, config.device) as device:
             trace_for_run(dataclasses.replace(config, device=device), [config.seed + s for s in range(args.seeds)],
@@ -258,9 +304,11 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from harness.experiments import run_experiments
+    from harness.jobs import Shard
 
     options = {"factor": args.factor, "no_sweep": args.no_sweep}
-    folders, failures = run_experiments(args.name, _config(args).resolved(), args.seeds, options, Path(args.out))
+    folders, failures = run_experiments(args.name, _config(args).resolved(), args.seeds, options, Path(args.out),
+                                        Shard.parse(args.shard), args.skip_existing)
     print(f"wrote {len(folders)} experiment folder(s) under {args.out}")
     for failure in failures:
         print(f"FAILED {failure}")
@@ -307,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FLOPs-saving budgets in percent: at each, every method's and control's operating point is "
                         "the knob value with the best gate-split top-1 among those saving at least the budget on "
                         "gate (never chosen on test)")
-    p.add_argument("--out", default=None, help="results folder (default: results/TIME-MODEL-DATA-QUANT)")
+    p.add_argument("--out", default=None, help="results folder (default: results/TIME-MODEL-DATA-QUANT); for a sweep "
+                                               "(comma-separated --model / --quant) the folder of the configs' "
+                                               "folders (default: results/TIME-sweep)")
     p.add_argument("--no-latency", action="store_true", help="skip the real-driver latency measurement")
     p.add_argument("--latency-images", type=_at_least(1), default=32,
                    help="test images timed by the real driver, one at a time and as one batch "
@@ -318,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agreement-images", type=_at_least(0), default=1024,
                    help="test images run through the real driver to report its disagreement with trace replay "
                         "(non-zero only for batch-dependent quantizers); 0 skips")
+    _add_job_arguments(p, "configs of a sweep")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("profile", help="QIRC noise profile: fp32 vs quantized, block by block",
@@ -393,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true",
                    help="validate: run the positive and negative controls only, not the damage sweep")
     p.add_argument("--out", default="results/experiments", help="folder for the experiments' folders")
+    _add_job_arguments(p, "experiments of 'all'")
     p.set_defaults(func=_cmd_experiment)
 
     from harness.check import NOISE_Z

@@ -43,7 +43,8 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, min: i
 class HarnessConfig:
     """Options shared by the commands; every field is recorded with results."""
 
-    model: str = _opt(embedded.NAME, "backbone: 'embedded' or an open_clip model name")
+    model: str = _opt(embedded.NAME, "backbone: 'embedded' or an open_clip model name (run: a comma-separated "
+                                     "list sweeps them)")
     pretrained: str | None = _opt(None, "open_clip tag, local checkpoint path, or 'none' "
                                         "(default: the shipped weights for 'embedded', else 'none')")
     data: str = _opt("embedded", "dataset name (see `python -m harness list`)")
@@ -57,7 +58,7 @@ class HarnessConfig:
     templates: str | None = _opt(None, "prompt templates: 'openai' (80), 'simple' (5), or a file with one per "
                                        "line (default: the dataset's own)")
     quant: str | None = _opt(None, "quantizer (default: int8-dynamic; for 'embedded' "
-                                   f"{embedded.DEFAULT_QUANT}, see README)")
+                                   f"{embedded.DEFAULT_QUANT}, see README; run: a comma-separated list sweeps them)")
     seed: int = _opt(0, "split seed, and the seed of a random init", min=0)
     limit: int | None = _opt(None, "cap every split at N samples (quick runs)", min=1)
     batch_size: int = _opt(256, "batch size (matters for batch-dependent quantizers)", min=1)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from harness.config import HarnessConfig
 from harness.errors import ConfigError
+from harness.jobs import Shard, complete
 from harness.experiments.report import Report
 from harness.session import Session
 from harness.provenance import environment
@@ -44,10 +45,13 @@ def _load() -> None:
 
 
 def run_experiments(name: str, config: HarnessConfig, seeds: int, options: dict[str, Any],
-                    out_root: Path) -> tuple[list[Path], list[str]]:
+                    out_root: Path, shard: Shard = Shard(), skip_existing: bool = False) -> tuple[list[Path], list[str]]:
     """Run ``name`` (or ``all``) and write each experiment's folder under ``out_root``.
 
-    Returns the folders, and the failed checks of the experiments that make
+    ``shard`` picks this process's experiments of ``all`` (:mod:`harness.jobs`); ``skip_existing`` skips
+    those whose folder is already complete.
+
+    Returns the folders written, and the failed checks of the experiments that make
     checks (``validate``), each prefixed with the experiment's name.
     """
     _load()
@@ -58,10 +62,13 @@ def run_experiments(name: str, config: HarnessConfig, seeds: int, options: dict[
     session = Session(config)
     c = session.config
     folders, failures = [], []
-    for n in chosen:
+    for n in shard.mine(chosen):
+        out = out_root / f"{n}-{c.model}-{c.data}-{c.quant}"
+        if skip_existing and complete(out, "data.json"):
+            print(f"skip {n}: {out} exists (--skip-existing)")
+            continue
         started = time.time()
         report = EXPERIMENTS[n][0](session, seeds, options)
-        out = out_root / f"{n}-{c.model}-{c.data}-{c.quant}"
         context = {"config": dataclasses.asdict(c), "seeds": seeds, "options": options,
                    "wall_time_s": round(time.time() - started, 1), "environment": environment()}
         report.save(out, context)
