@@ -39,10 +39,10 @@ from harness.backbones import Backbone, backbone_config, create_backbone
 from harness.cache import cached_state, code_fields, trace_fields
 from harness.config import HarnessConfig
 from harness.datasets import Dataset, ImageBatches, Split, create_dataset
-from harness.prompts import prompt_templates
 from harness.drivers import ExitOutcome, replay, run_early_exit
 from harness.errors import ConfigError, DataError
 from harness.policy import ExitPolicy, FitContext, create_method
+from harness.prompts import prompt_templates
 from harness.quantizers import Quantizer, create_quantizer
 from harness.scoring import Evaluation, drops_nothing, outcome_flops, score
 from harness.trace import Trace, trace_split
