@@ -148,7 +148,8 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
                                                        for images, _, _ in batches(workers)],
     }
     images = sum(len(batch) for batch in decoded)
-    result = compare(contenders, images, rounds, min_run_time=0.0)
+    result = {name: {"seconds_per_pass": t["seconds_per_batch"], "images_per_s": t["images_per_s"]}
+              for name, t in compare(contenders, images, rounds, min_run_time=0.0).items()}
     fed, bare = result[f"trace + decode, {workers} workers"], result["encode_image, pre-decoded"]
     return {"images": images, "batch_size": batch_size, "workers": workers, "timings": result,
             "input_gap_percent": 100 * (1 - fed["images_per_s"] / bare["images_per_s"])}
@@ -191,9 +192,10 @@ def format_result(suite: str, result: dict) -> str:
     if suite == "quant":
         return f"batch {result['batch_size']}\n" + timings(result["timings"])
     if suite == "data":
-        return (f"{result['images']} images, batch {result['batch_size']}: the fed trace is "
-                f"{result['input_gap_percent']:.1f}% slower than encode_image on pre-decoded images\n"
-                + timings(result["timings"]))
+        rows = [(name, t["seconds_per_pass"], t["images_per_s"]) for name, t in result["timings"].items()]
+        return (f"{result['images']} images, batch {result['batch_size']}, {result['workers']} workers: the fed trace "
+                f"is {result['input_gap_percent']:.1f}% slower than encode_image on pre-decoded images\n"
+                + tabulate(rows, headers=["contender", "s / pass (median)", "images / s"], floatfmt=".1f"))
 
     def saving(row: dict, mode: str) -> str:
         ci = row[f"{mode}_saving_ci"]
