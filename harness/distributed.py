@@ -100,8 +100,9 @@ def trace_for_run(config: HarnessConfig, seeds: list[int], ranks: Ranks) -> None
         for quant, split in RUN_TRACES:
             rows = seeded.traced_rows(split)
             backbone, quantizer = seeded.quantized(quant)
-            if (backbone.quantizer, rows.part, rows.indices.tobytes()) in done:
+            traced = (backbone.quantizer, rows.part, rows.indices.tobytes())
+            if traced in done:
                 continue
-            done.add((backbone.quantizer, rows.part, rows.indices.tobytes()))
+            done.add(traced)
             trace_shard(backbone, quantizer, seeded.image_batches(rows, backbone=backbone), seeded.classifier,
                         seeded.cache_dir, ranks.rank, ranks.world, progress=ranks.rank == 0)

@@ -11,10 +11,10 @@ process group: each runs alone, start to end.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+from harness.distributed import Ranks
 from harness.errors import ConfigError
 
 T = TypeVar("T")
@@ -29,13 +29,15 @@ class Shard:
 
     @classmethod
     def parse(cls, text: str | None) -> "Shard":
-        """``"I/N"``; ``None``: from ``RANK`` / ``WORLD_SIZE`` when a launcher set them, else the one shard.
+        """``"I/N"``; ``None``: from ``RANK`` / ``WORLD_SIZE`` when a launcher set them
+        (:meth:`harness.distributed.Ranks.from_env`), else the one shard.
 
         Raises:
-            ConfigError: not ``I/N`` with ``0 <= I < N``.
+            ConfigError: not ``I/N`` with ``0 <= I < N`` (or launcher values that are not).
         """
         if text is None:
-            text = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}" if "WORLD_SIZE" in os.environ else "0/1"
+            ranks = Ranks.from_env()
+            return cls(ranks.rank, ranks.world)
         index, _, count = text.partition("/")
         if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
             raise ConfigError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4 ... 3/4")

@@ -289,15 +289,13 @@ def trace_shard(
             get_or_build(cache_dir, "trace-shards", shard_keys[rank], build_shard)
         dist.barrier()
         if rank == 0:
-            shards = [get_or_build(cache_dir, "trace-shards", k, _missing_shard) for k in shard_keys.values()]
+            shards = [find_entry(cache_dir, "trace-shards", k) for k in shard_keys.values()]
+            if None in shards:
+                raise RuntimeError("a trace shard is missing or damaged after every rank passed the barrier")
             done = get_or_build(cache_dir, "traces", key, lambda folder: _merge(shards, folder))
             for k in shard_keys.values():
                 remove_entry(cache_dir, "trace-shards", k)
     return _open(done) if rank == 0 else None
-
-
-def _missing_shard(folder: Path) -> dict[str, Any]:
-    raise RuntimeError(f"a trace shard is missing after every rank passed the barrier ({folder.name})")
 
 
 def _merge(shards: list[Entry], folder: Path) -> dict[str, Any]:
