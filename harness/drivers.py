@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from harness.backbones import Backbone, cls_attention
+from harness.evaluate import TOP_K, classify
 from harness.policy import ExitPolicy, LayerView, SplitFeatures
 from harness.trace import as_stored, layer_features
 
@@ -36,7 +37,10 @@ class ExitOutcome:
     Attributes:
         exit_layer: int [N], the block after which each sample stopped
             (``num_blocks`` for samples that ran the whole tower).
-        logits: float32 [N, C], the scores each sample was classified with.
+        predictions: int [N], the class of each sample's highest score.
+        top5: int [N, min(5, C)], the classes of its five highest scores, in
+            no particular order (for top-5). An outcome keeps these, not the
+            [N, C] scores, so its memory does not grow with the class count.
         tokens: int [N, num_blocks], patch tokens each sample carried through each
             block (all blocks after its exit are 0); for the FLOPs count.
         by_policy: bool [N], True where the policy's decision classified the
@@ -44,13 +48,10 @@ class ExitOutcome:
     """
 
     exit_layer: np.ndarray
-    logits: np.ndarray
+    predictions: np.ndarray
+    top5: np.ndarray
     tokens: np.ndarray
     by_policy: np.ndarray
-
-    @property
-    def predictions(self) -> np.ndarray:
-        return self.logits.argmax(axis=1)
 
 
 def on_device(module: nn.Module, device: torch.device) -> nn.Module:
@@ -132,12 +133,14 @@ def replay(policy: ExitPolicy, features: SplitFeatures, num_blocks: int, num_pat
     n = len(features.labels)
     exit_layer = np.full(n, num_blocks, dtype=np.int64)
     by_policy = np.zeros(n, dtype=bool)
-    logits = np.array(features.logits, dtype=np.float32, copy=True)
+    predictions = np.zeros(n, dtype=np.int64)
+    top5 = np.zeros((n, min(TOP_K, features.logits.shape[1])), dtype=np.int64)
     with torch.no_grad():
         for start in range(0, n, chunk):
             size = min(chunk, n - start)
             policy.start_batch(size)
             active = np.arange(size)
+            logits = np.array(features.logits[start:start + size], dtype=np.float32)  # the full-depth scores
             for layer in layers:
                 if len(active) == 0:
                     break
@@ -146,10 +149,11 @@ def replay(policy: ExitPolicy, features: SplitFeatures, num_blocks: int, num_pat
                 rows = start + active[leaving]
                 exit_layer[rows] = layer
                 by_policy[rows] = True
-                logits[rows] = decision.logits[torch.from_numpy(leaving)].float().cpu().numpy()
+                logits[active[leaving]] = decision.logits[torch.from_numpy(leaving)].float().cpu().numpy()
                 active = active[~leaving]
+            predictions[start:start + size], top5[start:start + size] = classify(logits)
     tokens = np.where(np.arange(1, num_blocks + 1)[None, :] <= exit_layer[:, None], num_patches, 0)
-    return ExitOutcome(exit_layer=exit_layer, logits=logits, tokens=tokens, by_policy=by_policy)
+    return ExitOutcome(exit_layer, predictions, top5, tokens, by_policy)
 
 
 @torch.inference_mode()
@@ -194,7 +198,7 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
     if len(active):
         embedding = torch.nn.functional.normalize(backbone.head(x).float(), dim=-1)
         logits[torch.from_numpy(active)] = (backbone.logit_scale * embedding @ classifier.T).cpu()
-    return ExitOutcome(exit_layer=exit_layer, logits=logits.numpy(), tokens=tokens, by_policy=by_policy)
+    return ExitOutcome(exit_layer, *classify(logits.numpy()), tokens, by_policy)
 
 
 def _drop_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

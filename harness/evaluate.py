@@ -15,18 +15,38 @@ if TYPE_CHECKING:
     from harness.trace import Trace
 
 
+TOP_K = 5  # top-5 accuracy
+
+
 def top1(trace: Trace) -> float:
     """Full-depth zero-shot top-1 (%) of a trace."""
     if len(trace) == 0:
         raise ValueError("empty trace: no images were traced")
-    return float(100 * np.mean(np.asarray(trace.logits).argmax(axis=1) == np.asarray(trace.labels)))
+    return float(100 * np.mean(classify(trace.logits)[0] == np.asarray(trace.labels)))
+
+
+def top_classes(logits: np.ndarray, k: int) -> np.ndarray:
+    """int [N, min(k, C)]: the classes of the k highest scores of each row, in no particular order."""
+    k = min(k, logits.shape[1])
+    return np.argpartition(-logits, k - 1, axis=1)[:, :k] if k else np.zeros((len(logits), 0), np.int64)
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """bool [N]: is the label among the k highest scores?"""
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return (top == labels[:, None]).any(axis=1)
+    return (top_classes(logits, k) == labels[:, None]).any(axis=1)
+
+
+def classify(logits: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions int [N], the :data:`TOP_K` best classes int [N, k]) of scores [N, C], read ``chunk`` rows
+    at a time (``logits`` may be a memory map): what an outcome keeps instead of its [N, C] scores."""
+    n, classes = logits.shape
+    predictions = np.zeros(n, np.int64)
+    top = np.zeros((n, min(TOP_K, classes)), np.int64)
+    for start in range(0, n, chunk):
+        block = np.asarray(logits[start:start + chunk], dtype=np.float32)
+        predictions[start:start + chunk] = block.argmax(axis=1)
+        top[start:start + chunk] = top_classes(block, TOP_K)
+    return predictions, top
 
 
 def bootstrap_ci(values: np.ndarray, seed: int = 0, resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from harness.cache import cached_state, fit_fields
+from harness.datasets import Split
 from harness.policy import ExitPolicy, FitContext
 
 if TYPE_CHECKING:
-    from harness.backbones import Backbone
     from harness.session import Session
 
 
@@ -40,17 +41,23 @@ def fit_context(session: "Session", quant: str | None = None, seed: int | None =
         block_flops=session.block_flops,
         seed=seed,
         backbone=backbone,
-        image_batches=functools.partial(_fit_images, session, backbone),
+        image_batches=functools.partial(_fit_images, session, quant),
         store=functools.partial(_stored_fit, session, quant, seed),
     )
 
 
-def _fit_images(session: "Session", backbone: "Backbone", split: str,
-                batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
-    """:attr:`FitContext.image_batches`: (images, labels) of ``heads`` or ``gate``, in the split's order."""
+def _fit_images(session: "Session", quant: str | None, split: str, batch_size: int,
+                rows: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
+    """:attr:`FitContext.image_batches`: (images, labels) of ``heads`` or ``gate``, in the split's order, or of
+    the trace's ``rows`` in that order."""
     if split not in ("heads", "gate"):
         raise ValueError(f"policies fit on the heads and gate splits only, not {split!r}")
-    for images, labels, _ in session.image_batches(split, batch_size, backbone):
+    backbone, _ = session.quantized(quant)
+    chosen: Split | str = split
+    if rows is not None:
+        traced = session.trace(quant, split)
+        chosen = Split(session.splits[split].part, np.asarray(traced.indices)[np.asarray(rows)])
+    for images, labels, _ in session.image_batches(chosen, batch_size, backbone):
         yield images, labels
 
 

@@ -59,13 +59,13 @@ def train_heads(
     """Train heads jointly with a weighted sum of their cross-entropies (Adam, seeded order).
 
     Args:
-        heads: layer -> head; features: layer -> [N, width] inputs.
+        heads: layer -> head; features: layer -> [N, width] inputs (memory maps
+            are fine: each batch's rows are read and converted as it is drawn).
         weights: layer -> loss weight (default 1 each); normalised to sum to 1.
         extra_loss: optional ``f(layer, embedding, batch_indices)`` added to a
             head's loss (LRA-EE's distillation toward the fp32 embedding).
     """
     gen = torch.Generator().manual_seed(seed)
-    x = {layer: torch.from_numpy(np.array(f, dtype=np.float32)) for layer, f in features.items()}  # copies
     y = torch.from_numpy(np.array(labels, dtype=np.int64))
     w = weights or {layer: 1.0 for layer in heads}
     total = sum(w.values())
@@ -77,12 +77,13 @@ def train_heads(
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), batch_size):
             idx = order[start:start + batch_size]
+            rows = idx.numpy()
             loss = torch.zeros(())
             for layer, head in heads.items():
-                embedding = head(x[layer][idx])
+                embedding = head(torch.from_numpy(np.asarray(features[layer][rows], dtype=np.float32)))
                 term = F.cross_entropy(head_logits(embedding, classifier, logit_scale), y[idx])
                 if extra_loss is not None:
-                    term = term + extra_loss(layer, embedding, idx.numpy())
+                    term = term + extra_loss(layer, embedding, rows)
                 loss = loss + w[layer] / total * term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -145,9 +145,11 @@ class FitContext:
         seed: seeds head init, data order, gate init.
         backbone: the quantized backbone the policy runs on, frozen (for
             policies that train through it, such as a learned token pruner).
-        image_batches: ``image_batches(split, batch_size)`` yields
+        image_batches: ``image_batches(split, batch_size, rows=None)`` yields
             ``(preprocessed images, labels)`` of ``heads`` or ``gate`` in the
-            split's order (the rows of :attr:`heads`/:attr:`gate`).
+            split's order (the rows of :attr:`heads`/:attr:`gate`), or of the
+            given rows in the given order (say, an epoch's shuffle): images
+            are decoded as they are needed, never all held at once.
         load_heads_fp32: builds :attr:`heads_fp32` on first use (an extra
             backbone pass that only distilling methods pay for).
         store: the harness's on-disk memo behind :meth:`cached` (None: no caching).
@@ -163,7 +165,7 @@ class FitContext:
     block_flops: list[float]
     seed: int = 0
     backbone: Any = None
-    image_batches: Callable[[str, int], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    image_batches: Callable[..., Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
     load_heads_fp32: Callable[[], SplitFeatures] | None = None
     store: Callable[[str, Callable[[], dict]], dict] | None = None
 

@@ -16,7 +16,6 @@ Results go to ``results/<run-id>/``: ``config.json``, ``metrics.json``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -102,7 +101,7 @@ def check_out(out: Path) -> None:
         raise ConfigError(f"--out {out}: cannot write there ({reason}); pass another --out") from None
 
 
-def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, float]:
+def layer_accuracy(policy: ExitPolicy, trace, chunk: int = 4096) -> dict[int, float]:
     """Top-1 (%) of the policy's own prediction at each of its exit layers, for every test sample.
 
     Empty for a token policy: its features after a pruning block are not in the trace.
@@ -113,9 +112,13 @@ def layer_accuracy(policy: ExitPolicy, trace, num_classes: int) -> dict[int, flo
     accuracy = {}
     with torch.no_grad():
         for layer in policy.exit_layers():
-            policy.start_batch(len(labels))
-            logits = policy.decide(layer, TraceView(trace, layer, np.arange(len(labels)), 0)).logits
-            accuracy[layer] = float(100 * np.mean(logits.argmax(-1).numpy() == labels))
+            correct = 0
+            for start in range(0, len(labels), chunk):
+                size = min(chunk, len(labels) - start)
+                policy.start_batch(size)
+                logits = policy.decide(layer, TraceView(trace, layer, np.arange(size), start)).logits
+                correct += int((logits.argmax(-1).numpy() == labels[start:start + size]).sum())
+            accuracy[layer] = float(100 * correct / len(labels)) if len(labels) else float("nan")
     return accuracy
 
 
@@ -219,7 +222,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     rows, frames = {}, []
     for name, quant in (("full-depth fp32", "fp32"), (f"full-depth {c.quant}", None)):
         trace = test if quant is None else session.trace(quant, "test")
-        full = session.evaluate(FullDepth(), c.seed, dataclasses.replace(session.full, logits=np.asarray(trace.logits)))
+        full = session.evaluate(FullDepth(), c.seed, session.full_outcome(trace))
         rows[name] = {"per_seed": [full.metrics], "kind": "baseline"}
         frames.append(_frame(name, c.seed, test, full.outcome, full.flops))
 
@@ -294,7 +297,7 @@ def _fit_and_score(session: Session, name: str, seeds: list[int], config: dict[s
         policy = session.fit(name, seed, **config)
         fitted.setdefault(name, policy)
         result = session.evaluate(policy, seed, desc=f"{name} seed {seed} (real driver)")
-        result.metrics["layer_accuracy"] = layer_accuracy(policy, session.test, session.classifier.shape[0])
+        result.metrics["layer_accuracy"] = layer_accuracy(policy, session.test)
         per_seed.append(result.metrics)
         frames.append(_frame(name, seed, session.test, result.outcome, result.flops))
         points.append([None if point is None else {**point.as_dict(), **routing_gain(point, best_control(seed_controls, i))}

@@ -61,7 +61,7 @@ def score(outcome: ExitOutcome, labels: np.ndarray, baseline_correct: np.ndarray
         flops_ci = [100 * bound for bound in evaluate.bootstrap_ci(1 - flops / full_flops, seed=seed)]
     return {
         "top1": float(100 * correct.mean()), "top1_ci": top1_ci,
-        "top5": float(100 * evaluate.topk_correct(outcome.logits, labels, 5).mean()),
+        "top5": float(100 * (outcome.top5 == labels[:, None]).any(axis=1).mean()),
         "flops_per_sample": float(flops.mean()),
         "flops_saving": float(100 * (1 - flops.mean() / full_flops)),
         "flops_saving_ci": flops_ci,

@@ -102,7 +102,7 @@ class Session:
         self.progress = progress
         self._backbones: dict[str, tuple[Backbone, Quantizer]] = {}
         self._traces: dict[tuple[str, str, bytes], Trace] = {}  # memory-mapped, per part (or --limit rows)
-        self._selections: dict[tuple[str, str, bytes], Trace] = {}  # a split's rows, in memory
+        self._selections: dict[tuple[str, str, bytes], Trace] = {}  # a split's rows, memory-mapped too
         self._seeded: dict[int, Session] = {}
         self._fits: dict[tuple[str, str, int, str], ExitPolicy] = {}
         if self.config.threads:
@@ -223,15 +223,15 @@ class Session:
 
         Without ``--limit`` the whole part behind the split is traced once and
         the split's rows are selected from it, so splits re-drawn for another
-        seed cost no new backbone pass. The selection (a copy of the rows) is
-        kept for the session: fits, gate sweeps and scoring ask for the same
-        splits hundreds of times in one run.
+        seed cost no new backbone pass. The selection is a cache entry of its
+        own (:meth:`Trace.select`), opened once per session: fits, gate sweeps
+        and scoring ask for the same splits hundreds of times in one run.
         """
         quant = quant or self.config.quant
         rows = self.splits[split].indices
         selected = (quant, self.splits[split].part, rows.tobytes())
         if selected not in self._selections:
-            self._selections[selected] = self._part_trace(quant, split).select(rows)
+            self._selections[selected] = self._part_trace(quant, split).select(rows, self.cache_dir)
         return self._selections[selected]
 
     def traced_rows(self, split: str) -> Split:
@@ -350,7 +350,7 @@ class Session:
     @cached_property
     def baseline_correct(self) -> np.ndarray:
         """bool per test sample: the zero-shot full-depth model under the config's quantizer is right."""
-        return np.asarray(self.test.logits).argmax(1) == self.labels
+        return self.full.predictions == self.labels
 
     @cached_property
     def full(self) -> ExitOutcome:
@@ -447,7 +447,7 @@ class Session:
     def full_outcome(self, trace: Trace) -> ExitOutcome:
         """Every sample of ``trace`` through every block with all its tokens, classified by the backbone."""
         n = len(trace)
-        return ExitOutcome(np.full(n, self.num_blocks), np.asarray(trace.logits),
+        return ExitOutcome(np.full(n, self.num_blocks), *evaluate.classify(trace.logits),
                            np.full((n, self.num_blocks), self.num_tokens - 1), np.zeros(n, bool))
 
     def gate_point(self, policy: ExitPolicy, seed: int, desc: str | None = None) -> dict[str, float]:

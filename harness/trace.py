@@ -37,6 +37,7 @@ TRACE_FORMAT = 1
 FEATURE_DTYPE = np.float16
 _PER_SAMPLE = ("cls", "patch_mean", "sav", "embedding", "logits")  # filled batch by batch
 _ARRAYS = _PER_SAMPLE + ("labels", "indices")
+_CHUNK_ROWS = 4096  # rows copied at a time between memory maps
 
 
 def as_stored(features: torch.Tensor) -> torch.Tensor:
@@ -80,15 +81,35 @@ class Trace:
     def bad_images(self) -> list[dict]:
         return self.meta["bad_images"]
 
-    def select(self, indices: np.ndarray) -> "Trace":
-        """The rows of the given dataset indices, in that order (skipped bad images are left out)."""
+    def select(self, indices: np.ndarray, cache_dir: Path) -> "Trace":
+        """The rows of the given dataset indices, in that order (skipped bad images are left out).
+
+        The rows are copied once, chunk by chunk, into a cache entry of their
+        own (``trace-rows``) and memory-mapped like the trace, so a split drawn
+        from a large traced part costs disk, not memory.
+        """
         if len(indices) == len(self.indices) and np.array_equal(indices, self.indices):
             return self
         order = np.argsort(self.indices, kind="stable")
         pos = np.clip(np.searchsorted(self.indices, indices, sorter=order), 0, max(len(order) - 1, 0))
         rows = order[pos] if len(order) else np.zeros(len(indices), np.int64)
         rows = rows[self.indices[rows] == indices] if len(order) else rows[:0]
-        return dataclasses.replace(self, **{name: np.asarray(getattr(self, name)[rows]) for name in _ARRAYS})
+        wanted = set(np.asarray(indices).tolist())
+
+        def build(folder: Path) -> dict[str, Any]:
+            for name in _ARRAYS:
+                source = getattr(self, name)
+                out = np.lib.format.open_memmap(folder / f"{name}.npy", "w+", source.dtype,
+                                                (len(rows), *source.shape[1:]))
+                for start in range(0, len(rows), _CHUNK_ROWS):
+                    out[start:start + _CHUNK_ROWS] = source[rows[start:start + _CHUNK_ROWS]]
+                out.flush()
+                del out
+            return {"rows": len(rows), "bad_images": [b for b in self.bad_images if b["index"] in wanted]}
+
+        key = {"trace": self.meta["key"], "indices_sha256": hashlib.sha256(
+            np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()}
+        return _open(get_or_build(cache_dir, "trace-rows", key, build))
 
 
 def _code_sha256() -> str:
@@ -208,7 +229,7 @@ def _run_backbone(
     return row
 
 
-def _keep_rows(file: Path, rows: int, chunk: int = 4096) -> None:
+def _keep_rows(file: Path, rows: int, chunk: int = _CHUNK_ROWS) -> None:
     """Rewrite an .npy file with only its first ``rows`` rows, chunk by chunk."""
     full = np.load(file, mmap_mode="r")
     kept_file = file.with_suffix(".kept.npy")
@@ -306,8 +327,8 @@ def _merge(shards: list[Entry], folder: Path) -> dict[str, Any]:
                                         (sum(len(p) for p in parts), *parts[0].shape[1:]))
         row = 0
         for part in parts:
-            for start in range(0, len(part), 4096):
-                chunk = part[start:start + 4096]
+            for start in range(0, len(part), _CHUNK_ROWS):
+                chunk = part[start:start + _CHUNK_ROWS]
                 out[row:row + len(chunk)] = chunk
                 row += len(chunk)
         out.flush()

@@ -265,7 +265,7 @@ class LraEE(ExitPolicy):
             raise ValueError(f"lra-ee: a {n}-block backbone has no INR candidate layers; give exit_layers")
         fp32 = ctx.heads_fp32
         rows = _fp32_rows(ctx.heads, fp32)
-        values = [inr(ctx.heads.patch_mean[:, layer], np.asarray(fp32.patch_mean)[rows, layer])
+        values = [inr(ctx.heads.patch_mean[:, layer], fp32.patch_mean[rows, layer])
                   for layer in candidates]
         self.report.update(inr_layers=candidates, inr=values)
         return prune_layers(candidates, values, c.kappa)
@@ -291,11 +291,12 @@ class LraEE(ExitPolicy):
     def _distillation_loss(self, ctx: FitContext):
         """``train_heads``' extra loss: weight * (1 - cos(head embedding, fp32 final embedding of the same image))."""
         fp32 = ctx.heads_fp32
-        target = torch.from_numpy(np.array(fp32.embedding, dtype=np.float32)[_fp32_rows(ctx.heads, fp32)])
+        rows = _fp32_rows(ctx.heads, fp32)
         weight = self.config.distill_weight
 
         def loss(layer: int, embedding: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
-            return weight * (1 - F.cosine_similarity(embedding, target[torch.from_numpy(idx)], dim=-1)).mean()
+            target = torch.from_numpy(np.asarray(fp32.embedding[rows[idx]], dtype=np.float32))
+            return weight * (1 - F.cosine_similarity(embedding, target, dim=-1)).mean()
 
         return loss
 

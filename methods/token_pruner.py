@@ -273,10 +273,7 @@ class TokenPruner(ExitPolicy):
         _check_backbone(backbone)
         started = time.perf_counter()
         device = backbone.device
-        images, _ = map(torch.cat, zip(*ctx.image_batches("heads", 256)))
-        teacher = torch.from_numpy(np.array(ctx.heads.logits, dtype=np.float32))
-        if len(teacher) != len(images):
-            raise ValueError(f"token-pruner: {len(images)} heads images but {len(teacher)} traced rows")
+        teacher = ctx.heads.logits  # read a batch at a time, like the images
         classifier = ctx.classifier.float().to(device)
         grid = backbone.visual.grid_size
         self.num_patches = int(grid[0] * grid[1])
@@ -285,7 +282,7 @@ class TokenPruner(ExitPolicy):
             self.nets = nn.ModuleDict({str(l): DecisionNet(ctx.width, c.target_keep) for l in layers}).to(device)
         generator = torch.Generator().manual_seed(ctx.seed)
         optimizer = torch.optim.Adam(self.nets.parameters(), lr=c.lr)
-        total = c.epochs * math.ceil(len(images) / c.batch_size)
+        total = c.epochs * math.ceil(len(teacher) / c.batch_size)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
         targets = torch.tensor([c.target_keep ** (s + 1) for s in range(len(layers))], device=device)
         straight = c.estimator == "straight-through"
@@ -293,13 +290,20 @@ class TokenPruner(ExitPolicy):
         self.nets.train()
         steps, distill, usage = 0, torch.zeros(()), torch.zeros(())
         for _ in range(c.epochs):
-            order = torch.randperm(len(images), generator=generator)
-            for start in range(0, len(images), c.batch_size):
-                idx = order[start:start + c.batch_size].repeat(draws)  # draw-major: row = draw * B + image
-                embedding, shares, log_prob = pruned_forward(backbone, images[idx].to(device), self.nets, layers,
-                                                             generator, c.temperature, straight_through=straight)
+            order = torch.randperm(len(teacher), generator=generator).numpy()
+            batches = ctx.image_batches("heads", c.batch_size, rows=order)  # decoded as needed, in this order
+            for start in range(0, len(order), c.batch_size):
+                rows = order[start:start + c.batch_size]
+                images, _ = next(batches, (torch.empty(0), None))
+                if len(images) != len(rows):
+                    raise ValueError(f"token-pruner: {len(images)} heads images read where {len(rows)} were traced")
+                # draw-major: row = draw * B + image
+                batch_teacher = torch.from_numpy(np.asarray(teacher[rows], dtype=np.float32)).repeat(draws, 1)
+                embedding, shares, log_prob = pruned_forward(backbone, images.repeat(draws, 1, 1, 1).to(device),
+                                                             self.nets, layers, generator, c.temperature,
+                                                             straight_through=straight)
                 logits = ctx.logit_scale * F.normalize(embedding.float(), dim=-1) @ classifier.T
-                distill = F.kl_div(logits.log_softmax(-1), teacher[idx].to(device).log_softmax(-1), log_target=True,
+                distill = F.kl_div(logits.log_softmax(-1), batch_teacher.to(device).log_softmax(-1), log_target=True,
                                    reduction="none").sum(-1)
                 usage = ((torch.stack(shares, dim=1) - targets) ** 2).mean(1)
                 cost = distill + c.usage_weight * usage
@@ -315,7 +319,7 @@ class TokenPruner(ExitPolicy):
                 schedule.step()
                 steps += 1
         self.nets.eval().requires_grad_(False).cpu()
-        self.report = {"train_images": len(images), "steps": steps, "train_seconds": time.perf_counter() - started,
+        self.report = {"train_images": len(teacher), "steps": steps, "train_seconds": time.perf_counter() - started,
                        "last_distill_loss": float(distill.detach().mean()),
                        "last_usage_loss": float(usage.detach().mean())}
 

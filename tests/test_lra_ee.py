@@ -12,6 +12,7 @@ import torch
 from harness.config import HarnessConfig
 from harness.session import Session
 from harness.drivers import TraceView, replay
+from harness.evaluate import top_classes
 from harness.policy import FitContext, create_method
 from methods.confidence import confidence_score
 from harness.fidelity import inr
@@ -194,7 +195,8 @@ def test_fit_decide_and_saved_state_replay_identically(ctx, fitted, quant):
     assert reloaded.exit_layers() == layers and reloaded.report == report
     again = _replay(ctx, reloaded, quant)
     np.testing.assert_array_equal(again.exit_layer, outcome.exit_layer)
-    np.testing.assert_array_equal(again.logits, outcome.logits)
+    np.testing.assert_array_equal(again.predictions, outcome.predictions)
+    np.testing.assert_array_equal(again.top5, outcome.top5)
 
 
 def test_inr_layers_are_candidates_and_fp32_keeps_them_all(fitted):
@@ -228,8 +230,10 @@ def test_routing_last_exits_everyone_after_the_last_block_with_the_head(ctx):
     outcome = _replay(ctx, policy, "fp32")
     assert (outcome.exit_layer == 12).all()
     head = policy.decide(12, TraceView(trace, 12, np.arange(len(trace)), 0)).logits
-    np.testing.assert_array_equal(outcome.logits, head.numpy())
-    assert not np.allclose(outcome.logits, trace.logits)  # the head's scores, not the zero-shot ones
+    np.testing.assert_array_equal(outcome.predictions, head.argmax(1).numpy())
+    np.testing.assert_array_equal(outcome.top5, top_classes(head.numpy(), 5))
+    zero_shot = top_classes(np.asarray(trace.logits), 5)
+    assert (np.sort(outcome.top5, 1) != np.sort(zero_shot, 1)).any()  # the head's scores, not the zero-shot ones
 
 
 def test_heuristic_gate_with_a_global_threshold(ctx):

@@ -8,6 +8,7 @@ from harness.config import HarnessConfig
 from harness.session import Session
 from harness.drivers import TraceView, replay, run_early_exit
 from harness.policy import METHODS, create_method
+from harness.run import layer_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +52,14 @@ def test_contract_fit_decide_and_state_round_trip(name, ctx, fit_ctx):
     assert layers == sorted(set(layers)) and all(1 <= layer <= ctx.backbone.num_blocks for layer in layers)
     trace = ctx.trace("fp32", "test")
     outcome = _run(policy, ctx, trace)
-    assert outcome.logits.shape == trace.logits.shape and outcome.exit_layer.shape == (len(trace),)
+    assert outcome.top5.shape == (len(trace), 5) and outcome.exit_layer.shape == (len(trace),)
 
     reloaded = create_method(name)
     reloaded.load_state_dict(policy.state_dict())
     again = _run(reloaded, ctx, trace)
     np.testing.assert_array_equal(again.exit_layer, outcome.exit_layer)
-    np.testing.assert_array_equal(again.logits, outcome.logits)
+    np.testing.assert_array_equal(again.predictions, outcome.predictions)
+    np.testing.assert_array_equal(again.top5, outcome.top5)
     np.testing.assert_array_equal(again.tokens, outcome.tokens)
 
 
@@ -87,3 +89,20 @@ def test_cls_ee_exits_early_and_skips_blocks(ctx, fit_ctx):
         assert (tokens[:layer] == ctx.num_tokens - 1).all() and (tokens[layer:] == 0).all()
     replayed = replay(policy, ctx.trace("fp32", "test"), ctx.backbone.num_blocks, ctx.num_tokens - 1)
     np.testing.assert_array_equal(real.exit_layer, replayed.exit_layer)
+
+
+@pytest.mark.parametrize("name, knob", [("pabee", 1), ("cls-ee", 0.5)])  # knobs at which samples exit at many layers
+def test_replay_and_layer_accuracy_read_the_trace_in_chunks_with_the_same_result(name, knob, ctx, fit_ctx):
+    policy, trace = _fitted(name, fit_ctx).with_knob(knob), ctx.trace("fp32", "test")
+    whole = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    chunked = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1, chunk=7)  # 64 rows: a last chunk of 1
+    for field in ("exit_layer", "predictions", "top5", "tokens", "by_policy"):
+        np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
+    assert len(set(whole.exit_layer.tolist())) > 3  # samples leave at several layers, in every chunk
+    labels = np.asarray(trace.labels)
+    expected = {}
+    for layer in policy.exit_layers():
+        policy.start_batch(len(labels))
+        logits = policy.decide(layer, TraceView(trace, layer, np.arange(len(labels)), 0)).logits
+        expected[layer] = float(100 * np.mean(logits.argmax(-1).numpy() == labels))
+    assert layer_accuracy(policy, trace, chunk=7) == expected

@@ -151,11 +151,16 @@ def test_a_failed_pass_leaves_no_entry(ctx, cache_dir, monkeypatch):
     assert list((cache_dir / "traces").iterdir()) == []  # neither an entry nor a temporary folder
 
 
-def test_select_picks_rows_by_dataset_index(ctx):
+def test_select_picks_rows_by_dataset_index_into_a_memory_mapped_entry(ctx, cache_dir):
     trace = ctx.trace("fp32", "gate")
     wanted = np.array([trace.indices[5], trace.indices[1], 10**9, trace.indices[30]])  # 10**9: not traced
-    sub = trace.select(wanted)
+    sub = trace.select(wanted, cache_dir)
     assert sub.indices.tolist() == [trace.indices[5], trace.indices[1], trace.indices[30]]
-    np.testing.assert_array_equal(sub.cls, np.asarray(trace.cls)[[5, 1, 30]])
-    np.testing.assert_array_equal(sub.labels, trace.labels[[5, 1, 30]])
-    assert trace.select(trace.indices) is trace
+    for name in ("cls", "patch_mean", "sav", "embedding", "logits", "labels"):
+        np.testing.assert_array_equal(getattr(sub, name), np.asarray(getattr(trace, name))[[5, 1, 30]])
+        assert isinstance(getattr(sub, name), np.memmap)  # on disk, not copied into memory
+    assert sub.path.parent == cache_dir / "trace-rows"
+    again = trace.select(wanted, cache_dir)
+    assert again.path == sub.path and len(list((cache_dir / "trace-rows").iterdir())) == 1  # written once
+    assert trace.select(wanted[::-1], cache_dir).indices.tolist() == sub.indices.tolist()[::-1]
+    assert trace.select(trace.indices, cache_dir) is trace
