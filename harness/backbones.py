@@ -30,6 +30,7 @@ from harness import embedded
 from harness._registry import UnknownNameError, unknown_name_message
 from harness.cache import cached_state, source_digest
 from harness.errors import ConfigError, UserError
+from harness.towers import TokenLayout, Tower, tower
 
 EMBEDDED = embedded.NAME
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -64,8 +65,13 @@ class Backbone:
     quantizer: str = "fp32"
 
     @property
-    def blocks(self) -> nn.ModuleList:
-        return self.visual.transformer.resblocks
+    def tower(self) -> Tower:
+        """The adapter that runs :attr:`visual` block by block (:mod:`harness.towers`)."""
+        return tower(self.visual)
+
+    @property
+    def blocks(self) -> nn.ModuleList | nn.Sequential:
+        return self.tower.blocks
 
     @property
     def num_blocks(self) -> int:
@@ -73,26 +79,36 @@ class Backbone:
 
     @property
     def width(self) -> int:
-        return self.visual.transformer.width
+        return self.tower.width
 
     @property
     def embed_dim(self) -> int:
-        return self.visual.output_dim
+        return self.tower.embed_dim
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches (class and register tokens)."""
+        return self.tower.num_prefix_tokens
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.tower.has_class_token
+
+    @property
+    def num_patches(self) -> int:
+        return self.tower.num_patches
 
     @property
     def device(self) -> torch.device:
-        return self.visual.class_embedding.device
+        return self.tower.device
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] -> tokens [B, 1 + N, width] entering block 1."""
-        return self.visual._embeds(images)
+        """Images [B, 3, H, W] -> tokens [B, prefix + patches, width] entering block 1."""
+        return self.tower.embed(images)
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block -> image embedding [B, embed_dim] (not normalised)."""
-        pooled, _ = self.visual._pool(tokens)
-        if self.visual.proj is not None:
-            pooled = pooled @ self.visual.proj
-        return pooled
+        return self.tower.head(tokens)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """The full-depth forward, assembled from the three pieces."""
@@ -145,25 +161,38 @@ class Backbone:
         return float(self.clip.logit_scale.detach().exp())
 
 
-def cls_attention(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """CLS-to-patch attention [B, N] that ``block`` computes on ``tokens`` [B, 1 + N, D], mean over heads.
+def cls_attention(block: nn.Module, tokens: torch.Tensor, layout: TokenLayout = TokenLayout()) -> torch.Tensor:
+    """CLS-to-patch attention [B, N] that ``block`` computes on ``tokens`` [B, prefix + N, D], mean over heads.
 
-    Each head's softmax runs over all 1 + N keys (CLS included, as in the
-    block); the CLS-to-CLS weight is left out, so a row sums to less than 1.
-    The block's own projections are used, quantization included:
-    ``nn.MultiheadAttention`` keeps them as a bare ``in_proj_weight`` (every
-    int8 quantizer here leaves it fp32), of which only the CLS query and the
-    keys are computed; an attention module with an ``in_proj`` submodule (the
-    fake-quant one) is called on all tokens, its input quantization included.
+    Each head's softmax runs over all keys (class and register tokens
+    included, as in the block); the weights on the prefix tokens are left
+    out, so a row sums to less than 1. The block's own projections are used,
+    quantization included: ``nn.MultiheadAttention`` (open_clip) keeps them
+    as a bare ``in_proj_weight`` (every int8 quantizer here leaves it fp32),
+    of which only the CLS query and the keys are computed; an attention
+    module with an ``in_proj`` submodule (the fake-quant one) or a ``qkv``
+    Linear (timm, with its query/key norms) is called on all tokens, its
+    input quantization included.
+
+    Raises:
+        ValueError: the model has no class token (``layout``).
 
     Example:
         >>> weights = cls_attention(backbone.blocks[3], tokens)  # tokens after block 3
         >>> weights.topk(35, dim=1).indices  # the 35 patches block 4's CLS attends to most
     """
+    if not layout.class_token:
+        raise ValueError("this model has no class token, so it has no CLS attention")
     attn = block.attn
     b, t, d = tokens.shape
     heads = attn.num_heads
-    x = block.ln_1(tokens)
+    x = block.ln_1(tokens) if hasattr(block, "ln_1") else block.norm1(tokens)
+    if isinstance(getattr(attn, "qkv", None), nn.Module):  # timm
+        head_dim = attn.head_dim
+        qkv = attn.qkv(x).reshape(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
+        q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])
+        weights = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)
+        return weights[:, :, 0, layout.prefix:].mean(dim=1)
     if isinstance(attn, nn.MultiheadAttention):
         if not (attn.batch_first and attn._qkv_same_embed_dim):
             raise TypeError("cls_attention supports batch-first self-attention with a packed in-projection only")
@@ -194,20 +223,77 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 def list_backbones() -> list[str]:
-    """The embedded default plus open_clip configs with a plain ViT vision tower.
+    """The embedded default plus the open_clip configs whose vision tower a :mod:`harness.towers` adapter runs:
+    open_clip's own ViT (``open_clip`` family) and timm ``VisionTransformer`` trunks (``open_clip-timm``:
+    SigLIP, ...).
 
-    Left out: timm or ResNet towers, attention pooling (CoCa), and text
-    towers from Hugging Face (their tokenizers need a download).
+    Left out: ResNet, ConvNeXt and other non-ViT towers, timm ViT variants
+    with their own block call (EVA's rotary positions, relative positions),
+    attention pooling in open_clip's own ViT (CoCa), and Hugging Face text
+    towers (their model needs a download; a Hugging Face *tokenizer* alone is
+    fine, see :func:`create_backbone`).
     """
     import open_clip
+    import timm
+
+    plain_vits = set(timm.list_models(module="vision_transformer"))
 
     def supported(cfg: dict) -> bool:
         vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-        return (isinstance(vision.get("layers"), int) and "timm_model_name" not in vision
-                and not vision.get("attentional_pool") and "multimodal_cfg" not in cfg
-                and "hf_model_name" not in text and "hf_tokenizer_name" not in text)
+        if "multimodal_cfg" in cfg or "hf_model_name" in text:
+            return False
+        if "timm_model_name" in vision:
+            return vision["timm_model_name"] in plain_vits and vision.get("timm_pool") not in ("abs_attn", "rot_attn")
+        return isinstance(vision.get("layers"), int) and not vision.get("attentional_pool")
 
     return [EMBEDDED] + sorted(name for name, cfg in open_clip.factory._MODEL_CONFIGS.items() if supported(cfg))
+
+
+def backbone_family(name: str) -> str:
+    """The :mod:`harness.towers` family a listed model name runs under."""
+    import open_clip
+
+    if name == EMBEDDED:
+        return "open_clip"
+    cfg = open_clip.get_model_config(name) or {}
+    return "open_clip-timm" if "timm_model_name" in cfg.get("vision_cfg", {}) else "open_clip"
+
+
+class StandInTokenizer:
+    """Words hashed into a text tower's vocabulary: only for a model with random weights whose own tokenizer
+    (a Hugging Face one) cannot be loaded offline. Class prompts still give distinct, deterministic ids."""
+
+    def __init__(self, vocab_size: int, context_length: int):
+        self.vocab_size, self.context_length = vocab_size, context_length
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else texts
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            words = text.lower().split()[: self.context_length]
+            ids = [1 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "big") % (self.vocab_size - 1)
+                   for w in words]
+            out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+
+def _tokenizer(name: str, model_name: str, spec: str) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for ``model_name``; for a random-weights model whose Hugging Face tokenizer cannot
+    be loaded here (no ``transformers``, no network), a :class:`StandInTokenizer`, said in one line."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(model_name)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}" if str(exc).strip() else type(exc).__name__
+        text = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+        if spec != "none" or "vocab_size" not in text:
+            raise ConfigError(f"backbone {name}: its tokenizer cannot be loaded ({reason}); install transformers "
+                              f"and make the tokenizer available (Hugging Face cache or network)") from None
+        print(f"note: {name}'s tokenizer cannot be loaded here ({reason}); with random weights the prompts are "
+              f"tokenized by a stand-in that hashes words into its {text['vocab_size']}-word vocabulary",
+              file=sys.stderr)
+        return StandInTokenizer(text["vocab_size"], text.get("context_length", 77))
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -392,10 +478,11 @@ def create_backbone(
                     f"could not fetch open_clip weights {name}/{spec} ({str(exc).splitlines()[0][:160]}); "
                     f"without network access, download them elsewhere and pass the file with --pretrained PATH"
                 ) from None
-        tokenizer = open_clip.get_tokenizer(model_name)
-    visual = model.visual
-    if not isinstance(visual, open_clip.transformer.VisionTransformer) or visual.attn_pool is not None:
-        raise ConfigError(f"backbone {name}: only ViT vision towers with token pooling are supported")
+    tokenizer = _tokenizer(name, model_name, spec)
+    try:
+        tower(model.visual)
+    except TypeError as exc:
+        raise ConfigError(f"backbone {name}: {exc}") from None
     model = model.to(device).eval().requires_grad_(False)  # frozen: methods train their own heads
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     return Backbone(
@@ -417,4 +504,5 @@ def backbone_config(backbone: Backbone) -> dict[str, Any]:
         "weights_sha256": backbone.weights_sha256,
         "blocks": backbone.num_blocks,
         "width": backbone.width,
+        "tokens": backbone.tower.describe(),
     }

@@ -91,7 +91,7 @@ def _default_config(method: str) -> str:
 def _cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from harness.backbones import list_backbones
+    from harness.backbones import backbone_family, list_backbones
     from harness.datasets import DATASETS
     from harness.policy import METHODS
     from harness.quantizers import QUANTIZERS
@@ -103,8 +103,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for registry in (QUANTIZERS, DATASETS):
         print(tabulate(registry.describe(), headers=[registry.kind, "description"]))
         print()
-    names = list_backbones()
-    print(f"backbones ({len(names)}): " + ", ".join(names))
+    families: dict[str, list[str]] = {}
+    for name in list_backbones():
+        families.setdefault(backbone_family(name), []).append(name)
+    for family, names in families.items():
+        print(f"backbones, {family} family ({len(names)}): " + ", ".join(names))
     _warn_refused_plugins()
     return 0
 

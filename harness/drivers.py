@@ -27,6 +27,7 @@ from torch import nn
 from harness.backbones import Backbone, cls_attention
 from harness.evaluate import TOP_K, classify
 from harness.policy import ExitPolicy, LayerView, SplitFeatures
+from harness.towers import TokenLayout
 from harness.trace import as_stored, layer_features
 
 
@@ -83,28 +84,30 @@ class TraceView(LayerView):
 
 
 class TokenView(LayerView):
-    """A :class:`LayerView` over live tokens [B, 1 + N, D] inside the real driver.
+    """A :class:`LayerView` over live tokens [B, prefix + N, D] inside the real driver.
 
     ``next_block`` is the block that runs next (None after the last one); it
-    gives ``cls_attention``.
+    gives ``cls_attention``. ``layout`` says where the patches start.
     """
 
-    def __init__(self, tokens: torch.Tensor, layer: int, rows: np.ndarray, next_block: torch.nn.Module | None = None):
+    def __init__(self, tokens: torch.Tensor, layer: int, rows: np.ndarray, next_block: torch.nn.Module | None = None,
+                 layout: TokenLayout = TokenLayout()):
         super().__init__(layer, rows)
         self._tokens = tokens
         self._next_block = next_block
+        self._layout = layout
 
     def _compute(self, name: str) -> torch.Tensor:
         if name == "patch_tokens":
-            return self._tokens[:, 1:]
+            return self._layout.patches(self._tokens)
         if name == "cls_attention":
             if self._next_block is None:
                 raise ValueError(f"no block runs after block {self.layer}: it has no next-block attention")
-            return cls_attention(self._next_block, self._tokens)
+            return cls_attention(self._next_block, self._tokens, self._layout)
         if name not in ("cls", "patch_mean", "sav"):
             raise KeyError(f"unknown feature {name!r}")
         # the three summaries come from one pass over the tokens
-        cls, mean, sav = layer_features(self._tokens)
+        cls, mean, sav = layer_features(self._tokens, self._layout)
         self._cache.update(cls=as_stored(cls), patch_mean=as_stored(mean), sav=sav.float())
         return self._cache[name]
 
@@ -170,11 +173,12 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
     by_policy = np.zeros(batch, dtype=bool)
     logits = torch.zeros(batch, classifier.shape[0])
     tokens = np.zeros((batch, num_blocks), dtype=np.int64)
+    layout = backbone.tower.layout
     for layer in range(1, num_blocks + 1):
-        tokens[active, layer - 1] = x.shape[1] - 1
+        tokens[active, layer - 1] = x.shape[1] - layout.prefix
         x = backbone.blocks[layer - 1](x)
         next_block = backbone.blocks[layer] if layer < num_blocks else None
-        view = TokenView(x, layer, active, next_block)
+        view = TokenView(x, layer, active, next_block, layout)
         if layer in layers:
             decision = policy.decide(layer, view)
             leaving = decision.exit.cpu()
@@ -182,7 +186,7 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
             by_policy[active[leaving.numpy()]] = True
             logits[torch.from_numpy(active[leaving.numpy()])] = decision.logits[leaving].float().cpu()
             x, active = x[~leaving.to(x.device)], active[~leaving.numpy()]
-            view = TokenView(x, layer, active, next_block)
+            view = TokenView(x, layer, active, next_block, layout)
         keep = policy.keep_tokens(layer, view) if len(active) else None
         if keep is not None:
             if not policy.prunes_tokens:
@@ -190,7 +194,7 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
                                  "(which keeps it out of trace replay)")
             keep = keep.to(x.device)
             merged = policy.merge_tokens(layer, view, keep)
-            x = _drop_tokens(x, keep)
+            x = _drop_tokens(x, keep, layout.prefix)
             if merged is not None:
                 x = torch.cat([x, merged.to(x.device, x.dtype)], dim=1)
         if len(active) == 0:
@@ -201,14 +205,15 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
     return ExitOutcome(exit_layer, *classify(logits.numpy()), tokens, by_policy)
 
 
-def _drop_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Keep CLS plus the kept patch tokens, in their order; every sample must keep the same count."""
-    if keep.dtype != torch.bool or keep.shape != (x.shape[0], x.shape[1] - 1):
-        raise ValueError(f"keep_tokens must return bool [{x.shape[0]}, {x.shape[1] - 1}] (patch tokens, CLS "
-                         f"excluded), not {keep.dtype} {list(keep.shape)}")
+def _drop_tokens(x: torch.Tensor, keep: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+    """Keep the ``prefix`` tokens (class, registers) plus the kept patch tokens, in their order; every
+    sample must keep the same count."""
+    if keep.dtype != torch.bool or keep.shape != (x.shape[0], x.shape[1] - prefix):
+        raise ValueError(f"keep_tokens must return bool [{x.shape[0]}, {x.shape[1] - prefix}] (patch tokens, "
+                         f"class and register tokens excluded), not {keep.dtype} {list(keep.shape)}")
     counts = keep.sum(dim=1)
     if not bool((counts == counts[0]).all()):
         raise ValueError("a token policy must keep the same number of tokens in every sample of a batch")
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
-    patches = torch.gather(x[:, 1:], 1, order[..., None].expand(-1, -1, x.shape[-1]))
-    return torch.cat([x[:, :1], patches], dim=1)
+    patches = torch.gather(x[:, prefix:], 1, order[..., None].expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :prefix], patches], dim=1)

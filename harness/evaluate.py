@@ -119,7 +119,7 @@ class BlockFlops:
 
         key = (block, patches)
         if key not in self._memo:
-            self._memo[key] = float(block_flops(self._backbone, patches + 1, block))
+            self._memo[key] = float(block_flops(self._backbone, patches + self._backbone.num_prefix_tokens, block))
         return self._memo[key]
 
 

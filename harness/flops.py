@@ -40,15 +40,14 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def block_flops(backbone: Backbone, tokens: int, block: int = 0) -> int:
-    """FLOPs of one sample through ``block`` with ``tokens`` tokens (CLS included)."""
+    """FLOPs of one sample through ``block`` with ``tokens`` tokens (class and register tokens included)."""
     x = torch.zeros(1, tokens, backbone.width, device=backbone.device)
     return count_flops(lambda: backbone.blocks[block](x))
 
 
 def tower_flops(backbone: Backbone) -> dict[str, object]:
     """Per-sample FLOPs of the full-depth vision tower: embed, every block, head, total."""
-    size = backbone.visual.image_size
-    images = torch.zeros(1, 3, *((size, size) if isinstance(size, int) else size), device=backbone.device)
+    images = torch.zeros(1, 3, *backbone.tower.image_size, device=backbone.device)
     tokens = backbone.embed(images)
     embed = count_flops(lambda: backbone.embed(images))
     blocks = [block_flops(backbone, tokens.shape[1], i) for i in range(backbone.num_blocks)]

@@ -149,7 +149,7 @@ def driver_agreement(session: Session, policies: dict[str, ExitPolicy], images: 
         parts = [run_early_exit(policy, backbone, x[i:i + size], session.classifier) for i in range(0, len(x), size)]
         exit_layer = np.concatenate([p.exit_layer for p in parts])
         predictions = np.concatenate([p.predictions for p in parts])
-        reference = replay(policy, session.test, session.num_blocks, session.num_tokens - 1)
+        reference = replay(policy, session.test, session.num_blocks, session.num_patches)
         result["methods"][name] = {
             "prediction": float(100 * np.mean(predictions != reference.predictions[rows])),
             "exit_layer": float(100 * np.mean(exit_layer != reference.exit_layer[rows])),

@@ -43,7 +43,7 @@ from harness.drivers import ExitOutcome, replay, run_early_exit
 from harness.errors import ConfigError, DataError
 from harness.policy import ExitPolicy, FitContext, create_method
 from harness.prompts import prompt_templates
-from harness.quantizers import Quantizer, create_quantizer
+from harness.quantizers import Quantizer, block_targets, create_quantizer
 from harness.scoring import Evaluation, drops_nothing, outcome_flops, score
 from harness.trace import Trace, trace_split
 
@@ -143,11 +143,10 @@ class Session:
     def num_blocks(self) -> int:
         return self.backbone.num_blocks
 
-    @cached_property
-    def num_tokens(self) -> int:
-        """Tokens per image entering block 1 (CLS included)."""
-        grid = self.backbone.visual.grid_size
-        return grid[0] * grid[1] + 1
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image entering block 1 (class and register tokens not counted)."""
+        return self.backbone.num_patches
 
     @cached_property
     def tower(self) -> dict[str, Any]:
@@ -266,7 +265,7 @@ class Session:
         return {
             "config": dataclasses.asdict(self.config),
             "backbone": backbone_config(self.backbone),
-            "quantizer": quantizer.config(),
+            "quantizer": {**quantizer.config(), "targets_in_each_block": block_targets(quantizer, self.backbone.visual)},
             "dataset": {"name": self.dataset.name, "protocol": self.dataset.protocol,
                         "split_sizes": {name: len(split) for name, split in self.splits.items()},
                         "templates": {"name": self.config.templates or "dataset", "count": len(self.templates)},
@@ -380,7 +379,7 @@ class Session:
         session = self if split == "test" else self.seeded(seed)
         trace = self.test if split == "test" else session.trace(None, split)
         if not self.uses_real_driver(policy):
-            return replay(policy, trace, self.num_blocks, self.num_tokens - 1)
+            return replay(policy, trace, self.num_blocks, self.num_patches)
         if drops_nothing(policy) or not (policy.prunes_tokens or policy.exit_layers()):
             return self.full_outcome(trace)  # what the real driver gives on the trace's own batches (tested)
         return session.stored_real_outcome(policy, trace, desc, split)
@@ -448,7 +447,7 @@ class Session:
         """Every sample of ``trace`` through every block with all its tokens, classified by the backbone."""
         n = len(trace)
         return ExitOutcome(np.full(n, self.num_blocks), *evaluate.classify(trace.logits),
-                           np.full((n, self.num_blocks), self.num_tokens - 1), np.zeros(n, bool))
+                           np.full((n, self.num_blocks), self.num_patches), np.zeros(n, bool))
 
     def gate_point(self, policy: ExitPolicy, seed: int, desc: str | None = None) -> dict[str, float]:
         """``policy``'s top-1 and FLOPs saving (%) on the ``gate`` split of ``seed``: what operating points

@@ -30,6 +30,7 @@ from harness.cache import Entry, find_entry, get_or_build, remove_entry, source_
 from harness.config import default_cache_dir
 from harness.datasets import Dataset, ImageBatches, Split
 from harness.quantizers import Quantizer
+from harness.towers import TokenLayout
 
 TRACE_FORMAT = 1
 # CLS and patch-mean are stored in fp16 (both drivers read features through
@@ -45,13 +46,15 @@ def as_stored(features: torch.Tensor) -> torch.Tensor:
     return features.to(torch.float16).to(torch.float32)
 
 
-def layer_features(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(CLS [B, D], patch mean [B, D], SAV [B]) of tokens [B, 1 + N, D]."""
-    patches = tokens[:, 1:]
+def layer_features(tokens: torch.Tensor, layout: TokenLayout = TokenLayout()
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CLS [B, D], patch mean [B, D], SAV [B]) of tokens [B, prefix + N, D]; without a class token,
+    CLS is the patch mean (see :class:`~harness.towers.TokenLayout`)."""
+    patches = layout.patches(tokens)
     mean = patches.mean(dim=1)
     # centred, for accuracy with large activations; torch.var_mean over dim 1 is ~7x slower on CPU
     sav = (patches - mean[:, None]).square().sum(dim=-1).mean(dim=1)
-    return tokens[:, 0], mean, sav
+    return tokens[:, 0] if layout.class_token else mean, mean, sav
 
 
 @dataclasses.dataclass
@@ -169,10 +172,11 @@ def _open(entry: Entry) -> Trace:
 def trace_batch(backbone: Backbone, images: torch.Tensor, classifier: torch.Tensor) -> dict[str, torch.Tensor]:
     """One traced forward: per-layer features (in their stored dtypes), embedding and logits."""
     x = backbone.embed(images)
-    per_layer = [layer_features(x)]
+    layout = backbone.tower.layout
+    per_layer = [layer_features(x, layout)]
     for block in backbone.blocks:
         x = block(x)
-        per_layer.append(layer_features(x))
+        per_layer.append(layer_features(x, layout))
     cls, mean, sav = (torch.stack(f, dim=1) for f in zip(*per_layer))
     embedding = backbone.head(x).float()
     logits = backbone.logit_scale * torch.nn.functional.normalize(embedding, dim=-1) @ classifier.T

@@ -65,8 +65,9 @@ class EViT(ExitPolicy):
         layers = self.config.prune_after
         if list(layers) != sorted(set(layers)) or not all(1 <= layer < ctx.num_blocks for layer in layers):
             raise ValueError(f"evit: prune_after {layers} must be ascending blocks in 1..{ctx.num_blocks - 1}")
-        grid = ctx.backbone.visual.grid_size
-        self.num_patches, self.width = int(grid[0] * grid[1]), int(ctx.width)
+        if not ctx.backbone.has_class_token:
+            raise ValueError("evit ranks patches by their attention from the class token; this model has none")
+        self.num_patches, self.width = int(ctx.backbone.num_patches), int(ctx.width)
 
     def keep_tokens(self, layer: int, view: LayerView) -> torch.Tensor | None:
         if layer not in self.config.prune_after:

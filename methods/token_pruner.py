@@ -186,7 +186,8 @@ def _check_backbone(backbone) -> None:
     from open_clip.transformer import ResidualAttentionBlock
 
     if not all(type(block) is ResidualAttentionBlock for block in backbone.blocks):
-        raise TypeError("token-pruner trains through open_clip ResidualAttentionBlocks only")
+        raise TypeError("token-pruner trains through open_clip ResidualAttentionBlocks only (open_clip ViT "
+                        "backbones; timm blocks are not supported)")
     if getattr(backbone.visual, "pool_type", "tok") != "tok" or getattr(backbone.visual, "attn_pool", None):
         raise TypeError("token-pruner needs a CLS-pooled vision tower")
 
@@ -275,8 +276,7 @@ class TokenPruner(ExitPolicy):
         device = backbone.device
         teacher = ctx.heads.logits  # read a batch at a time, like the images
         classifier = ctx.classifier.float().to(device)
-        grid = backbone.visual.grid_size
-        self.num_patches = int(grid[0] * grid[1])
+        self.num_patches = int(backbone.num_patches)
         with torch.random.fork_rng():
             torch.manual_seed(ctx.seed)
             self.nets = nn.ModuleDict({str(l): DecisionNet(ctx.width, c.target_keep) for l in layers}).to(device)

@@ -78,9 +78,9 @@ def test_methods_fit_on_the_cpu_and_decide_on_the_gpu(name, contexts):
     trace = ctx.trace("fp32", "test")
     assert real["predictions"].shape == (len(trace),)
     if policy.prunes_tokens:
-        assert (real["tokens"][:, -1] < ctx.num_tokens - 1).all()  # the last blocks ran on fewer tokens
+        assert (real["tokens"][:, -1] < ctx.num_patches).all()  # the last blocks ran on fewer tokens
         return
-    replayed = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)  # back on the CPU
+    replayed = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_patches)  # back on the CPU
     exits = np.mean(real["exit_layer"] == replayed.exit_layer)
     predictions = np.mean(real["predictions"] == replayed.predictions)
     print(f"{name}: real driver on cuda vs replay of the cuda trace: exits agree {exits:.1%}, "

@@ -174,7 +174,7 @@ def fitted(ctx):
 
 
 def _replay(ctx, policy, quant):
-    return replay(policy, ctx.trace(quant, "test"), ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    return replay(policy, ctx.trace(quant, "test"), ctx.backbone.num_blocks, ctx.num_patches)
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int8-dynamic"])

@@ -40,9 +40,9 @@ def _run(policy, ctx, trace):
     be replayed: their later features depend on the tokens they drop)."""
     if policy.prunes_tokens:
         with pytest.raises(NotImplementedError, match="prunes tokens"):
-            replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+            replay(policy, trace, ctx.backbone.num_blocks, ctx.num_patches)
         return run_early_exit(policy, ctx.backbone, _test_images(ctx), ctx.classifier)
-    return replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    return replay(policy, trace, ctx.backbone.num_blocks, ctx.num_patches)
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -68,7 +68,7 @@ def test_both_drivers_agree_for_a_batch_invariant_quantizer(name, ctx, fit_ctx):
     """Token policies have one driver only (the contract test checks that replay refuses them)."""
     policy = _fitted(name, fit_ctx)
     trace = ctx.trace("fp32", "test")
-    replayed = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
+    replayed = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_patches)
     real = run_early_exit(policy, ctx.backbone, _test_images(ctx), ctx.classifier)
     np.testing.assert_array_equal(real.exit_layer, replayed.exit_layer)
     np.testing.assert_array_equal(real.predictions, replayed.predictions)
@@ -86,16 +86,16 @@ def test_cls_ee_exits_early_and_skips_blocks(ctx, fit_ctx):
     real = run_early_exit(policy, ctx.backbone, _test_images(ctx), ctx.classifier)
     assert len(set(real.exit_layer.tolist())) >= 2  # a mix of early and later exits
     for layer, tokens in zip(real.exit_layer, real.tokens):
-        assert (tokens[:layer] == ctx.num_tokens - 1).all() and (tokens[layer:] == 0).all()
-    replayed = replay(policy, ctx.trace("fp32", "test"), ctx.backbone.num_blocks, ctx.num_tokens - 1)
+        assert (tokens[:layer] == ctx.num_patches).all() and (tokens[layer:] == 0).all()
+    replayed = replay(policy, ctx.trace("fp32", "test"), ctx.backbone.num_blocks, ctx.num_patches)
     np.testing.assert_array_equal(real.exit_layer, replayed.exit_layer)
 
 
 @pytest.mark.parametrize("name, knob", [("pabee", 1), ("cls-ee", 0.5)])  # knobs at which samples exit at many layers
 def test_replay_and_layer_accuracy_read_the_trace_in_chunks_with_the_same_result(name, knob, ctx, fit_ctx):
     policy, trace = _fitted(name, fit_ctx).with_knob(knob), ctx.trace("fp32", "test")
-    whole = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1)
-    chunked = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_tokens - 1, chunk=7)  # 64 rows: a last chunk of 1
+    whole = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_patches)
+    chunked = replay(policy, trace, ctx.backbone.num_blocks, ctx.num_patches, chunk=7)  # 64 rows: a last chunk of 1
     for field in ("exit_layer", "predictions", "top5", "tokens", "by_policy"):
         np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
     assert len(set(whole.exit_layer.tolist())) > 3  # samples leave at several layers, in every chunk

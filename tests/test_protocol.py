@@ -107,7 +107,7 @@ def test_one_driver_per_table_the_real_one_under_a_batch_dependent_quantizer(tmp
     policy = bed.fit("cls-ee", 0).with_knob(0.3)  # a low threshold: many exits, so batches change
     assert bed.uses_real_driver(policy)
     scored, real = bed.outcome(policy), bed.real_outcome(policy, bed.test)
-    replayed = replay(policy, bed.test, bed.num_blocks, bed.num_tokens - 1)
+    replayed = replay(policy, bed.test, bed.num_blocks, bed.num_patches)
     assert np.array_equal(scored.exit_layer, real.exit_layer) and np.array_equal(scored.predictions, real.predictions)
     assert not np.array_equal(replayed.exit_layer, real.exit_layer), "no disagreement: the test cannot tell"
     # gate points (what operating points are chosen on) come from the same driver

@@ -203,10 +203,10 @@ def test_keep_ratio_one_reproduces_the_full_depth_quantized_model(tmp_path, quan
         full = ctx.full_outcome(test)
         np.testing.assert_array_equal(outcome.predictions, full.predictions)
         np.testing.assert_array_equal(outcome.top5, full.top5)
-        assert (outcome.tokens == ctx.num_tokens - 1).all()
+        assert (outcome.tokens == ctx.num_patches).all()
         assert all(policy.with_knob(1.0).head_flops(layer) == 0 for layer in range(1, 13))
         pruned = ctx.real_outcome(policy, test)
-        assert (pruned.tokens[:, -1] < ctx.num_tokens - 1).all()
+        assert (pruned.tokens[:, -1] < ctx.num_patches).all()
 
 
 def test_learned_pruner_state_round_trips_and_training_is_reproducible(ctx, pruner):

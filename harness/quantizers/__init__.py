@@ -28,6 +28,7 @@ from torch import nn
 
 from harness._registry import Registry
 from harness.errors import UserError
+from harness.towers import block_modules, tower
 
 
 class QuantizerUnavailable(UserError, RuntimeError):
@@ -104,11 +105,25 @@ def calibration_record(split: str, images: torch.Tensor) -> dict[str, Any]:
     return {"split": split, "images": len(images), "images_sha256": hashlib.sha256(pixels).hexdigest()}
 
 
-def mlp_linear_names(visual: nn.Module) -> list[str]:
-    """Names of plain ``nn.Linear`` modules (the MLPs in open_clip's ViT blocks).
+def block_targets(quantizer: Quantizer, visual: nn.Module) -> list[str]:
+    """What ``quantizer`` changes (its targets), named inside a block (``mlp.c_fc``, ``attn.qkv``, ``block output`` for a
+    whole block), each name once, in model order: for results, where the same scheme converts different
+    layers in different model families."""
+    prefix = tower(visual).blocks_name + "."
+    names = []
+    for name in quantizer.targets(visual):
+        inside = name.removeprefix(prefix).partition(".")[2] if name.startswith(prefix) else name
+        names.append(inside or "block output")
+    return list(dict.fromkeys(names))
 
-    Attention's ``out_proj`` is a ``NonDynamicallyQuantizableLinear`` and its
-    ``in_proj`` a bare parameter, so both fall outside this list, which is
-    exactly what ``quantize_dynamic`` and torchao's default filter convert.
+
+def block_linear_names(visual: nn.Module) -> list[str]:
+    """Names of the plain ``nn.Linear`` modules inside the blocks: what the int8 quantizers convert.
+
+    In open_clip's ViT blocks these are the MLPs only: attention's
+    ``out_proj`` is a ``NonDynamicallyQuantizableLinear`` and its ``in_proj``
+    a bare parameter. In timm blocks attention's ``qkv`` and ``proj`` are
+    plain Linears too, so attention is quantized as well. The projection or
+    classifier after the blocks is never converted.
     """
-    return [name for name, mod in visual.named_modules() if type(mod) is nn.Linear]
+    return [name for name, mod in block_modules(visual) if type(mod) is nn.Linear]

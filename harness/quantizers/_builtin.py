@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from harness.quantizers import Quantizer, QuantizerUnavailable, mlp_linear_names, register_quantizer
+from harness.quantizers import Quantizer, QuantizerUnavailable, block_linear_names, register_quantizer
 
 
 # The deprecation notices torch prints for torch.ao quantization (kept out of our output).
@@ -34,7 +34,7 @@ class FP32(Quantizer):
 
 @register_quantizer("int8-dynamic")
 class Int8Dynamic(Quantizer):
-    """torch.ao quantize_dynamic on the MLP Linears (per-tensor activation scale; the paper's)."""
+    """torch.ao quantize_dynamic on the blocks' plain Linears (per-tensor activation scale; the paper's)."""
 
     batch_invariant = False
     devices = ("cpu",)
@@ -46,7 +46,7 @@ class Int8Dynamic(Quantizer):
                 "engine": torch.backends.quantized.engine}
 
     def targets(self, visual: nn.Module) -> list[str]:
-        return mlp_linear_names(visual)
+        return block_linear_names(visual)
 
     def quantize(self, visual: nn.Module) -> nn.Module:
         # torch.ao.quantization is deprecated in favour of torchao; we keep it
@@ -54,14 +54,15 @@ class Int8Dynamic(Quantizer):
         with warnings.catch_warnings():
             for message in _DEPRECATION_MESSAGES:
                 warnings.filterwarnings("ignore", message=message)
+            qconfig = torch.ao.quantization.default_dynamic_qconfig  # what {nn.Linear} with qint8 maps to
             return torch.ao.quantization.quantize_dynamic(
-                copy.deepcopy(visual), {nn.Linear}, dtype=torch.qint8
+                copy.deepcopy(visual), {name: qconfig for name in self.targets(visual)}, dtype=torch.qint8
             )
 
 
 @register_quantizer("int8-torchao")
 class Int8Torchao(Quantizer):
-    """torchao int8 weights + per-token dynamic int8 activations on the MLP Linears."""
+    """torchao int8 weights + per-token dynamic int8 activations on the blocks' plain Linears."""
 
     batch_invariant = True
 
@@ -70,7 +71,7 @@ class Int8Torchao(Quantizer):
                 "weights": "per-channel symmetric int8", "activations": "per-token dynamic int8"}
 
     def targets(self, visual: nn.Module) -> list[str]:
-        return mlp_linear_names(visual)
+        return block_linear_names(visual)
 
     def quantize(self, visual: nn.Module) -> nn.Module:
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
@@ -82,5 +83,6 @@ class Int8Torchao(Quantizer):
         with warnings.catch_warnings():
             for message in _DEPRECATION_MESSAGES:
                 warnings.filterwarnings("ignore", message=message)
-            quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
+            targets = set(self.targets(quantized))
+            quantize_(quantized, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda _, name: name in targets)
         return quantized

@@ -39,6 +39,7 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.quantizers import Quantizer, create_quantizer, register_quantizer_family
 from harness.quantizers._smooth import fold_channel_factors, smoothing_pairs
+from harness.towers import block_index, tower
 
 # The draws that define a scenario: outlier channels, noise projections (per block).
 SCENARIO_SEED = 0
@@ -49,7 +50,7 @@ NOISE_FREQUENCY = 8.0
 
 def _onset(visual: nn.Module, onset: int) -> list[int]:
     """1-based blocks from ``onset`` to the last; a clear error when the tower is shallower."""
-    num_blocks = len(visual.transformer.resblocks)
+    num_blocks = len(tower(visual).blocks)
     if not 1 <= onset <= num_blocks:
         raise ConfigError(f"damage onset block {onset} is outside this tower's blocks 1..{num_blocks}")
     return list(range(onset, num_blocks + 1))
@@ -79,7 +80,8 @@ class LayerNormOutliers(Quantizer):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "synthetic": True,
                 "damage": f"LayerNorm-channel outliers x{self.scale:g} from block {self.onset} "
-                          f"(ln_1 and ln_2 outputs; matching in_proj / c_fc input columns divided alike)",
+                          f"(outputs of the LayerNorms before attention and MLP; the matching input columns of the q/k/v "
+                          f"projection and the first MLP Linear divided alike)",
                 "outliers": {"onset_block": self.onset, "channels": self.channels, "scale": self.scale,
                              "seed": SCENARIO_SEED, **(self._where or {})},
                 "base": self.base.config()}
@@ -92,12 +94,12 @@ class LayerNormOutliers(Quantizer):
 
     def _factors(self, visual: nn.Module) -> dict[str, torch.Tensor]:
         blocks = _onset(visual, self.onset)
-        width = visual.transformer.width
+        width = tower(visual).width
         channels = self.outlier_channels(width)
         self._where = {"blocks": blocks, "channel_indices": channels}
         s = torch.ones(width)
         s[channels] = 1 / self.scale  # the fold divides the LayerNorm by s and multiplies the weights by s
-        return {norm: s for norm, _ in smoothing_pairs(visual) if int(norm.split(".")[2]) + 1 in blocks}
+        return {norm: s for norm, _ in smoothing_pairs(visual) if block_index(visual, norm) + 1 in blocks}
 
     def targets(self, visual: nn.Module) -> list[str]:
         """The base's targets plus the layers fed by an outlier LayerNorm (their LayerNorms change too)."""
@@ -148,15 +150,15 @@ class ResidualStreamNoise(Quantizer):
 
     def targets(self, visual: nn.Module) -> list[str]:
         """The base's targets plus each block whose output gets the noise."""
-        damaged = {f"transformer.resblocks.{block - 1}" for block in _onset(visual, self.onset)}
+        damaged = {f"{tower(visual).blocks_name}.{block - 1}" for block in _onset(visual, self.onset)}
         names = set(self.base.targets(visual)) | damaged
         return [name for name, _ in visual.named_modules() if name in names]
 
     def quantize(self, visual: nn.Module) -> nn.Module:
         blocks = _onset(visual, self.onset)
         damaged = self.base.quantize(copy.deepcopy(visual))
-        width = visual.transformer.width
+        width = tower(visual).width
         for block in blocks:
             hook = ResidualNoise(width, self.size, seed=SCENARIO_SEED * 1000 + block)
-            damaged.transformer.resblocks[block - 1].register_forward_hook(hook)
+            tower(damaged).blocks[block - 1].register_forward_hook(hook)
         return damaged

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.quantizers import Quantizer, register_quantizer_family
+from harness.towers import block_modules
 
 
 def fake_quantize(x: torch.Tensor, bits: int | None, dim: int | None) -> torch.Tensor:
@@ -134,8 +135,8 @@ class FakeQuant(Quantizer):
                 "layers": "every Linear, attention in/out projections included"}
 
     def targets(self, visual: nn.Module) -> list[str]:
-        return [name for name, mod in visual.named_modules() if isinstance(mod, (nn.Linear, nn.MultiheadAttention))
-                and not name.endswith(".out_proj")]
+        return [name for name, mod in block_modules(visual) if isinstance(mod, (nn.Linear, nn.MultiheadAttention))
+                and not name.endswith(".out_proj")]  # an attention out_proj: inside FakeQuantAttention
 
     def quantize(self, visual: nn.Module) -> nn.Module:
         quantized = copy.deepcopy(visual)

@@ -34,6 +34,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.quantizers import Quantizer, QuantizerUnavailable, calibration_record, register_quantizer
+from harness.towers import tower
 
 _CALIBRATION_BATCH = 32
 
@@ -128,6 +129,9 @@ class Int8PT2E(Quantizer):
                      or name.endswith(".attn.out_proj"))]
 
     def calibrate(self, visual: nn.Module, images: torch.Tensor) -> None:
+        if tower(visual).family != "open_clip":
+            raise QuantizerUnavailable(f"int8-pt2e rewrites open_clip's nn.MultiheadAttention blocks only; this is a "
+                                       f"{tower(visual).family} tower (use int8-dynamic or fake-wNaM)")
         if len(images) == 0:
             raise ConfigError(f"int8-pt2e needs calibration images; the {self.calibration_split!r} split gave none")
         self._inputs = _block_inputs(visual, images)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.towers import tower
 from harness.quantizers import (Quantizer, QuantizerUnavailable, calibration_record, create_quantizer,
                                 register_quantizer_family)
 
@@ -52,29 +53,35 @@ def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: fl
 
 
 def smoothing_pairs(visual: nn.Module) -> list[tuple[str, str]]:
-    """(LayerNorm, the layer it feeds) qualified names, two per block: ln_1 -> attn, ln_2 -> mlp.c_fc.
+    """(LayerNorm, the layer it feeds) qualified names, two per block: the attention's input norm -> its
+    q/k/v projection, the MLP's input norm -> its first Linear (open_clip: ``ln_1 -> attn``, ``ln_2 ->
+    mlp.c_fc``; timm: ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1``).
 
     Raises:
-        QuantizerUnavailable: a block is not an open_clip pre-norm block with a
-            packed self-attention in-projection and an ``mlp.c_fc`` Linear.
+        QuantizerUnavailable: a block is not a pre-norm block with affine
+            LayerNorms feeding a packed q/k/v projection and a first MLP Linear
     """
+    adapter = tower(visual)
+    layers = adapter.layers
+    qkv_name = layers.qkv or layers.attn
     pairs = []
-    for i, block in enumerate(visual.transformer.resblocks):
-        ln_1, ln_2 = getattr(block, "ln_1", None), getattr(block, "ln_2", None)
-        attn, c_fc = getattr(block, "attn", None), getattr(getattr(block, "mlp", None), "c_fc", None)
+    for i, block in enumerate(adapter.blocks):
+        norm1, norm2 = block.get_submodule(layers.norm1), block.get_submodule(layers.norm2)
+        qkv, fc1 = block.get_submodule(qkv_name), block.get_submodule(layers.fc1)
         supported = (
-            isinstance(ln_1, nn.LayerNorm) and ln_1.weight is not None
-            and isinstance(ln_2, nn.LayerNorm) and ln_2.weight is not None
-            and isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim
-            and isinstance(c_fc, nn.Linear) and not hasattr(block, "ln_1_kv")
+            isinstance(norm1, nn.LayerNorm) and norm1.weight is not None
+            and isinstance(norm2, nn.LayerNorm) and norm2.weight is not None
+            and (isinstance(qkv, nn.Linear) or isinstance(qkv, nn.MultiheadAttention) and qkv._qkv_same_embed_dim)
+            and isinstance(fc1, nn.Linear) and not hasattr(block, "ln_1_kv")
         )
         if not supported:
             raise QuantizerUnavailable(
-                f"folding factors into LayerNorms (smoothquant, outliers) needs pre-norm blocks (affine ln_1 -> nn.MultiheadAttention with a packed "
-                f"in-projection, affine ln_2 -> mlp.c_fc Linear); block {i} is not one"
+                f"folding factors into LayerNorms (smoothquant, outliers) needs pre-norm blocks (affine "
+                f"{layers.norm1} -> a packed q/k/v projection, affine {layers.norm2} -> {layers.fc1} Linear); "
+                f"block {i} is not one"
             )
-        prefix = f"transformer.resblocks.{i}"
-        pairs += [(f"{prefix}.ln_1", f"{prefix}.attn"), (f"{prefix}.ln_2", f"{prefix}.mlp.c_fc")]
+        prefix = f"{adapter.blocks_name}.{i}"
+        pairs += [(f"{prefix}.{layers.norm1}", f"{prefix}.{qkv_name}"), (f"{prefix}.{layers.norm2}", f"{prefix}.{layers.fc1}")]
     return pairs
 
 
@@ -122,7 +129,8 @@ class SmoothQuant(Quantizer):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(),
-                "smoothing": "SmoothQuant: ln_1 -> attn.in_proj and ln_2 -> mlp.c_fc of every block",
+                "smoothing": "SmoothQuant: in every block, the attention's input LayerNorm -> its q/k/v projection "
+                             "and the MLP's input LayerNorm -> its first Linear",
                 "smoothing alpha": self.alpha, "base": self.base.config(), "calibration": self._calibration}
 
     def targets(self, visual: nn.Module) -> list[str]:
