@@ -1,15 +1,15 @@
-"""Backbones: open_clip models whose vision tower can be run block by block.
+"""Backbones: vision transformers that can be run block by block.
 
 ``create_backbone("ViT-B-32", pretrained="openai")`` loads any open_clip model
 by name; ``pretrained`` is an open_clip tag, ``"none"`` (seeded random init)
 or a local checkpoint path (safetensors, or ``torch.load(weights_only=True)``).
 The model name ``embedded`` is the small Fashion-MNIST CLIP shipped in
-``harness/embedded``.
+``harness/embedded``; ``timm:ARCH`` is a timm ``VisionTransformer``
+classifier (``pretrained``: ``timm``, ``none`` or a checkpoint).
 
-A :class:`Backbone` splits the vision tower into the three pieces an
-early-exit driver needs: :meth:`Backbone.embed` (patchify, CLS, positions,
-``ln_pre``), :attr:`Backbone.blocks`, and :meth:`Backbone.head` (``ln_post``,
-CLS pooling, projection).
+A :class:`Backbone` exposes the three pieces an early-exit driver needs,
+:meth:`Backbone.embed`, :attr:`Backbone.blocks` and :meth:`Backbone.head`,
+through the :mod:`harness.towers` adapter of its model family.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from harness.errors import ConfigError, UserError
 from harness.towers import TokenLayout, Tower, tower
 
 EMBEDDED = embedded.NAME
+TIMM_PREFIX = "timm:"  # --model timm:ARCH: a timm VisionTransformer classifier
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -48,19 +49,19 @@ class Backbone:
         name: the model name as requested (``embedded``, ``ViT-B-32``, ...).
         pretrained: tag, checkpoint path, or ``none``.
         weights_sha256: hash of the loaded weights (state-dict bytes), for cache keys.
-        clip: the open_clip model (text tower, logit scale).
+        clip: the open_clip model (text tower, logit scale); None for a timm classifier.
         visual: the vision tower; a quantizer replaces it with a quantized copy.
-        tokenizer: open_clip tokenizer for the text tower.
-        preprocess: open_clip's eval image transform (PIL -> tensor).
+        tokenizer: open_clip tokenizer for the text tower (None without one).
+        preprocess: the model's eval image transform (PIL -> tensor).
         quantizer: name of the quantizer applied to ``visual`` (``fp32`` if none).
     """
 
     name: str
     pretrained: str
     weights_sha256: str
-    clip: nn.Module
+    clip: nn.Module | None
     visual: nn.Module
-    tokenizer: Callable[[list[str]], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor] | None
     preprocess: Callable
     quantizer: str = "fp32"
 
@@ -249,10 +250,21 @@ def list_backbones() -> list[str]:
     return [EMBEDDED] + sorted(name for name, cfg in open_clip.factory._MODEL_CONFIGS.items() if supported(cfg))
 
 
+def timm_classifiers() -> list[str]:
+    """The timm architectures ``--model timm:ARCH`` accepts: those built as a plain ``VisionTransformer`` (timm's
+    ViTs and DeiTs; DeiT's distilled variants add a distillation token and head, and are left out)."""
+    import timm
+
+    names = timm.list_models(module="vision_transformer") + timm.list_models(module="deit")
+    return sorted(name for name in names if "distilled" not in name)
+
+
 def backbone_family(name: str) -> str:
-    """The :mod:`harness.towers` family a listed model name runs under."""
+    """The :mod:`harness.towers` family a model name runs under."""
     import open_clip
 
+    if name.startswith(TIMM_PREFIX):
+        return "timm"
     if name == EMBEDDED:
         return "open_clip"
     cfg = open_clip.get_model_config(name) or {}
@@ -428,10 +440,13 @@ def create_backbone(
     """Build a :class:`Backbone`.
 
     Args:
-        name: ``embedded`` or an open_clip model name (see :func:`list_backbones`).
-        pretrained: open_clip tag, local checkpoint path, or ``none`` for a
-            seeded random init. Defaults to the shipped weights for
-            ``embedded`` and to ``none`` otherwise.
+        name: ``embedded``, an open_clip model name (see :func:`list_backbones`),
+            or ``timm:ARCH`` for a timm ``VisionTransformer`` classifier
+            (DeiT, ViT; see :func:`timm_classifiers`).
+        pretrained: open_clip tag (``timm`` for a timm classifier: its default
+            weights), local checkpoint path, or ``none`` for a seeded random
+            init. Defaults to the shipped weights for ``embedded`` and to
+            ``none`` otherwise.
         device: torch device for the model.
         seed: seed for a random init.
 
@@ -444,6 +459,8 @@ def create_backbone(
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
+    if name.startswith(TIMM_PREFIX):
+        return _create_timm_classifier(name, pretrained, device, seed)
     model_name, spec = _resolve(name, pretrained)
     known = list_backbones()
     if name not in known:
@@ -494,6 +511,63 @@ def create_backbone(
         tokenizer=tokenizer,
         preprocess=preprocess,
     )
+
+
+class _ToRGB:
+    """PIL image -> RGB (timm's eval transform expects three channels; grayscale datasets give one)."""
+
+    def __call__(self, image: Any) -> Any:
+        return image.convert("RGB")
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
+
+
+def _create_timm_classifier(name: str, pretrained: str | None, device: str | torch.device, seed: int) -> Backbone:
+    """A timm ``VisionTransformer`` classifier as a :class:`Backbone` (no text tower: it classifies with its own
+    head into its own classes)."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.transforms import Compose
+
+    arch = name.removeprefix(TIMM_PREFIX)
+    known = timm_classifiers()
+    if arch not in known:
+        raise UnknownNameError(unknown_name_message("timm VisionTransformer", arch, known))
+    spec = pretrained or "none"
+    if spec == "none":
+        print(f"note: {name} has random weights (--pretrained none); pass 'timm' or a checkpoint "
+              "for meaningful accuracies", file=sys.stderr)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if spec == "timm":
+            try:
+                model = timm.create_model(arch, pretrained=True)
+            except Exception as exc:
+                raise ConfigError(
+                    f"could not fetch timm weights for {arch} ({str(exc).splitlines()[0][:160]}); without network "
+                    f"access, download them elsewhere and pass the file with --pretrained PATH") from None
+        else:
+            model = timm.create_model(arch, pretrained=False)
+            if spec != "none":
+                path = Path(spec).expanduser().resolve()
+                if not path.is_file():
+                    raise FileNotFoundError(f"checkpoint {path} not found (--pretrained takes 'timm', 'none' or a file)")
+                state = _read_checkpoint(path)
+                problem = _mismatch(model, state)
+                if problem:
+                    raise CheckpointError(f"checkpoint {path} does not match model {name}: {problem}")
+                model.load_state_dict(state, strict=True)
+                spec = str(path)
+    try:
+        adapter = tower(model)
+    except TypeError as exc:
+        raise ConfigError(f"backbone {name}: {exc}") from None
+    model = model.to(device).eval().requires_grad_(False)
+    data = {**resolve_data_config({}, model=model), "input_size": (3, *adapter.image_size)}  # the model as built
+    transform = create_transform(**data, is_training=False)
+    return Backbone(name=name, pretrained=spec, weights_sha256=state_dict_sha256(model), clip=None, visual=model,
+                    tokenizer=None, preprocess=Compose([_ToRGB(), *transform.transforms]))
 
 
 def backbone_config(backbone: Backbone) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def _default_config(method: str) -> str:
 def _cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from harness.backbones import backbone_family, list_backbones
+    from harness.backbones import backbone_family, list_backbones, timm_classifiers
     from harness.datasets import DATASETS
     from harness.policy import METHODS
     from harness.quantizers import QUANTIZERS
@@ -108,6 +108,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         families.setdefault(backbone_family(name), []).append(name)
     for family, names in families.items():
         print(f"backbones, {family} family ({len(names)}): " + ", ".join(names))
+    timm_names = timm_classifiers()
+    print(f"backbones, timm family ({len(timm_names)} classifiers, as --model timm:ARCH): "
+          + ", ".join(f"timm:{name}" for name in timm_names if name.startswith(("deit_", "vit_tiny", "vit_small")))
+          + ", ...")
     _warn_refused_plugins()
     return 0
 

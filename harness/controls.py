@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from harness.drivers import on_device
-from harness.heads import ExitHead, head_logits, load_heads, train_heads
+from harness.heads import Classifier, ExitHead, load_heads, train_heads
 from harness.options import BLOCKS, option
 from harness.policy import Decision, ExitPolicy, FitContext, LayerView
 
@@ -61,8 +61,7 @@ class StaticExit(ExitPolicy):
         self.needs = frozenset({self.config.feature})
         self.name = next(name for name, feature in CONTROL_FEATURES.items() if feature == self.config.feature)
         self.heads = nn.ModuleDict()
-        self.classifier = torch.zeros(0)
-        self.logit_scale = 1.0
+        self.classifier: Classifier | None = None  # the model's, copied at fit time
 
     @property
     def knob_grid(self) -> tuple[int, ...]:
@@ -79,7 +78,7 @@ class StaticExit(ExitPolicy):
     def fit(self, ctx: FitContext) -> None:
         c = self.config
         layers = list(range(1, ctx.num_blocks + 1))
-        self.classifier, self.logit_scale = ctx.classifier.float().cpu(), ctx.logit_scale  # fits on the CPU
+        self.classifier = ctx.classifier.copy_to("cpu")  # fits on the CPU
 
         def train() -> dict:
             with torch.random.fork_rng():
@@ -87,7 +86,7 @@ class StaticExit(ExitPolicy):
                 heads = {layer: ExitHead(ctx.width, ctx.embed_dim) for layer in layers}
             features = getattr(ctx.heads, c.feature)
             train_heads(heads, {layer: features[:, layer] for layer in layers}, ctx.heads.labels,
-                        self.classifier, self.logit_scale, seed=ctx.seed, epochs=c.epochs,
+                        self.classifier, seed=ctx.seed, epochs=c.epochs,
                         batch_size=c.batch_size, lr=c.lr)
             return nn.ModuleDict({str(layer): head for layer, head in heads.items()}).state_dict()
 
@@ -96,9 +95,9 @@ class StaticExit(ExitPolicy):
 
     def decide(self, layer: int, view: LayerView) -> Decision:
         feature = view.cls() if self.config.feature == "cls" else view.patch_mean()
-        self.classifier = self.classifier.to(feature.device)
+        classifier = on_device(self.classifier, feature.device)
         head = on_device(self.heads[str(layer)], feature.device)
-        logits = head_logits(head(feature), self.classifier, self.logit_scale)
+        logits = classifier(head(feature))
         return Decision(exit=torch.ones(len(view), dtype=torch.bool), logits=logits)
 
     def with_knob(self, value: float) -> "StaticExit":
@@ -114,11 +113,11 @@ class StaticExit(ExitPolicy):
 
     def state_dict(self) -> dict:
         return {"heads": self.heads.state_dict(), "layers": list(self.knob_grid),
-                "classifier": self.classifier, "logit_scale": self.logit_scale}
+                "classifier": self.classifier.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"].shape[1])
-        self.classifier, self.logit_scale = state["classifier"], state["logit_scale"]
+        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"]["weight"].shape[1])
+        self.classifier = Classifier.from_state(state["classifier"])
 
 
 def create_control(name: str, **config) -> StaticExit:

@@ -26,6 +26,7 @@ from torch import nn
 
 from harness.backbones import Backbone, cls_attention
 from harness.evaluate import TOP_K, classify
+from harness.heads import Classifier
 from harness.policy import ExitPolicy, LayerView, SplitFeatures
 from harness.towers import TokenLayout
 from harness.trace import as_stored, layer_features
@@ -161,7 +162,7 @@ def replay(policy: ExitPolicy, features: SplitFeatures, num_blocks: int, num_pat
 
 @torch.inference_mode()
 def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
-                   classifier: torch.Tensor) -> ExitOutcome:
+                   classifier: Classifier) -> ExitOutcome:
     """Run one batch block by block; exited samples leave the batch, dropped tokens leave the samples."""
     num_blocks = backbone.num_blocks
     layers = set(_check_layers(policy, num_blocks))
@@ -171,7 +172,7 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
     active = np.arange(batch)
     exit_layer = np.full(batch, num_blocks, dtype=np.int64)
     by_policy = np.zeros(batch, dtype=bool)
-    logits = torch.zeros(batch, classifier.shape[0])
+    logits = torch.zeros(batch, classifier.num_classes)
     tokens = np.zeros((batch, num_blocks), dtype=np.int64)
     layout = backbone.tower.layout
     for layer in range(1, num_blocks + 1):
@@ -200,8 +201,7 @@ def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
         if len(active) == 0:
             break
     if len(active):
-        embedding = torch.nn.functional.normalize(backbone.head(x).float(), dim=-1)
-        logits[torch.from_numpy(active)] = (backbone.logit_scale * embedding @ classifier.T).cpu()
+        logits[torch.from_numpy(active)] = classifier(backbone.head(x).float()).cpu()
     return ExitOutcome(exit_layer, *classify(logits.numpy()), tokens, by_policy)
 
 

@@ -34,7 +34,6 @@ def fit_context(session: "Session", quant: str | None = None, seed: int | None =
         gate=session.trace(quant, "gate"),
         load_heads_fp32=lambda: session.trace("fp32", "heads"),
         classifier=session.classifier,
-        logit_scale=session.backbone.logit_scale,
         num_blocks=backbone.num_blocks,
         width=backbone.width,
         embed_dim=backbone.embed_dim,

@@ -1,10 +1,11 @@
-"""Exit heads: a layer's feature -> CLIP-space class scores, and the one recipe that trains them.
+"""Exit heads: a layer's feature -> class scores, the model's own classifier, and the one recipe that trains heads.
 
 A head maps a layer's feature (CLS token or patch-token mean) into the
-image-embedding space and scores it by cosine similarity with the zero-shot
-text classifier, times CLIP's temperature, so its logits are comparable with
-the full-depth model's. Sizes scale with the backbone: width -> width ->
-embed_dim (768 -> 768 -> 512 on ViT-B/32).
+image-embedding space and scores it with the backbone's own
+:class:`Classifier` (for CLIP, cosine similarity with the zero-shot text
+classifier times CLIP's temperature; for a timm classifier, its linear
+head), so its logits are comparable with the full-depth model's. Sizes scale
+with the backbone: width -> width -> embed_dim (768 -> 768 -> 512 on ViT-B/32).
 
 The method plugins (``methods/``) and the harness's own controls
 (:mod:`harness.controls`) train their heads with :func:`train_heads`, so a
@@ -38,17 +39,55 @@ class ExitHead(nn.Module):
         return float(sum(2 * m.in_features * m.out_features for m in self.net if isinstance(m, nn.Linear)))
 
 
-def head_logits(embedding: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Cosine similarity with the class embeddings, times CLIP's temperature."""
-    return logit_scale * F.normalize(embedding, dim=-1) @ classifier.T
+class Classifier(nn.Module):
+    """Class scores [B, C] of image embeddings [B, E], as the full-depth model computes them.
+
+    With a ``logit_scale`` (CLIP, zero-shot): the temperature times the cosine
+    similarity with the class embeddings ``weight`` [C, E]. Without one (a
+    timm classifier): its own linear head, ``embedding @ weight.T + bias``.
+    """
+
+    def __init__(self, weight: torch.Tensor, logit_scale: float | None = None, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.logit_scale = None if logit_scale is None else float(logit_scale)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        if self.logit_scale is not None:
+            return self.logit_scale * F.normalize(embedding, dim=-1) @ self.weight.T
+        return F.linear(embedding, self.weight, self.bias)
+
+    def describe(self) -> str:
+        kind = "zero-shot, cosine x temperature" if self.logit_scale is not None else "the model's linear head"
+        return f"{self.num_classes} classes ({kind})"
+
+    def copy_to(self, device: str | torch.device) -> "Classifier":
+        """A copy on ``device`` (this one stays where it is)."""
+        return Classifier.from_state(self.state()).to(device)
+
+    def state(self) -> dict:
+        """What a fitted policy saves of it (tensors and numbers only)."""
+        return {"weight": self.weight, "bias": self.bias, "logit_scale": self.logit_scale}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Classifier":
+        return cls(state["weight"], state["logit_scale"], state["bias"])
 
 
 def train_heads(
     heads: dict[int, ExitHead],
     features: dict[int, np.ndarray],
     labels: np.ndarray,
-    classifier: torch.Tensor,
-    logit_scale: float,
+    classifier: Classifier,
     seed: int,
     weights: dict[int, float] | None = None,
     epochs: int = 3,
@@ -81,7 +120,7 @@ def train_heads(
             loss = torch.zeros(())
             for layer, head in heads.items():
                 embedding = head(torch.from_numpy(np.asarray(features[layer][rows], dtype=np.float32)))
-                term = F.cross_entropy(head_logits(embedding, classifier, logit_scale), y[idx])
+                term = F.cross_entropy(classifier(embedding), y[idx])
                 if extra_loss is not None:
                     term = term + extra_loss(layer, embedding, rows)
                 loss = loss + w[layer] / total * term

@@ -138,8 +138,9 @@ class FitContext:
     Attributes:
         heads: features of the ``heads`` split under the run's quantizer.
         gate: features of the ``gate`` split under the run's quantizer.
-        classifier: zero-shot class embeddings [C, E] (unit rows).
-        logit_scale: CLIP's temperature (exp of the learned log scale).
+        classifier: the full-depth model's :class:`~harness.heads.Classifier`
+            (embedding [B, E] -> class scores [B, C]; CLIP's zero-shot one, or
+            a timm classifier's own head).
         num_blocks, width, embed_dim: backbone shape; head sizes scale with it.
         block_flops: FLOPs of each block for one sample (for budgets).
         seed: seeds head init, data order, gate init.
@@ -157,8 +158,7 @@ class FitContext:
 
     heads: SplitFeatures
     gate: SplitFeatures
-    classifier: torch.Tensor
-    logit_scale: float
+    classifier: Any
     num_blocks: int
     width: int
     embed_dim: int
@@ -171,7 +171,7 @@ class FitContext:
 
     @property
     def num_classes(self) -> int:
-        return self.classifier.shape[0]
+        return self.classifier.num_classes
 
     def cached(self, name: str, build: Callable[[], dict]) -> dict:
         """``build()`` (a dict of tensors and plain values), computed once per ``name``, fit data and seed.

@@ -99,14 +99,14 @@ def noise_profile(session: Session, quant: str | None = None, split: str = "head
             sums["rel"][i] += relative.sum().item()
             sums["tok_cos"][i] += cosine.sum().item()
             z = z_next
-            (cls, mean, _), (cls_q, mean_q, _) = layer_features(z), layer_features(zq)
+            (cls, mean, _), (cls_q, mean_q, _) = layer_features(z, fp32.tower.layout), layer_features(zq, fp32.tower.layout)
             for ref, q, se, cos in ((cls, cls_q, "cls_se", "cls_cos"), (mean, mean_q, "pm_se", "pm_cos")):
                 sums[se][i] += (q - ref).square().mean(dim=1).sum().item()
                 sums[cos][i] += F.cosine_similarity(q, ref, dim=1).sum().item()
             moments[i].add(mean_q, mean)
         for j, (backbone, tokens) in enumerate(((fp32, z), (quantized, zq))):
-            emb = F.normalize(backbone.head(tokens), dim=-1)
-            correct[j] += (emb @ classifier.T).argmax(dim=1).eq(labels.to(emb.device)).sum().item()
+            scores = classifier(backbone.head(tokens))
+            correct[j] += scores.argmax(dim=1).eq(labels.to(scores.device)).sum().item()
         samples += len(images)
     if samples == 0:
         raise DataError(f"split {split!r} has no images to profile")

@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +42,7 @@ from harness.config import HarnessConfig
 from harness.datasets import Dataset, ImageBatches, Split, create_dataset
 from harness.drivers import ExitOutcome, replay, run_early_exit
 from harness.errors import ConfigError, DataError
+from harness.heads import Classifier
 from harness.policy import ExitPolicy, FitContext, create_method
 from harness.prompts import prompt_templates
 from harness.quantizers import Quantizer, block_targets, create_quantizer
@@ -134,10 +136,20 @@ class Session:
         return prompt_templates(self.config.templates, self.dataset.templates)
 
     @cached_property
-    def classifier(self) -> torch.Tensor:
-        return self.backbone.zero_shot_classifier(
+    def classifier(self) -> Classifier:
+        """How the full-depth model scores an embedding: CLIP's zero-shot classifier over the dataset's class
+        names, or a timm classifier's own linear head (its own classes)."""
+        head = getattr(self.backbone.tower, "classifier", None)
+        if head is not None:
+            if head.out_features != len(self.dataset.classnames):
+                print(f"note: {self.backbone.name} classifies into its own {head.out_features} classes, "
+                      f"{self.dataset.name} has {len(self.dataset.classnames)}: accuracy compares class indices, "
+                      "meaningful only where the label sets match (ImageNet-1k)", file=sys.stderr)
+            return Classifier(head.weight, bias=head.bias).to(self.backbone.device)
+        weights = self.backbone.zero_shot_classifier(
             self.dataset.classnames, self.templates, self.config.text_precision, self.cache_dir
         )
+        return Classifier(weights, self.backbone.logit_scale)
 
     @property
     def num_blocks(self) -> int:
@@ -269,6 +281,7 @@ class Session:
             "dataset": {"name": self.dataset.name, "protocol": self.dataset.protocol,
                         "split_sizes": {name: len(split) for name, split in self.splits.items()},
                         "templates": {"name": self.config.templates or "dataset", "count": len(self.templates)},
+                        "classifier": self.classifier.describe(),
                         "fingerprints": {part: self.dataset.fingerprint(part) for part in self.dataset.parts()}},
         }
 

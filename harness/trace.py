@@ -29,6 +29,7 @@ from harness.backbones import Backbone
 from harness.cache import Entry, find_entry, get_or_build, remove_entry, source_digest
 from harness.config import default_cache_dir
 from harness.datasets import Dataset, ImageBatches, Split
+from harness.heads import Classifier
 from harness.quantizers import Quantizer
 from harness.towers import TokenLayout
 
@@ -124,7 +125,7 @@ def _code_sha256() -> str:
 
 def trace_key(
     backbone: Backbone, quantizer: Quantizer, dataset: Dataset, split: Split,
-    classifier: torch.Tensor, batch_size: int,
+    classifier: Classifier, batch_size: int,
 ) -> dict[str, Any]:
     """Everything that changes the traced numbers (the cache key's fields)."""
     from importlib.metadata import version
@@ -147,10 +148,20 @@ def trace_key(
         "dataset_fingerprint": dataset.fingerprint(split.part),
         "indices_sha256": hashlib.sha256(np.ascontiguousarray(split.indices, dtype=np.int64).tobytes()).hexdigest(),
         "preprocess": repr(backbone.preprocess),
-        "classifier_sha256": hashlib.sha256(classifier.detach().cpu().float().numpy().tobytes()).hexdigest(),
+        "classifier_sha256": classifier_sha256(classifier),
         # A batch-dependent quantizer gives other numbers at another batch size.
         "batch_size": None if quantizer.batch_invariant else batch_size,
     }
+
+
+def classifier_sha256(classifier: Classifier) -> str:
+    """Digest of what the classifier computes (its weights, and its bias or temperature)."""
+    digest = hashlib.sha256(classifier.weight.detach().cpu().float().numpy().tobytes())
+    if classifier.bias is not None:
+        digest.update(classifier.bias.detach().cpu().float().numpy().tobytes())
+    if classifier.logit_scale is None:
+        digest.update(b"linear")
+    return digest.hexdigest()
 
 
 def shard_bounds(rows: int, batch_size: int, world: int) -> list[tuple[int, int]]:
@@ -169,7 +180,7 @@ def _open(entry: Entry) -> Trace:
 
 
 @torch.inference_mode()
-def trace_batch(backbone: Backbone, images: torch.Tensor, classifier: torch.Tensor) -> dict[str, torch.Tensor]:
+def trace_batch(backbone: Backbone, images: torch.Tensor, classifier: Classifier) -> dict[str, torch.Tensor]:
     """One traced forward: per-layer features (in their stored dtypes), embedding and logits."""
     x = backbone.embed(images)
     layout = backbone.tower.layout
@@ -179,7 +190,7 @@ def trace_batch(backbone: Backbone, images: torch.Tensor, classifier: torch.Tens
         per_layer.append(layer_features(x, layout))
     cls, mean, sav = (torch.stack(f, dim=1) for f in zip(*per_layer))
     embedding = backbone.head(x).float()
-    logits = backbone.logit_scale * torch.nn.functional.normalize(embedding, dim=-1) @ classifier.T
+    logits = classifier(embedding)
     return {"cls": cls.to(torch.float16), "patch_mean": mean.to(torch.float16), "sav": sav.float(),
             "embedding": embedding, "logits": logits}
 
@@ -209,13 +220,13 @@ def _allocate(tmp: Path, n: int, backbone: Backbone, num_classes: int) -> dict[s
 
 @torch.inference_mode()
 def _run_backbone(
-    backbone: Backbone, batches: ImageBatches, classifier: torch.Tensor, tmp: Path, n: int, desc: str | None
+    backbone: Backbone, batches: ImageBatches, classifier: Classifier, tmp: Path, n: int, desc: str | None
 ) -> int:
     """Write every array of a trace into ``tmp``; return the rows filled (fewer than ``n``
     when bad images were skipped). ``desc=None`` hides the progress bar."""
     from tqdm import tqdm
 
-    out = _allocate(tmp, n, backbone, classifier.shape[0])
+    out = _allocate(tmp, n, backbone, classifier.num_classes)
     labels, indices = [], []
     row = 0
     for images, batch_labels, batch_indices in tqdm(batches, desc=desc, unit="batch", disable=desc is None):
@@ -249,7 +260,7 @@ def trace_split(
     backbone: Backbone,
     quantizer: Quantizer,
     batches: ImageBatches,
-    classifier: torch.Tensor,
+    classifier: Classifier,
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> Trace:
@@ -258,7 +269,7 @@ def trace_split(
     Args:
         batches: the split's images as the trace reads them (dataset, split, batch size, bad-image
             policy, decoding workers); bad images skipped are listed in ``Trace.bad_images``.
-        classifier: zero-shot class embeddings [C, E] for the stored logits.
+        classifier: what scores the embeddings into the stored logits.
         cache_dir: cache root (default :func:`default_cache_dir`).
     """
     if backbone.quantizer != quantizer.name:
@@ -278,7 +289,7 @@ def trace_shard(
     backbone: Backbone,
     quantizer: Quantizer,
     batches: ImageBatches,
-    classifier: torch.Tensor,
+    classifier: Classifier,
     cache_dir: Path,
     rank: int,
     world: int,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from harness.drivers import on_device
-from harness.heads import ExitHead, head_logits, load_heads, train_heads
+from harness.heads import Classifier, ExitHead, load_heads, train_heads
 from harness.options import option
 from harness.policy import THRESHOLD_GRID, ExitPolicy, FitContext, LayerView
 
@@ -44,8 +44,7 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
         super().__init__(config, **overrides)
         self.needs = frozenset({self.config.feature})
         self.heads = nn.ModuleDict()
-        self.classifier = torch.zeros(0)
-        self.logit_scale = 1.0
+        self.classifier: Classifier | None = None  # the model's, copied at fit time
 
     def loss_weights(self, layers: list[int]) -> dict[int, float]:
         """Per-head weights of the joint training loss (uniform by default)."""
@@ -56,7 +55,7 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
 
     def fit(self, ctx: FitContext) -> None:
         layers = list(self.config.exit_layers or range(1, ctx.num_blocks))
-        self.classifier, self.logit_scale = ctx.classifier.float().cpu(), ctx.logit_scale
+        self.classifier = ctx.classifier.copy_to("cpu")
         weights = self.loss_weights(layers)
         recipe = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(HeadsConfig)}
 
@@ -66,7 +65,7 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
                 heads = {layer: ExitHead(ctx.width, ctx.embed_dim) for layer in layers}
             features = getattr(ctx.heads, self.config.feature)
             train_heads(heads, {layer: features[:, layer] for layer in layers}, ctx.heads.labels,
-                        self.classifier, self.logit_scale, seed=ctx.seed, weights=weights,
+                        self.classifier, seed=ctx.seed, weights=weights,
                         epochs=self.config.epochs, batch_size=self.config.batch_size, lr=self.config.lr)
             return nn.ModuleDict({str(layer): head for layer, head in heads.items()}).state_dict()
 
@@ -78,17 +77,17 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
     def layer_logits(self, layer: int, view: LayerView) -> torch.Tensor:
         """The layer's head applied to the view's feature, on the feature's device."""
         feature = view.cls() if self.config.feature == "cls" else view.patch_mean()
-        self.classifier = self.classifier.to(feature.device)
+        classifier = on_device(self.classifier, feature.device)
         head = on_device(self.heads[str(layer)], feature.device)
-        return head_logits(head(feature), self.classifier, self.logit_scale)
+        return classifier(head(feature))
 
     def head_flops(self, layer: int) -> float:
         return self.heads[str(layer)].flops() if str(layer) in self.heads else 0.0
 
     def state_dict(self) -> dict:
         return {"heads": self.heads.state_dict(), "layers": self.exit_layers(),
-                "classifier": self.classifier, "logit_scale": self.logit_scale}
+                "classifier": self.classifier.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"].shape[1])
-        self.classifier, self.logit_scale = state["classifier"], state["logit_scale"]
+        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"]["weight"].shape[1])
+        self.classifier = Classifier.from_state(state["classifier"])

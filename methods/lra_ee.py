@@ -39,7 +39,7 @@ from torch import nn
 
 from harness.drivers import on_device
 from harness.fidelity import inr
-from harness.heads import ExitHead, head_logits, load_heads, train_heads
+from harness.heads import Classifier, ExitHead, load_heads, train_heads
 from harness.options import option
 from harness.policy import (THRESHOLD_GRID, Decision, ExitPolicy, FitContext, LayerView, SplitFeatures,
                             register_method)
@@ -223,8 +223,7 @@ class LraEE(ExitPolicy):
         self.heads = nn.ModuleDict()
         self.gates = _Gates(0)
         self.thresholds: list[float] = []
-        self.classifier = torch.zeros(0)
-        self.logit_scale = 1.0
+        self.classifier: Classifier | None = None  # the model's, copied at fit time
         self.report: dict = {}  # fit diagnostics: INR, gate-split accuracy and FLOPs, whether the budget was met
 
     def _check_config(self) -> None:
@@ -233,7 +232,7 @@ class LraEE(ExitPolicy):
     # -- fitting ---------------------------------------------------------------------------------
     def fit(self, ctx: FitContext) -> None:
         c = self.config
-        self.classifier, self.logit_scale = ctx.classifier.float().cpu(), float(ctx.logit_scale)  # fits on the CPU
+        self.classifier = ctx.classifier.copy_to("cpu")  # fits on the CPU
         self.report = {}
         layers = [ctx.num_blocks] if c.routing == "last" else self._select_layers(ctx)
         self._fit_heads(ctx, layers)
@@ -280,7 +279,7 @@ class LraEE(ExitPolicy):
             features = getattr(ctx.heads, c.feature)
             extra = self._distillation_loss(ctx) if c.supervision == "distilled" else None
             train_heads(heads, {layer: features[:, layer] for layer in layers}, ctx.heads.labels, self.classifier,
-                        self.logit_scale, seed=ctx.seed, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
+                        seed=ctx.seed, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
                         extra_loss=extra)
             return nn.ModuleDict({str(layer): head for layer, head in heads.items()}).state_dict()
 
@@ -308,7 +307,7 @@ class LraEE(ExitPolicy):
         with torch.no_grad():
             for layer in layers:
                 x = torch.from_numpy(np.array(feature[:, layer], dtype=np.float32))
-                logits = head_logits(self.heads[str(layer)](x), self.classifier, self.logit_scale)
+                logits = self.classifier(self.heads[str(layer)](x))
                 raw.append(_gate_features(logits, torch.from_numpy(np.array(ctx.gate.sav[:, layer], np.float32))))
                 correct.append(logits.argmax(dim=-1) == labels)
         torch.manual_seed(ctx.seed)
@@ -338,9 +337,9 @@ class LraEE(ExitPolicy):
 
     def decide(self, layer: int, view: LayerView) -> Decision:
         feature = view.cls() if self.config.feature == "cls" else view.patch_mean()
-        self.classifier = self.classifier.to(feature.device)
+        classifier = on_device(self.classifier, feature.device)
         head = on_device(self.heads[str(layer)], feature.device)
-        logits = head_logits(head(feature), self.classifier, self.logit_scale)
+        logits = classifier(head(feature))
         if self.config.routing == "last":
             return Decision(exit=torch.ones(len(view), dtype=torch.bool), logits=logits)
         index = self.exit_layers().index(layer)
@@ -373,7 +372,7 @@ class LraEE(ExitPolicy):
     def state_dict(self) -> dict:
         c = self.config
         return {"heads": self.heads.state_dict(), "layers": self.exit_layers(), "gates": self.gates.state_dict(),
-                "thresholds": list(self.thresholds), "classifier": self.classifier, "logit_scale": self.logit_scale,
+                "thresholds": list(self.thresholds), "classifier": self.classifier.state(),
                 "switches": [c.feature, c.routing, c.gate], "report": dict(self.report)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -381,10 +380,10 @@ class LraEE(ExitPolicy):
         feature, routing, gate = state["switches"]
         self.config = replace(self.config, feature=feature, routing=routing, gate=gate)
         self._check_config()
-        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"].shape[1])
+        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"]["weight"].shape[1])
         self.gates = _Gates(len(state["gates"]["bias"]))
         self.gates.load_state_dict(state["gates"])
         self.gates.requires_grad_(False)
         self.thresholds = [float(t) for t in state["thresholds"]]
-        self.classifier, self.logit_scale = state["classifier"], float(state["logit_scale"])
+        self.classifier = Classifier.from_state(state["classifier"])
         self.report = dict(state["report"])

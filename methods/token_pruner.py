@@ -275,7 +275,7 @@ class TokenPruner(ExitPolicy):
         started = time.perf_counter()
         device = backbone.device
         teacher = ctx.heads.logits  # read a batch at a time, like the images
-        classifier = ctx.classifier.float().to(device)
+        classifier = ctx.classifier.copy_to(device)
         self.num_patches = int(backbone.num_patches)
         with torch.random.fork_rng():
             torch.manual_seed(ctx.seed)
@@ -302,7 +302,7 @@ class TokenPruner(ExitPolicy):
                 embedding, shares, log_prob = pruned_forward(backbone, images.repeat(draws, 1, 1, 1).to(device),
                                                              self.nets, layers, generator, c.temperature,
                                                              straight_through=straight)
-                logits = ctx.logit_scale * F.normalize(embedding.float(), dim=-1) @ classifier.T
+                logits = classifier(embedding.float())
                 distill = F.kl_div(logits.log_softmax(-1), batch_teacher.to(device).log_softmax(-1), log_target=True,
                                    reduction="none").sum(-1)
                 usage = ((torch.stack(shares, dim=1) - targets) ** 2).mean(1)

@@ -13,6 +13,7 @@ from harness.config import HarnessConfig
 from harness.session import Session
 from harness.drivers import TraceView, replay
 from harness.evaluate import top_classes
+from harness.heads import Classifier
 from harness.policy import FitContext, create_method
 from methods.confidence import confidence_score
 from harness.fidelity import inr
@@ -147,7 +148,7 @@ def test_inr_rule_drops_the_noisy_layer_of_a_crafted_trace():
     shuffled = np.arange(64)[::-1].copy()  # the fp32 twin in another row order: aligned by indices
     twin = _features(fp32[shuffled])
     twin.indices = shuffled
-    ctx = FitContext(heads=heads, gate=heads, classifier=torch.eye(3, 4), logit_scale=1.0, num_blocks=12, width=6,
+    ctx = FitContext(heads=heads, gate=heads, classifier=Classifier(torch.eye(3, 4), 1.0), num_blocks=12, width=6,
                      embed_dim=4, block_flops=[1.0] * 12, load_heads_fp32=lambda: twin)
     policy = create_method("lra-ee")
     assert policy._select_layers(ctx) == [8, 10, 11]

@@ -162,9 +162,9 @@ def test_cls_is_always_kept_and_every_sample_keeps_the_same_count(ctx, evit, pru
     seen = []
     real = drivers._drop_tokens
 
-    def checked(x, keep):
-        out = real(x, keep)
-        assert torch.equal(out[:, 0], x[:, 0])  # CLS first and untouched
+    def checked(x, keep, prefix):
+        out = real(x, keep, prefix)
+        assert prefix == 1 and torch.equal(out[:, 0], x[:, 0])  # CLS first and untouched
         assert keep.shape == (x.shape[0], x.shape[1] - 1) and (keep.sum(1) == keep.sum(1)[0]).all()
         seen.append(int(keep.sum(1)[0]))
         return out

@@ -208,3 +208,88 @@ def test_run_all_methods_on_a_timm_trunk_clip(tiny_siglip, tmp_path):
         top1 = metrics["rows"][name]["summary"]["top1"]["mean"]
         assert 0 <= top1 <= 100
     assert set(predictions["method"]) >= ran
+
+
+# -- a timm classifier (DeiT/ViT): no text tower, its own head --------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_deit():
+    """``timm:test_tiny_deit``: a 12-block ViT classifier with a class token, 32x32 inputs, 1000 classes."""
+    from timm.models import register_model
+    from timm.models.vision_transformer import _create_vision_transformer
+
+    def test_tiny_deit(pretrained: bool = False, **kwargs):
+        options = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3)
+        return _create_vision_transformer("vit_tiny_patch16_224", pretrained=False, **{**options, **kwargs})
+
+    test_tiny_deit.__module__ = "timm.models.deit"  # listed with timm's DeiTs
+    if "test_tiny_deit" not in timm.list_models():
+        register_model(test_tiny_deit)
+    return "timm:test_tiny_deit"
+
+
+def test_a_timm_classifier_scores_with_its_own_head(tiny_deit, tmp_path):
+    from safetensors.torch import save_file
+
+    from harness.backbones import create_backbone
+    from harness.config import HarnessConfig
+    from harness.session import Session
+
+    backbone = create_backbone(tiny_deit, "none")
+    assert backbone.clip is None and backbone.tower.family == "timm" and backbone.num_prefix_tokens == 1
+    session = Session(HarnessConfig(model=tiny_deit, pretrained="none", limit=40, cache_dir=str(tmp_path)),
+                      progress=False)
+    classifier = session.classifier
+    assert classifier.logit_scale is None and classifier.num_classes == 1000
+    images = session.test_images(4)[0]  # the embedded (grayscale) images, as the model's own transform gives them
+    assert images.shape == (4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(backbone.encode_image(images)), backbone.visual(images),
+                                   atol=1e-5, rtol=1e-5)
+    trace = session.trace("fp32", "test")
+    assert trace.logits.shape == (len(trace), 1000)
+    checkpoint = tmp_path / "deit.safetensors"
+    save_file(backbone.visual.state_dict(), str(checkpoint))
+    loaded = create_backbone(tiny_deit, str(checkpoint))
+    assert loaded.weights_sha256 == backbone.weights_sha256
+    with pytest.raises(FileNotFoundError, match="takes 'timm', 'none' or a file"):
+        create_backbone(tiny_deit, str(tmp_path / "missing.safetensors"))
+
+
+def test_run_all_methods_on_a_timm_classifier(tiny_deit, tmp_path):
+    from harness.config import HarnessConfig
+    from harness.policy import METHODS
+    from harness.run import run
+
+    config = HarnessConfig(model=tiny_deit, pretrained="none", limit=200, cache_dir=str(tmp_path), quant="fake-w8a8")
+    metrics, _ = run(config, METHODS.names(), seeds=1, latency=False, agreement_images=0)
+    assert metrics["run"]["dataset"]["classifier"] == "1000 classes (the model's linear head)"
+    assert metrics["run"]["quantizer"]["targets_in_each_block"] == TIMM_LINEARS
+    assert list(metrics["failures"]) == ["token-pruner"]  # EViT runs on timm blocks; the learned pruner refuses
+    assert set(METHODS.names()) - {"token-pruner"} <= set(metrics["rows"])
+
+
+def test_cls_attention_and_token_dropping_leave_register_tokens_out():
+    from harness.backbones import cls_attention
+    from harness.drivers import _drop_tokens
+
+    model = _timm_vit(reg_tokens=4)
+    layout = tower(model).layout
+    assert (layout.prefix, layout.class_token) == (5, True)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    block = model.blocks[1]
+    block.attn.fused_attn = False  # the unfused path hands its attention matrix to attn_drop
+    seen = []
+    block.attn.attn_drop.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        x = model.blocks[0](tower(model).embed(images))
+        block(x)
+        weights = cls_attention(block, x, layout)
+    assert weights.shape == (2, 16)  # patches only: class and register tokens left out
+    torch.testing.assert_close(weights, seen[0][:, :, 0, 5:].mean(dim=1), atol=1e-6, rtol=0)
+    keep = torch.zeros(2, 16, dtype=torch.bool)
+    keep[0, [1, 5, 9]], keep[1, [0, 2, 15]] = True, True
+    dropped = _drop_tokens(x, keep, layout.prefix)
+    assert dropped.shape == (2, 8, 48) and torch.equal(dropped[:, :5], x[:, :5])
+    assert torch.equal(dropped[0, 5:], x[0, [6, 10, 14]]) and torch.equal(dropped[1, 5:], x[1, [5, 7, 20]])
+    with pytest.raises(ValueError, match="no class token"):
+        cls_attention(block, x, type(layout)(prefix=4, class_token=False))

@@ -7,6 +7,7 @@ from PIL import Image
 
 from harness.backbones import Backbone
 from harness.cache import DamagedEntry, read_entry
+from harness.heads import Classifier
 from harness.config import HarnessConfig
 from harness.session import Session
 from harness.datasets import ImageBatches, Split, create_dataset
@@ -38,7 +39,7 @@ def test_trace_matches_a_direct_forward(ctx, embedded_dataset):
     np.testing.assert_allclose(trace.patch_mean[:5, 6], mean.numpy(), rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(trace.sav[:5, 6], sav.numpy(), rtol=1e-5)
     np.testing.assert_allclose(trace.embedding[:5], embedding.numpy(), rtol=1e-4, atol=1e-5)
-    logits = backbone.logit_scale * torch.nn.functional.normalize(embedding, dim=-1) @ ctx.classifier.T
+    logits = backbone.logit_scale * torch.nn.functional.normalize(embedding, dim=-1) @ ctx.classifier.weight.T
     np.testing.assert_allclose(trace.logits[:5], logits.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -111,7 +112,8 @@ def test_bad_images_are_skipped_and_reported(tmp_path, embedded_backbone, cache_
     # trace every sample so the broken file is certainly included
     everything = Split("all", np.arange(dataset.parts()["all"]))
     quantizer = create_quantizer("fp32")
-    classifier = embedded_backbone.zero_shot_classifier(dataset.classnames, dataset.templates)
+    weights = embedded_backbone.zero_shot_classifier(dataset.classnames, dataset.templates)
+    classifier = Classifier(weights, embedded_backbone.logit_scale)
     batches = ImageBatches(dataset, everything, embedded_backbone.preprocess, batch_size=4)
     trace = trace_split(embedded_backbone, quantizer, batches, classifier, cache_dir=cache_dir, progress=False)
     assert len(trace) == 6 and len(trace.bad_images) == 1
