@@ -173,7 +173,8 @@ def _listed(value: str | None) -> list[str | None]:
 
 
 def _folder_name(config: "HarnessConfig") -> str:
-    return f"{config.model}-{config.data}-{config.quant}".replace("/", "_")
+    """MODEL-DATA-QUANT, with the '/' and ':' of names such as timm:ARCH made safe for a folder name."""
+    return f"{config.model}-{config.data}-{config.quant}".replace("/", "_").replace(":", "_")
 
 
 def _run_config(config: "HarnessConfig", out: Path, args: argparse.Namespace, methods: list[str],

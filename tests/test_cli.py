@@ -63,3 +63,11 @@ def test_second_process_reuses_the_trace_cache(cache_dir):
     assert first.stdout == second.stdout
 
 
+
+
+def test_results_folder_names_are_safe_for_timm_models():
+    from harness.cli import _folder_name
+    from harness.config import HarnessConfig
+
+    assert _folder_name(HarnessConfig(model="timm:deit_tiny_patch16_224", quant="fp32")) == \
+        "timm_deit_tiny_patch16_224-embedded-fp32"

@@ -93,7 +93,7 @@ def test_templates_change_the_classifier_and_are_recorded(tmp_path):
 
     sessions = {name: Session(HarnessConfig(limit=8, templates=name, cache_dir=str(tmp_path)), progress=False)
                 for name in (None, "simple")}
-    own, simple = (sessions[name].classifier for name in (None, "simple"))
+    own, simple = (sessions[name].classifier.weight for name in (None, "simple"))
     assert own.shape == simple.shape and not torch.allclose(own, simple)
     described = sessions["simple"].describe()["dataset"]
     assert described["templates"] == {"name": "simple", "count": 5}
