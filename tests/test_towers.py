@@ -94,7 +94,7 @@ def test_quantizers_target_the_linears_inside_timm_blocks_only():
 
     model = _timm_vit()
     expected = [f"blocks.{i}.{layer}" for i in range(3) for layer in TIMM_LINEARS]
-    for name in ("fake-w8a8", "int8-dynamic"):
+    for name in ("fake-w8a8", "int8-dynamic", "int8-torchao"):
         quantizer = create_quantizer(name)
         assert quantizer.targets(model) == expected, name  # never the classifier head
         assert block_targets(quantizer, model) == TIMM_LINEARS
@@ -102,6 +102,9 @@ def test_quantizers_target_the_linears_inside_timm_blocks_only():
     dynamic = torch.ao.nn.quantized.dynamic.Linear
     assert all(isinstance(quantized.get_submodule(name), dynamic) for name in expected)
     assert type(quantized.head) is nn.Linear  # the classifier stays fp32
+    torchao = create_quantizer("int8-torchao").quantize(model)
+    assert all(type(torchao.get_submodule(name).weight) is not nn.Parameter for name in expected)  # int8 tensors
+    assert type(torchao.head.weight) is nn.Parameter
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference, fake = model(images), create_quantizer("fake-w8a8").quantize(model)(images)
