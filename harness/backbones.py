@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import sys
@@ -65,9 +66,10 @@ class Backbone:
     preprocess: Callable
     quantizer: str = "fp32"
 
-    @property
+    @functools.cached_property
     def tower(self) -> Tower:
-        """The adapter that runs :attr:`visual` block by block (:mod:`harness.towers`)."""
+        """The adapter that runs :attr:`visual` block by block (:mod:`harness.towers`); built once (the drivers
+        ask for blocks at every layer), and :meth:`with_visual` makes a new backbone with its own."""
         return tower(self.visual)
 
     @property
@@ -283,8 +285,8 @@ class StandInTokenizer:
         out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         for row, text in enumerate(texts):
             words = text.lower().split()[: self.context_length]
-            ids = [1 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "big") % (self.vocab_size - 1)
-                   for w in words]
+            digests = [hashlib.blake2b(word.encode(), digest_size=8).digest() for word in words]
+            ids = [1 + int.from_bytes(digest, "big") % (self.vocab_size - 1) for digest in digests]
             out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
@@ -297,7 +299,8 @@ def _tokenizer(name: str, model_name: str, spec: str) -> Callable[[list[str]], t
     try:
         return open_clip.get_tokenizer(model_name)
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}" if str(exc).strip() else type(exc).__name__
+        first_line = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
         text = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
         if spec != "none" or "vocab_size" not in text:
             raise ConfigError(f"backbone {name}: its tokenizer cannot be loaded ({reason}); install transformers "
@@ -409,15 +412,29 @@ def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
     return "; ".join(parts)
 
 
-def load_local_checkpoint(model: nn.Module, path: Path, model_name: str) -> None:
-    """Load a local checkpoint into ``model`` strictly.
+def _checkpoint_file(spec: str, accepted: str) -> Path:
+    """The checkpoint file that ``--pretrained spec`` names, resolved; ``accepted`` is what else the flag takes.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    path = Path(spec).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found (--pretrained takes {accepted} or a file)")
+    return path
+
+
+def load_local_checkpoint(model: nn.Module, path: Path, model_name: str,
+                          convert: Callable[[nn.Module, dict], dict] | None = None) -> None:
+    """Load a local checkpoint into ``model`` strictly; ``convert`` maps a family's other key layouts first
+    (open_clip's ``convert_state_dict``).
 
     Raises:
         CheckpointError: one line naming the file and what does not match.
     """
-    from open_clip.factory import convert_state_dict
-
-    state = convert_state_dict(model, _read_checkpoint(path))
+    state = _read_checkpoint(path)
+    if convert is not None:
+        state = convert(model, state)
     problem = _mismatch(model, state)
     if problem:
         raise CheckpointError(f"checkpoint {path} does not match model {model_name}: {problem}")
@@ -457,6 +474,7 @@ def create_backbone(
         FileNotFoundError: a checkpoint path that does not exist.
     """
     import open_clip
+    from open_clip.factory import convert_state_dict
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     if name.startswith(TIMM_PREFIX):
@@ -475,11 +493,8 @@ def create_backbone(
         if spec == "none" or looks_like_path:
             model = open_clip.create_model(model_name, load_weights=False)
             if spec != "none":
-                path = Path(spec).expanduser().resolve()
-                if not path.is_file():
-                    raise FileNotFoundError(
-                        f"checkpoint {path} not found (--pretrained takes a tag, 'none' or a file)")
-                load_local_checkpoint(model, path, name)
+                path = _checkpoint_file(spec, "a tag, 'none'")
+                load_local_checkpoint(model, path, name, convert=convert_state_dict)
                 spec = str(path)
         else:
             tags = [t for m, t in open_clip.list_pretrained() if m == model_name]
@@ -550,14 +565,8 @@ def _create_timm_classifier(name: str, pretrained: str | None, device: str | tor
         else:
             model = timm.create_model(arch, pretrained=False)
             if spec != "none":
-                path = Path(spec).expanduser().resolve()
-                if not path.is_file():
-                    raise FileNotFoundError(f"checkpoint {path} not found (--pretrained takes 'timm', 'none' or a file)")
-                state = _read_checkpoint(path)
-                problem = _mismatch(model, state)
-                if problem:
-                    raise CheckpointError(f"checkpoint {path} does not match model {name}: {problem}")
-                model.load_state_dict(state, strict=True)
+                path = _checkpoint_file(spec, "'timm', 'none'")
+                load_local_checkpoint(model, path, name)
                 spec = str(path)
     try:
         adapter = tower(model)

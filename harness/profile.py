@@ -82,7 +82,7 @@ def noise_profile(session: Session, quant: str | None = None, split: str = "head
     fp32 = session.backbone
     quantized, _ = session.quantized(quant)
     classifier = session.classifier
-    n_blocks = fp32.num_blocks
+    n_blocks, layout = fp32.num_blocks, fp32.tower.layout
     sums = {k: np.zeros(n_blocks) for k in ("nat", "err", "cls_se", "cls_cos", "pm_se", "pm_cos", "rel", "tok_cos")}
     moments = [ErrorMoments(fp32.width) for _ in range(n_blocks)]
     correct = np.zeros(2)
@@ -99,7 +99,7 @@ def noise_profile(session: Session, quant: str | None = None, split: str = "head
             sums["rel"][i] += relative.sum().item()
             sums["tok_cos"][i] += cosine.sum().item()
             z = z_next
-            (cls, mean, _), (cls_q, mean_q, _) = layer_features(z, fp32.tower.layout), layer_features(zq, fp32.tower.layout)
+            (cls, mean, _), (cls_q, mean_q, _) = layer_features(z, layout), layer_features(zq, layout)
             for ref, q, se, cos in ((cls, cls_q, "cls_se", "cls_cos"), (mean, mean_q, "pm_se", "pm_cos")):
                 sums[se][i] += (q - ref).square().mean(dim=1).sum().item()
                 sums[cos][i] += F.cosine_similarity(q, ref, dim=1).sum().item()

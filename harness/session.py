@@ -145,7 +145,7 @@ class Session:
                 print(f"note: {self.backbone.name} classifies into its own {head.out_features} classes, "
                       f"{self.dataset.name} has {len(self.dataset.classnames)}: accuracy compares class indices, "
                       "meaningful only where the label sets match (ImageNet-1k)", file=sys.stderr)
-            return Classifier(head.weight, bias=head.bias).to(self.backbone.device)
+            return Classifier(head.weight, bias=head.bias)  # on the backbone's device, as the head is
         weights = self.backbone.zero_shot_classifier(
             self.dataset.classnames, self.templates, self.config.text_precision, self.cache_dir
         )
@@ -277,7 +277,8 @@ class Session:
         return {
             "config": dataclasses.asdict(self.config),
             "backbone": backbone_config(self.backbone),
-            "quantizer": {**quantizer.config(), "targets_in_each_block": block_targets(quantizer, self.backbone.visual)},
+            "quantizer": {**quantizer.config(),
+                          "targets_in_each_block": block_targets(quantizer, self.backbone.visual)},
             "dataset": {"name": self.dataset.name, "protocol": self.dataset.protocol,
                         "split_sizes": {name: len(split) for name, split in self.splits.items()},
                         "templates": {"name": self.config.templates or "dataset", "count": len(self.templates)},

@@ -3,8 +3,8 @@
 An early-exit driver needs three pieces of a vision transformer: the token
 embedding, the list of blocks and the head. It also needs the token layout
 (how many prefix tokens, class and register tokens, come before the patches)
-and, for quantizers, FLOPs and attention readers, the names of the layers
-inside a block. A :class:`Tower` gives all of these for one family:
+and, for the LayerNorm folds of SmoothQuant and the outlier scenarios, the
+names of the layers inside a block. A :class:`Tower` gives all of these for one family:
 
 - ``open_clip``: open_clip's own ``VisionTransformer`` (``transformer.resblocks``,
   class-token or mean pooling, ``proj``).
@@ -54,7 +54,8 @@ class TokenLayout:
 
 @dataclasses.dataclass(frozen=True)
 class BlockLayers:
-    """Qualified names, inside one block, of the layers quantizers and FLOPs counters look for.
+    """Qualified names, inside one block, of the layers that folding LayerNorm factors (SmoothQuant, the
+    outlier scenarios) pairs up: each pre-norm and the first layer it feeds.
 
     ``qkv`` is the packed query/key/value projection: a Linear (timm) or the
     ``in_proj_weight`` of an ``nn.MultiheadAttention`` (open_clip), named by
@@ -65,9 +66,7 @@ class BlockLayers:
     attn: str
     norm2: str
     fc1: str
-    fc2: str
     qkv: str | None  # None: packed inside ``attn`` (nn.MultiheadAttention)
-    proj: str
 
 
 class Tower(abc.ABC):
@@ -152,8 +151,7 @@ class OpenClipTower(Tower):
 
     family = "open_clip"
     blocks_name = "transformer.resblocks"
-    layers = BlockLayers(norm1="ln_1", attn="attn", norm2="ln_2", fc1="mlp.c_fc", fc2="mlp.c_proj", qkv=None,
-                         proj="attn.out_proj")
+    layers = BlockLayers(norm1="ln_1", attn="attn", norm2="ln_2", fc1="mlp.c_fc", qkv=None)
 
     @staticmethod
     def accepts(visual: nn.Module) -> bool:
@@ -206,8 +204,7 @@ def _is_timm_vit(module: nn.Module) -> bool:
 class _TimmTrunk(Tower, abc.ABC):
     """A timm ``VisionTransformer`` (:attr:`trunk`) run block by block."""
 
-    layers = BlockLayers(norm1="norm1", attn="attn", norm2="norm2", fc1="mlp.fc1", fc2="mlp.fc2", qkv="attn.qkv",
-                         proj="attn.proj")
+    layers = BlockLayers(norm1="norm1", attn="attn", norm2="norm2", fc1="mlp.fc1", qkv="attn.qkv")
 
     @property
     @abc.abstractmethod

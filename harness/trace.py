@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -103,12 +103,8 @@ class Trace:
         def build(folder: Path) -> dict[str, Any]:
             for name in _ARRAYS:
                 source = getattr(self, name)
-                out = np.lib.format.open_memmap(folder / f"{name}.npy", "w+", source.dtype,
-                                                (len(rows), *source.shape[1:]))
-                for start in range(0, len(rows), _CHUNK_ROWS):
-                    out[start:start + _CHUNK_ROWS] = source[rows[start:start + _CHUNK_ROWS]]
-                out.flush()
-                del out
+                _write_rows(folder / f"{name}.npy", source, len(rows),
+                            (source[rows[start:start + _CHUNK_ROWS]] for start in range(0, len(rows), _CHUNK_ROWS)))
             return {"rows": len(rows), "bad_images": [b for b in self.bad_images if b["index"] in wanted]}
 
         key = {"trace": self.meta["key"], "indices_sha256": hashlib.sha256(
@@ -244,15 +240,25 @@ def _run_backbone(
     return row
 
 
-def _keep_rows(file: Path, rows: int, chunk: int = _CHUNK_ROWS) -> None:
+def _write_rows(file: Path, like: np.ndarray, rows: int, chunks: Iterable[np.ndarray]) -> None:
+    """Write a new .npy ``file`` of ``rows`` rows, typed and shaped like ``like``'s, from ``chunks`` in order
+    (a few thousand rows each, so memory stays bounded whatever the size)."""
+    out = np.lib.format.open_memmap(file, "w+", like.dtype, (rows, *like.shape[1:]))
+    row = 0
+    for chunk in chunks:
+        out[row:row + len(chunk)] = chunk
+        row += len(chunk)
+    out.flush()
+    del out
+
+
+def _keep_rows(file: Path, rows: int) -> None:
     """Rewrite an .npy file with only its first ``rows`` rows, chunk by chunk."""
     full = np.load(file, mmap_mode="r")
     kept_file = file.with_suffix(".kept.npy")
-    kept = np.lib.format.open_memmap(kept_file, "w+", full.dtype, (rows,) + full.shape[1:])
-    for start in range(0, rows, chunk):
-        kept[start:start + chunk] = full[start:min(rows, start + chunk)]
-    kept.flush()
-    del full, kept
+    _write_rows(kept_file, full, rows,
+                (full[start:min(rows, start + _CHUNK_ROWS)] for start in range(0, rows, _CHUNK_ROWS)))
+    del full
     os.replace(kept_file, file)
 
 
@@ -338,15 +344,7 @@ def _merge(shards: list[Entry], folder: Path) -> dict[str, Any]:
     """Concatenate the shards' arrays into ``folder``, in shard order, chunk by chunk (memory stays bounded)."""
     for name in _ARRAYS:
         parts = [np.load(shard.path / f"{name}.npy", mmap_mode="r") for shard in shards]
-        out = np.lib.format.open_memmap(folder / f"{name}.npy", "w+", parts[0].dtype,
-                                        (sum(len(p) for p in parts), *parts[0].shape[1:]))
-        row = 0
-        for part in parts:
-            for start in range(0, len(part), _CHUNK_ROWS):
-                chunk = part[start:start + _CHUNK_ROWS]
-                out[row:row + len(chunk)] = chunk
-                row += len(chunk)
-        out.flush()
-        del out
+        _write_rows(folder / f"{name}.npy", parts[0], sum(len(p) for p in parts),
+                    (part[start:start + _CHUNK_ROWS] for part in parts for start in range(0, len(part), _CHUNK_ROWS)))
     return {"rows": sum(s.meta["rows"] for s in shards),
             "bad_images": [bad for s in shards for bad in s.meta["bad_images"]]}

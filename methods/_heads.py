@@ -89,5 +89,5 @@ class PerLayerHeads(ExitPolicy, abc.ABC):
                 "classifier": self.classifier.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"]["weight"].shape[1])
         self.classifier = Classifier.from_state(state["classifier"])
+        self.heads = load_heads(state["heads"], state["layers"], embed_dim=self.classifier.embed_dim)

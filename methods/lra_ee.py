@@ -380,10 +380,10 @@ class LraEE(ExitPolicy):
         feature, routing, gate = state["switches"]
         self.config = replace(self.config, feature=feature, routing=routing, gate=gate)
         self._check_config()
-        self.heads = load_heads(state["heads"], state["layers"], embed_dim=state["classifier"]["weight"].shape[1])
         self.gates = _Gates(len(state["gates"]["bias"]))
         self.gates.load_state_dict(state["gates"])
         self.gates.requires_grad_(False)
         self.thresholds = [float(t) for t in state["thresholds"]]
         self.classifier = Classifier.from_state(state["classifier"])
+        self.heads = load_heads(state["heads"], state["layers"], embed_dim=self.classifier.embed_dim)
         self.report = dict(state["report"])

@@ -116,7 +116,8 @@ def test_smoothquant_folds_timm_norms_into_qkv_and_fc1_without_changing_the_func
     from harness.quantizers._smooth import smoothing_pairs
 
     model = _timm_vit()
-    assert smoothing_pairs(model)[:2] == [("blocks.0.norm1", "blocks.0.attn.qkv"), ("blocks.0.norm2", "blocks.0.mlp.fc1")]
+    assert smoothing_pairs(model)[:2] == [("blocks.0.norm1", "blocks.0.attn.qkv"),
+                                          ("blocks.0.norm2", "blocks.0.mlp.fc1")]
     quantizer = create_quantizer("smoothquant-fp32")
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     quantizer.calibrate(model, images)

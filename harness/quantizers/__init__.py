@@ -106,9 +106,9 @@ def calibration_record(split: str, images: torch.Tensor) -> dict[str, Any]:
 
 
 def block_targets(quantizer: Quantizer, visual: nn.Module) -> list[str]:
-    """What ``quantizer`` changes (its targets), named inside a block (``mlp.c_fc``, ``attn.qkv``, ``block output`` for a
-    whole block), each name once, in model order: for results, where the same scheme converts different
-    layers in different model families."""
+    """What ``quantizer`` changes (its targets), named inside a block (``mlp.c_fc``, ``attn.qkv``, ``block
+    output`` for a whole block), each name once, in model order: for results, where the same scheme
+    converts different layers in different model families."""
     prefix = tower(visual).blocks_name + "."
     names = []
     for name in quantizer.targets(visual):

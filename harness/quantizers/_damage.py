@@ -80,8 +80,8 @@ class LayerNormOutliers(Quantizer):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "synthetic": True,
                 "damage": f"LayerNorm-channel outliers x{self.scale:g} from block {self.onset} "
-                          f"(outputs of the LayerNorms before attention and MLP; the matching input columns of the q/k/v "
-                          f"projection and the first MLP Linear divided alike)",
+                          f"(outputs of the LayerNorms before attention and MLP; the matching input columns of "
+                          f"the q/k/v projection and the first MLP Linear divided alike)",
                 "outliers": {"onset_block": self.onset, "channels": self.channels, "scale": self.scale,
                              "seed": SCENARIO_SEED, **(self._where or {})},
                 "base": self.base.config()}

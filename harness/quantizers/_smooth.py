@@ -81,7 +81,8 @@ def smoothing_pairs(visual: nn.Module) -> list[tuple[str, str]]:
                 f"block {i} is not one"
             )
         prefix = f"{adapter.blocks_name}.{i}"
-        pairs += [(f"{prefix}.{layers.norm1}", f"{prefix}.{qkv_name}"), (f"{prefix}.{layers.norm2}", f"{prefix}.{layers.fc1}")]
+        pairs += [(f"{prefix}.{layers.norm1}", f"{prefix}.{qkv_name}"),
+                  (f"{prefix}.{layers.norm2}", f"{prefix}.{layers.fc1}")]
     return pairs
 
 
