@@ -236,8 +236,8 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import contextlib
     import dataclasses
-
     import tempfile
 
     from harness import bench
@@ -249,23 +249,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     config = _config(args).resolved()
     suites = bench.SUITES if args.suite == "all" else (args.suite,)
     out_dir = Path(args.out or "results/bench") if args.suite == "all" else None
-    scratch = tempfile.TemporaryDirectory(prefix="exitbench-bench-")
-    for suite in suites:
-        suite_config = config
-        if args.suite == "all" and suite in bench.SETTINGS:
-            suite_config = dataclasses.replace(config, **bench.SETTINGS[suite])
-            if suite == "data":
-                write_imagenet_layout(Path(scratch.name) / "val", per_class=1, progress=True)
-                suite_config = dataclasses.replace(suite_config, data_root=str(Path(scratch.name) / "val"))
-        session = Session(suite_config)
-        result = bench.run_suite(suite, session, rounds=args.rounds, quants=tuple(args.quants.split(",")))
-        print(f"## {suite}: {session.config.model} / {session.config.quant}\n\n{bench.format_result(suite, result)}\n")
-        out = out_dir / f"{suite}.json" if out_dir else (Path(args.out) if args.out else None)
-        if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(results_json({"suite": suite, "result": result, **session.describe(),
-                                         "environment": environment()}))
-            print(f"wrote {out}")
+    with contextlib.ExitStack() as cleanup:
+        for suite in suites:
+            suite_config = config
+            if args.suite == "all" and suite in bench.SETTINGS:
+                suite_config = dataclasses.replace(config, **bench.SETTINGS[suite])
+                if suite == "data":  # a generated val folder, removed when the bench ends
+                    val = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="exitbench-bench-"))) / "val"
+                    write_imagenet_layout(val, per_class=1, progress=True)
+                    suite_config = dataclasses.replace(suite_config, data_root=str(val))
+            session = Session(suite_config)
+            result = bench.run_suite(suite, session, rounds=args.rounds, quants=tuple(args.quants.split(",")))
+            print(f"## {suite}: {session.config.model} / {session.config.quant}\n\n"
+                  f"{bench.format_result(suite, result)}\n")
+            out = out_dir / f"{suite}.json" if out_dir else (Path(args.out) if args.out else None)
+            if out:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(results_json({"suite": suite, "result": result, **session.describe(),
+                                             "environment": environment()}))
+                print(f"wrote {out}")
     return 0
 
 

@@ -49,6 +49,9 @@ def classify(logits: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndar
     return predictions, top
 
 
+_BOOTSTRAP_CHUNK = 1 << 20
+
+
 def bootstrap_ci(values: np.ndarray, seed: int = 0, resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean of ``values`` (seeded, so reproducible)."""
     values = np.asarray(values, dtype=np.float64)
@@ -56,8 +59,11 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0, resamples: int = 2000, level
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
-    for start in range(0, resamples, 200):  # chunks keep memory flat for 50,000 samples
-        stop = min(resamples, start + 200)
+    # resamples drawn a chunk at a time, about _BOOTSTRAP_CHUNK indices each, so that memory does not grow
+    # with the sample count; the draws (and so the CI) are the same for any chunk size
+    chunk = max(1, _BOOTSTRAP_CHUNK // len(values))
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
         idx = rng.integers(0, len(values), size=(stop - start, len(values)))
         means[start:stop] = values[idx].mean(axis=1)
     tail = (1 - level) / 2

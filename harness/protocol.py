@@ -64,12 +64,9 @@ class OperatingPoint:
     gate_saving: float  # at least the budget
     test_top1: float
     test_saving: float
-    evaluation: Evaluation = field(repr=False)  # the chosen point on every test sample
-
-    @property
-    def correct(self) -> np.ndarray:
-        """bool per test sample."""
-        return self.evaluation.correct
+    # bool per test sample: all a point keeps of its evaluation, for the paired tests, so that the
+    # points of every control, budget and seed a run holds cost one byte a sample each
+    correct: np.ndarray = field(repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "knob": self.knob, "gate_top1": self.gate_top1,
@@ -104,7 +101,7 @@ def _scored(session: Session, policy: ExitPolicy, seed: int, budget: float, knob
     evaluation = session.evaluate(policy, seed, desc=f"{policy.name} at {budget:g}% (real driver)",
                                   intervals=intervals)
     return OperatingPoint(budget, knob, gate["top1"], gate["flops_saving"], evaluation.metrics["top1"],
-                          evaluation.metrics["flops_saving"], evaluation)
+                          evaluation.metrics["flops_saving"], evaluation.correct)
 
 
 def policy_points(session: Session, policy: ExitPolicy, seed: int, budgets: tuple[float, ...],

@@ -29,12 +29,13 @@ import torch
 
 from harness._io import atomic_path, atomic_write_text
 from harness.config import HarnessConfig
+from harness.controls import CONTROL_FEATURES
 from harness.session import Session
 from harness.drivers import ExitOutcome, TraceView, replay, run_early_exit
 from harness.errors import ConfigError
 from harness.policy import METHODS, ExitPolicy, create_method
 from harness.protocol import (DEFAULT_BUDGETS, OperatingPoint, best_control, control_points, method_points,
-                              recalibration_points, routing_gain, summarize)
+                              routing_gain, summarize)
 from harness.latency import DEFAULT_IMAGES, DEFAULT_MAX_SECONDS, measure_latency
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION, results_json
@@ -220,11 +221,14 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     check_methods(methods, overrides or {}, session.num_blocks)
     c, test, labels = session.config, session.test, session.labels
     rows, frames = {}, []
+    # every row's name, the one category dtype of predictions' "method" column (1 byte a sample)
+    names = pd.CategoricalDtype(list(dict.fromkeys(["full-depth fp32", f"full-depth {c.quant}", *CONTROL_FEATURES,
+                                                    *methods])))
     for name, quant in (("full-depth fp32", "fp32"), (f"full-depth {c.quant}", None)):
         trace = test if quant is None else session.trace(quant, "test")
         full = session.evaluate(FullDepth(), c.seed, session.full_outcome(trace))
         rows[name] = {"per_seed": [full.metrics], "kind": "baseline"}
-        frames.append(_frame(name, c.seed, test, full.outcome, full.flops))
+        frames.append(_frame(name, c.seed, test, full.outcome, full.flops, names))
 
     fitted: dict[str, ExitPolicy] = {}
     failures: dict[str, str] = {}
@@ -232,18 +236,16 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     bar = tqdm(total=(len(methods) + 1) * seeds, desc="fit, choose on gate, score", unit="fit",
                disable=not session.progress)
     controls: list[dict[str, list[OperatingPoint | None]]] = []
-    recalibration: list[dict[str, OperatingPoint]] = []  # each control's default row: its last block
+    recalibration: dict[str, list[dict[str, Any]]] = {}  # each control's row at its default, the last block
     for seed in seed_list:
         bar.set_postfix_str(f"controls seed {seed}")
         controls.append(control_points(session, seed, budgets))
-        recalibration.append(recalibration_points(session, seed))
+        for name in controls[-1]:
+            result = session.evaluate(session.fit_control(name, seed), seed, desc=f"{name} seed {seed} (real driver)")
+            recalibration.setdefault(name, []).append(result.metrics)
+            frames.append(_frame(name, seed, test, result.outcome, result.flops, names))
         bar.update()
-    for name in controls[0]:
-        per_seed = []
-        for seed, seed_recalibration in zip(seed_list, recalibration):
-            result = seed_recalibration[name].evaluation
-            per_seed.append(result.metrics)
-            frames.append(_frame(name, seed, test, result.outcome, result.flops))
+    for name, per_seed in recalibration.items():
         points = [[None if p is None else p.as_dict() for p in seed_controls[name]] for seed_controls in controls]
         control = session.fit_control(name, c.seed)
         rows[name] = {"per_seed": per_seed, "kind": control.kind, "config": control.describe()["config"],
@@ -251,7 +253,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
     for name in methods:
         try:
             per_seed, points, method_frames = _fit_and_score(session, name, seed_list, (overrides or {}).get(name, {}),
-                                                             fitted, bar, budgets, controls)
+                                                             fitted, bar, budgets, controls, names)
         except Exception as exc:  # one broken method must not lose the others' results
             failures[name] = _failure(name, exc)
             fitted.pop(name, None)
@@ -285,6 +287,7 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
 def _fit_and_score(session: Session, name: str, seeds: list[int], config: dict[str, Any],
                    fitted: dict[str, ExitPolicy], bar,
                    budgets: tuple[float, ...], controls: list[dict[str, list[OperatingPoint | None]]],
+                   names: "pd.CategoricalDtype",  # noqa: F821
                    ) -> tuple[list[dict[str, Any]], list[list[dict[str, Any] | None]], list["pd.DataFrame"]]:  # noqa: F821
     """``name`` fitted and scored for each seed at its default setting and at each budget.
 
@@ -299,7 +302,7 @@ def _fit_and_score(session: Session, name: str, seeds: list[int], config: dict[s
         result = session.evaluate(policy, seed, desc=f"{name} seed {seed} (real driver)")
         result.metrics["layer_accuracy"] = layer_accuracy(policy, session.test)
         per_seed.append(result.metrics)
-        frames.append(_frame(name, seed, session.test, result.outcome, result.flops))
+        frames.append(_frame(name, seed, session.test, result.outcome, result.flops, names))
         points.append([None if point is None else {**point.as_dict(), **routing_gain(point, best_control(seed_controls, i))}
                        for i, point in enumerate(method_points(session, name, seed, budgets, config))])
         bar.update()
@@ -326,14 +329,19 @@ def _bad_images(session: Session) -> dict[str, list[dict]]:
     return out
 
 
-def _frame(method: str, seed: int, trace, outcome: ExitOutcome, flops: np.ndarray) -> "pd.DataFrame":  # noqa: F821
+def _frame(method: str, seed: int, trace, outcome: ExitOutcome, flops: np.ndarray,
+           names: "pd.CategoricalDtype") -> "pd.DataFrame":  # noqa: F821
+    """One row per test sample of ``method``'s outcome for ``seed``, in the narrowest types that hold it: a run
+    keeps one such frame per row and seed until ``predictions.parquet`` is written."""
     import pandas as pd
 
     labels = np.asarray(trace.labels)
     return pd.DataFrame({
-        "method": method, "seed": seed, "sample": np.asarray(trace.indices), "label": labels,
-        "exit_layer": outcome.exit_layer, "prediction": outcome.predictions,
-        "correct": outcome.predictions == labels, "flops": flops,
+        "method": pd.Categorical.from_codes(np.full(len(labels), names.categories.get_loc(method)), dtype=names),
+        "seed": np.full(len(labels), seed, np.int64), "sample": np.asarray(trace.indices),
+        "label": labels.astype(np.int32), "exit_layer": outcome.exit_layer.astype(np.int16),
+        "prediction": outcome.predictions.astype(np.int32), "correct": outcome.predictions == labels,
+        "flops": flops,
     })
 
 

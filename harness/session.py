@@ -218,7 +218,8 @@ class Session:
         split = self.splits[split] if isinstance(split, str) else split
         return ImageBatches(self.dataset, split, (backbone or self.backbone).preprocess,
                             batch_size or self.config.batch_size, on_bad_image=self.config.on_bad_image,
-                            workers=self.config.workers, pin_memory=self.config.device.startswith("cuda"))
+                            workers=self.config.workers, pin_memory=self.config.device.startswith("cuda"),
+                            idle_workers=self.config.device == "cpu")
 
     def test_images(self, count: int) -> tuple[torch.Tensor, np.ndarray]:
         """The readable ones among the first ``count`` test images, preprocessed, and their dataset indices

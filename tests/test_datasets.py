@@ -416,11 +416,27 @@ def test_worker_processes_give_the_same_batches(imagenet_layout: tuple[Path, Pat
     _, val = imagenet_layout
     ds = create_dataset("imagenet", root=str(val))
     split = ds.splits(seed=0)["test"]
-    one, many = (list(ImageBatches(ds, split, embedded_backbone.preprocess, batch_size=64, workers=w)) for w in (0, 2))
-    assert len(one) == len(many) == 8
-    for (a, la, ia), (b, lb, ib) in zip(one, many):
-        assert torch.equal(a, b) and torch.equal(la, lb)
+    one, many, idle = (list(ImageBatches(ds, split, embedded_backbone.preprocess, batch_size=64, workers=w,
+                                         idle_workers=i)) for w, i in ((0, False), (2, False), (2, True)))
+    assert len(one) == len(many) == len(idle) == 8
+    for (a, la, ia), (b, lb, ib), (c, lc, ic) in zip(one, many, idle):
+        assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(a, c) and torch.equal(la, lc)
         np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(ia, ic)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policy")
+def test_idle_workers_decode_at_idle_priority(emb: Dataset) -> None:
+    """Each image records the scheduling policy of the process that transformed it."""
+    def policy(image) -> torch.Tensor:
+        return torch.tensor([os.sched_getscheduler(0), os.getpid()])
+
+    split = emb.splits(0, limit=8)["test"]
+    for idle, expected in ((True, os.SCHED_IDLE), (False, os.sched_getscheduler(0))):
+        (images, _, _), *_ = ImageBatches(emb, split, policy, batch_size=4, workers=2, idle_workers=idle)
+        assert images[:, 0].tolist() == [expected] * 4
+        assert os.getpid() not in images[:, 1].tolist()  # decoded in worker processes
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # this process keeps its priority
 
 
 def test_image_batches_reject_wrong_part_and_batch_size(emb: Dataset) -> None:

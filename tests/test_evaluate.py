@@ -42,6 +42,15 @@ def test_bootstrap_ci_matches_the_normal_approximation():
     assert bootstrap_ci(values, seed=0) == (low, high)  # seeded: reproducible
 
 
+def test_bootstrap_ci_does_not_depend_on_its_chunk_size(monkeypatch):
+    values = np.random.default_rng(1).random(997)
+    whole = bootstrap_ci(values, seed=3)  # 2,000 resamples of 997 in one chunk
+    monkeypatch.setattr("harness.evaluate._BOOTSTRAP_CHUNK", 997 * 7)  # 7 resamples a chunk, the last one short
+    assert bootstrap_ci(values, seed=3) == whole
+    monkeypatch.setattr("harness.evaluate._BOOTSTRAP_CHUNK", 1)  # one resample a chunk
+    assert bootstrap_ci(values, seed=3) == whole
+
+
 class _FakeFlops:
     embed, head = 10.0, 5.0
 

@@ -33,6 +33,17 @@ class _Decoded:
             return index, None, err
 
 
+def _idle_priority(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: this worker runs only on CPU time that nothing else wants (Linux's
+    ``SCHED_IDLE``; elsewhere the lowest nice level)."""
+    import os
+
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(19)
+
+
 def _as_list(samples: list) -> list:
     return samples
 
@@ -58,6 +69,10 @@ class ImageBatches:
             :class:`BadImageError`); None uses ``dataset.on_bad_image``.
         workers: DataLoader worker processes; a split of one batch is decoded in this process.
         pin_memory: return batches in pinned memory (for copies to a GPU).
+        idle_workers: run the workers at idle priority, for a tower that computes on the same
+            CPU cores: the workers then decode while its threads wait instead of pre-empting them
+            (a pre-empted thread stalls the others at the next barrier); ``bench --suite data``
+            measures the difference.
 
     Attributes:
         bad_images: ``{"sample", "index", "reason"}`` of each image skipped so far
@@ -77,6 +92,7 @@ class ImageBatches:
         on_bad_image: str | None = None,
         workers: int = 0,
         pin_memory: bool = False,
+        idle_workers: bool = False,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, not {batch_size}")
@@ -90,6 +106,7 @@ class ImageBatches:
         self.on_bad_image = check_on_bad_image(on_bad_image or dataset.on_bad_image)
         self.workers = workers
         self.pin_memory = pin_memory
+        self.idle_workers = idle_workers
         self.bad_images: list[dict] = []
 
     def __len__(self) -> int:
@@ -100,7 +117,7 @@ class ImageBatches:
         """The same reader over rows ``start:stop`` of the split."""
         rows = Split(self.split.part, self.split.indices[start:stop])
         return ImageBatches(self.dataset, rows, self.transform, self.batch_size, self.on_bad_image, self.workers,
-                            self.pin_memory)
+                            self.pin_memory, self.idle_workers)
 
     def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", np.ndarray]]:
         """Yield ``(images [B, 3, H, W], int64 labels [B], int64 indices [B])``."""
@@ -109,7 +126,8 @@ class ImageBatches:
         self.bad_images = []
         labels = self.dataset.labels(self.split.part)
         loader = DataLoader(_Decoded(self), batch_size=self.batch_size, collate_fn=_as_list,
-                            num_workers=self.workers if len(self) > 1 else 0)
+                            num_workers=self.workers if len(self) > 1 else 0,
+                            worker_init_fn=_idle_priority if self.idle_workers else None)
         images: list[torch.Tensor] = []
         kept: list[int] = []
         for chunk in loader:
