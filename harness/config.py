@@ -70,7 +70,7 @@ class HarnessConfig:
                                             "classes (refused by default)")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", min=1)
     workers: int | None = _opt(None, "DataLoader processes decoding images, 0: none (default: the CPUs this "
-                                     "process may use, at most 8)", min=0)
+                                     "process may use, at most 8); at idle priority with --device cpu", min=0)
 
     def dataset_options(self) -> dict[str, Any]:
         """Keywords for :func:`~harness.datasets.create_dataset` beyond name and root (only those set)."""
