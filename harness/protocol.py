@@ -33,7 +33,6 @@ from harness.controls import CONTROL_FEATURES
 from harness.errors import ConfigError
 from harness.evaluate import quadrants
 from harness.policy import ExitPolicy
-from harness.scoring import Evaluation
 from harness.session import Session
 
 DEFAULT_BUDGETS = (10.0, 25.0, 40.0)
