@@ -35,12 +35,14 @@ class _Decoded:
 
 def _idle_priority(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: this worker runs only on CPU time that nothing else wants (Linux's
-    ``SCHED_IDLE``; elsewhere the lowest nice level)."""
+    ``SCHED_IDLE``; elsewhere, or where a sandbox refuses it, the lowest nice level; else unchanged)."""
+    import contextlib
     import os
 
-    if hasattr(os, "SCHED_IDLE"):
+    with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    else:
+        return
+    with contextlib.suppress(AttributeError, OSError):
         os.nice(19)
 
 
