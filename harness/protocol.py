@@ -168,8 +168,7 @@ def recalibration_points(session: Session, seed: int) -> dict[str, OperatingPoin
     points = {}
     for name in CONTROL_FEATURES:
         policy = session.fit_control(name, seed)
-        points[name] = _scored(session, policy, seed, 0.0, session.num_blocks, session.gate_point(policy, seed),
-                               intervals=True)  # a run's control row
+        points[name] = _scored(session, policy, seed, 0.0, session.num_blocks, session.gate_point(policy, seed))
     return points
 
 
