@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -41,3 +42,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``); a no-op elsewhere.
+
+    A long loop of large tensors leaves glibc holding freed pages: after the
+    first large block is freed it raises its mmap threshold and serves later
+    blocks from a heap that fragments, so resident memory creeps up with the
+    number of batches though nothing is kept.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> "ctypes.CDLL | None":
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (musl and non-Linux libcs lack it)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()

@@ -125,11 +125,15 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
       same images decoded beforehand (no input cost);
     - ``trace + decode, N workers``: the trace driver fed by the DataLoader, as a trace runs (on the CPU
       its workers run at idle priority, see :class:`~harness.datasets.ImageBatches`), and on the CPU
-      the same with the workers at normal priority.
+      the same with the workers at normal priority;
+    - under a quantizer other than fp32, ``fp32 + QUANT traces, decoded once``: both traces a run makes
+      of a split, fed by one pass over the images as :func:`harness.trace.trace_splits` does, against
+      ``..., decoded twice``: one pass each.
 
     ``input_gap_percent`` is how much slower the fed trace is than ``encode_image`` on pre-decoded
     images (the goal: at most 10), ``input_gap_normal_priority_percent`` the same with the workers at
-    normal priority (on the CPU only).
+    normal priority (on the CPU only), ``decode_once_saving_percent`` the time that decoding once saves
+    the two traces.
     """
     from harness.datasets import ImageBatches
     from harness.trace import trace_batch
@@ -157,6 +161,13 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     normal = f"trace + decode, {workers} workers at normal priority"
     if on_cpu and workers:
         contenders[normal] = fed(False)
+    both = f"fp32 + {session.config.quant} traces"
+    if session.config.quant != "fp32":
+        pair = (session.quantized("fp32")[0], backbone)
+        contenders[f"{both}, decoded once"] = lambda: [
+            trace_batch(b, images.to(b.device), classifier) for images, _, _ in batches(workers) for b in pair]
+        contenders[f"{both}, decoded twice"] = lambda: [
+            trace_batch(b, images.to(b.device), classifier) for b in pair for images, _, _ in batches(workers)]
     images = sum(len(batch) for batch in decoded)
     result = {name: {"seconds_per_pass": t["seconds_per_batch"], "images_per_s": t["images_per_s"]}
               for name, t in compare(contenders, images, rounds, min_run_time=0.0).items()}
@@ -165,9 +176,11 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     def gap(name: str) -> float | None:
         return 100 * (1 - result[name]["images_per_s"] / bare) if name in result else None
 
+    once, twice = (result.get(f"{both}, decoded {n}", {}).get("seconds_per_pass") for n in ("once", "twice"))
     return {"images": images, "batch_size": batch_size, "workers": workers, "timings": result,
             "input_gap_percent": gap(f"trace + decode, {workers} workers"),
-            "input_gap_normal_priority_percent": gap(normal)}
+            "input_gap_normal_priority_percent": gap(normal),
+            "decode_once_saving_percent": 100 * (1 - once / twice) if twice else None}
 
 
 SUITES = ("trace", "quant", "latency", "data")
@@ -212,6 +225,9 @@ def format_result(suite: str, result: dict) -> str:
                 f"is {result['input_gap_percent']:.1f}% slower than encode_image on pre-decoded images"
                 + ("" if result.get("input_gap_normal_priority_percent") is None else
                    f" ({result['input_gap_normal_priority_percent']:.1f}% with its workers at normal priority)")
+                + ("" if result.get("decode_once_saving_percent") is None else
+                   f"; decoding once for the fp32 and quantized traces saves {result['decode_once_saving_percent']:.1f}%"
+                   " of their time")
                 + "\n" + tabulate(rows, headers=["contender", "s / pass (median)", "images / s"], floatfmt=".1f"))
 
     def saving(row: dict, mode: str) -> str:

@@ -111,6 +111,38 @@ def get_or_build(cache_dir: Path, kind: str, fields: dict[str, Any], build: Call
     return Entry(path, json.loads((path / META).read_text()))  # as a later load will read it
 
 
+def get_or_build_together(cache_dir: Path, kind: str, fields: Sequence[dict[str, Any]],
+                          build: Callable[[dict[int, Path]], list[dict[str, Any]]]) -> list[Entry]:
+    """The entries of ``fields``, the missing ones built by one ``build(folders)`` call that writes them all.
+
+    For work that yields several entries from one pass (traces of the same images under several
+    quantizers, which then decode each image once). ``build`` gets an empty folder for each missing entry,
+    keyed by its position in ``fields`` (in that order; a key given twice, by its first), and returns their
+    ``meta.json`` fields in the same order. Each entry is still
+    built and renamed into place atomically (:func:`get_or_build`, nested), so a failure leaves none of
+    them half-written; entries another process completes meanwhile are taken as they are.
+    """
+    names = [_entry_path(Path(cache_dir) / kind, f) for f in fields]
+    first = {name: i for i, name in reversed(list(enumerate(names)))}  # a key given twice is built once
+    entries = {i: find_entry(cache_dir, kind, fields[i]) for i in sorted(first.values())}
+    while missing := [i for i, entry in entries.items() if entry is None]:
+        metas: list[dict[str, Any]] = []
+
+        def nested(depth: int, folders: dict[int, Path]) -> None:
+            def build_here(folder: Path) -> dict[str, Any]:
+                if depth + 1 < len(missing):
+                    nested(depth + 1, {**folders, missing[depth]: folder})
+                else:
+                    metas.extend(build({**folders, missing[depth]: folder}))
+                return metas[depth]
+
+            # an entry another process finished first stops the nesting here: the loop builds the rest
+            entries[missing[depth]] = get_or_build(cache_dir, kind, fields[missing[depth]], build_here)
+
+        nested(0, {})
+    return [entries[first[name]] for name in names]
+
+
 def find_entry(cache_dir: Path, kind: str, fields: dict[str, Any]) -> Entry | None:
     """The verified entry of ``fields`` if one is in the cache, else None (a damaged one counts as none)."""
     path = _entry_path(Path(cache_dir) / kind, fields)
@@ -138,18 +170,28 @@ def cached_state(cache_dir: Path, kind: str, fields: dict[str, Any], build: Call
         TypeError: the state holds something ``torch.load(weights_only=True)``
             cannot read back (named with its key), before anything is written.
     """
-    built: list[T] = []
+    return cached_states(cache_dir, kind, [fields], lambda missing: [build()], owner)[0]
 
-    def save(folder: Path) -> dict[str, Any]:
-        state = build()
-        check_state(state, owner)
-        torch.save(state, folder / STATE)
-        built.append(state)
-        return {}
 
-    entry = get_or_build(cache_dir, kind, fields, save)
+def cached_states(cache_dir: Path, kind: str, fields: Sequence[dict[str, Any]],
+                  build: Callable[[list[int]], list[T]], owner: str) -> list[T]:
+    """:func:`cached_state` of several entries, the missing ones built by one ``build(missing)`` call: it gets
+    their positions in ``fields`` and returns their states in that order (:func:`get_or_build_together`)."""
+    built: dict[int, T] = {}
+
+    def save(folders: dict[int, Path]) -> list[dict[str, Any]]:
+        states = build(list(folders))
+        for state in states:
+            check_state(state, owner)
+        for (i, folder), state in zip(folders.items(), states):
+            torch.save(state, folder / STATE)
+            built[i] = state
+        return [{} for _ in folders]
+
+    entries = get_or_build_together(cache_dir, kind, fields, save)
     # a verified entry that torch cannot read is a bug to see, not a reason to rebuild on every run
-    return built[0] if built else torch.load(entry.path / STATE, weights_only=True)
+    return [built[i] if i in built else torch.load(entry.path / STATE, weights_only=True)
+            for i, entry in enumerate(entries)]
 
 
 # Leaves torch.load(weights_only=True) reads back; containers are checked item by item.

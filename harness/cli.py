@@ -185,8 +185,8 @@ def _run_config(config: "HarnessConfig", out: Path, args: argparse.Namespace, me
 
     if ranks.sharded:  # every rank traces its shards; rank 0 goes on alone, from the cache
         with process_group(ranks, config.device) as device:
-            trace_for_run(dataclasses.replace(config, device=device), [config.seed + s for s in range(args.seeds)],
-                          ranks)
+            trace_for_run(dataclasses.replace(config, device=device), methods,
+                          [config.seed + s for s in range(args.seeds)], ranks)
         if ranks.rank != 0:
             print(f"rank {ranks.rank} of {ranks.world}: traced its shards; rank 0 writes the results")
             return 0

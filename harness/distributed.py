@@ -24,11 +24,6 @@ from typing import Iterator
 from harness.config import HarnessConfig
 from harness.errors import ConfigError
 
-# what each rank traces for `run`: the quantized splits the fits and scores read, and fp32 heads (the
-# distillation teacher of some methods) and test (the full-depth fp32 row)
-RUN_TRACES = ((None, "heads"), (None, "gate"), (None, "test"), ("fp32", "heads"), ("fp32", "test"))
-
-
 @dataclasses.dataclass(frozen=True)
 class Ranks:
     """This process's place among the launched ones."""
@@ -88,21 +83,21 @@ def restore_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 
-def trace_for_run(config: HarnessConfig, seeds: list[int], ranks: Ranks) -> None:
-    """Every trace a ``run`` with ``config`` and ``seeds`` reads, sharded across ``ranks`` (all ranks call it)."""
-    from harness.session import Session
+def trace_for_run(config: HarnessConfig, methods: list[str], seeds: list[int], ranks: Ranks) -> None:
+    """Every trace a ``run`` of ``methods`` with ``config`` and ``seeds`` reads, sharded across ``ranks`` (all
+    ranks call it)."""
+    from harness.session import Session, run_traces
     from harness.trace import trace_shard
 
     session = Session(config, progress=ranks.rank == 0)
-    done: set[tuple[str, str, bytes]] = set()
+    done: set[tuple[str, bytes, tuple[str, ...]]] = set()
     for seed in seeds:
         seeded = session.seeded(seed)
-        for quant, split in RUN_TRACES:
-            rows = seeded.traced_rows(split)
-            backbone, quantizer = seeded.quantized(quant)
-            traced = (backbone.quantizer, rows.part, rows.indices.tobytes())
+        for rows, quants in seeded.trace_groups(run_traces(methods)):
+            traced = (rows.part, rows.indices.tobytes(), tuple(quants))
             if traced in done:
                 continue
             done.add(traced)
-            trace_shard(backbone, quantizer, seeded.image_batches(rows, backbone=backbone), seeded.classifier,
+            quantized = [seeded.quantized(quant) for quant in quants]
+            trace_shard(quantized, seeded.image_batches(rows, backbone=quantized[0][0]), seeded.classifier,
                         seeded.cache_dir, ranks.rank, ranks.world, progress=ranks.rank == 0)

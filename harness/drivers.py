@@ -164,45 +164,103 @@ def replay(policy: ExitPolicy, features: SplitFeatures, num_blocks: int, num_pat
 def run_early_exit(policy: ExitPolicy, backbone: Backbone, images: torch.Tensor,
                    classifier: Classifier) -> ExitOutcome:
     """Run one batch block by block; exited samples leave the batch, dropped tokens leave the samples."""
+    return run_early_exits([policy], backbone, images, classifier)[0]
+
+
+@dataclass
+class _Branch:
+    """Policies that have decided alike so far, and the batch they share: its tokens and active rows."""
+
+    members: list[int]
+    x: torch.Tensor
+    active: np.ndarray
+
+
+@torch.inference_mode()
+def run_early_exits(policies: list[ExitPolicy], backbone: Backbone, images: torch.Tensor,
+                    classifier: Classifier) -> list[ExitOutcome]:
+    """:func:`run_early_exit` of each policy on one batch, with the blocks run once for the policies that
+    have made the same decisions so far.
+
+    The policies share the batch until their decisions differ (samples that exit, tokens kept or
+    merged); from then on each group of them carries its own batch. So a sweep of one method's knob runs
+    the blocks before its first exit or drop once for every value. Each outcome is the one the policy
+    gets alone, bit for bit: a group's batch is exactly the batch a lone run would hold.
+    """
+    if len({id(policy) for policy in policies}) != len(policies):
+        raise ValueError("run_early_exits needs distinct policy objects (each keeps its own batch state)")
     num_blocks = backbone.num_blocks
-    layers = set(_check_layers(policy, num_blocks))
+    layers = [set(_check_layers(policy, num_blocks)) for policy in policies]
     batch = len(images)
-    policy.start_batch(batch)
-    x = backbone.embed(images.to(backbone.device))
-    active = np.arange(batch)
-    exit_layer = np.full(batch, num_blocks, dtype=np.int64)
-    by_policy = np.zeros(batch, dtype=bool)
-    logits = torch.zeros(batch, classifier.num_classes)
-    tokens = np.zeros((batch, num_blocks), dtype=np.int64)
+    for policy in policies:
+        policy.start_batch(batch)
+    exit_layer = [np.full(batch, num_blocks, dtype=np.int64) for _ in policies]
+    by_policy = [np.zeros(batch, dtype=bool) for _ in policies]
+    logits = [torch.zeros(batch, classifier.num_classes) for _ in policies]
+    tokens = [np.zeros((batch, num_blocks), dtype=np.int64) for _ in policies]
     layout = backbone.tower.layout
+    branches = [_Branch(list(range(len(policies))), backbone.embed(images.to(backbone.device)), np.arange(batch))]
     for layer in range(1, num_blocks + 1):
-        tokens[active, layer - 1] = x.shape[1] - layout.prefix
-        x = backbone.blocks[layer - 1](x)
         next_block = backbone.blocks[layer] if layer < num_blocks else None
-        view = TokenView(x, layer, active, next_block, layout)
-        if layer in layers:
-            decision = policy.decide(layer, view)
-            leaving = decision.exit.cpu()
-            exit_layer[active[leaving.numpy()]] = layer
-            by_policy[active[leaving.numpy()]] = True
-            logits[torch.from_numpy(active[leaving.numpy()])] = decision.logits[leaving].float().cpu()
-            x, active = x[~leaving.to(x.device)], active[~leaving.numpy()]
-            view = TokenView(x, layer, active, next_block, layout)
-        keep = policy.keep_tokens(layer, view) if len(active) else None
+        after: list[_Branch] = []
+        for branch in branches:
+            for i in branch.members:
+                tokens[i][branch.active, layer - 1] = branch.x.shape[1] - layout.prefix
+            x = backbone.blocks[layer - 1](branch.x)
+            view = TokenView(x, layer, branch.active, next_block, layout)
+            exits: dict[bytes, tuple[list[int], np.ndarray]] = {}  # the members by the samples they let exit
+            for i in branch.members:
+                leaving = np.zeros(len(branch.active), dtype=bool)
+                if layer in layers[i]:
+                    decision = policies[i].decide(layer, view)
+                    leaving = decision.exit.cpu().numpy().astype(bool)
+                    rows = branch.active[leaving]
+                    exit_layer[i][rows], by_policy[i][rows] = layer, True
+                    logits[i][torch.from_numpy(rows)] = decision.logits[torch.from_numpy(leaving)].float().cpu()
+                exits.setdefault(leaving.tobytes(), ([], leaving))[0].append(i)
+            for members, leaving in exits.values():
+                if leaving.any():
+                    stay = torch.from_numpy(~leaving).to(x.device)
+                    kept = _Branch(members, x[stay], branch.active[~leaving])
+                    kept_view = TokenView(kept.x, layer, kept.active, next_block, layout)
+                else:
+                    kept, kept_view = _Branch(members, x, branch.active), view
+                if len(kept.active):
+                    after.extend(_keep_tokens(policies, kept, kept_view, layer, layout.prefix))
+        branches = after
+        if not branches:
+            break
+    for branch in branches:
+        final = classifier(backbone.head(branch.x).float()).cpu()
+        for i in branch.members:
+            logits[i][torch.from_numpy(branch.active)] = final
+    return [ExitOutcome(exit_layer[i], *classify(logits[i].numpy()), tokens[i], by_policy[i])
+            for i in range(len(policies))]
+
+
+def _keep_tokens(policies: list[ExitPolicy], branch: _Branch, view: TokenView, layer: int,
+                 prefix: int) -> list[_Branch]:
+    """``branch`` after each member's token decision at ``layer``: one branch per distinct resulting batch."""
+    groups: list[_Branch] = []
+    for i in branch.members:
+        policy = policies[i]
+        keep = policy.keep_tokens(layer, view)
+        x = branch.x
         if keep is not None:
             if not policy.prunes_tokens:
                 raise ValueError(f"method {policy.name!r} keeps tokens but does not set prunes_tokens = True "
                                  "(which keeps it out of trace replay)")
             keep = keep.to(x.device)
             merged = policy.merge_tokens(layer, view, keep)
-            x = _drop_tokens(x, keep, layout.prefix)
+            x = _drop_tokens(x, keep, prefix)
             if merged is not None:
                 x = torch.cat([x, merged.to(x.device, x.dtype)], dim=1)
-        if len(active) == 0:
-            break
-    if len(active):
-        logits[torch.from_numpy(active)] = classifier(backbone.head(x).float()).cpu()
-    return ExitOutcome(exit_layer, *classify(logits.numpy()), tokens, by_policy)
+        same = next((g for g in groups if g.x is x or (g.x.shape == x.shape and torch.equal(g.x, x))), None)
+        if same is None:
+            groups.append(_Branch([i], x, branch.active))
+        else:
+            same.members.append(i)
+    return groups
 
 
 def _drop_tokens(x: torch.Tensor, keep: torch.Tensor, prefix: int = 1) -> torch.Tensor:

@@ -228,6 +228,9 @@ class ExitPolicy(abc.ABC):
     prunes_tokens: ClassVar[bool] = False  # True: a token policy (real driver only, see the class docstring)
     knob: ClassVar[str | None] = None  # what sets the operating point: a Config field unless with_knob says otherwise
     knob_grid: ClassVar[tuple[float, ...]] = ()  # the knob's values in a sweep
+    # True: may fit on the fp32 trace of the heads split too (FitContext.heads_fp32, e.g. a distillation
+    # teacher), which a run then traces beside the quantized one, decoding the images once
+    reads_heads_fp32: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any):
         """

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from harness.controls import CONTROL_FEATURES
+from harness.drivers import ExitOutcome
 from harness.errors import ConfigError
 from harness.evaluate import quadrants
 from harness.policy import ExitPolicy
@@ -80,8 +81,9 @@ def gate_curve(session: Session, policy: ExitPolicy, seed: int) -> list[dict[str
     """
     if policy.knob is None:
         return [{"knob": None, **session.gate_point(policy, seed)}]
-    return [{"knob": value, **session.gate_point(policy.with_knob(value), seed, desc=f"{policy.name} gate {value:g}")}
-            for value in policy.knob_grid]
+    variants = [policy.with_knob(value) for value in policy.knob_grid]
+    points = session.gate_points(variants, seed, desc=f"{policy.name} gate, {len(variants)} values of {policy.knob}")
+    return [{"knob": value, **point} for value, point in zip(policy.knob_grid, points)]
 
 
 def choose(curve: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
@@ -94,10 +96,10 @@ def choose(curve: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
 
 
 def _scored(session: Session, policy: ExitPolicy, seed: int, budget: float, knob: float | None,
-            gate: dict[str, Any], intervals: bool = False) -> OperatingPoint:
-    """The operating point of ``policy`` as chosen on ``gate``, scored on ``test`` (bootstrap CIs only with
-    ``intervals``: an operating point reports its seeds' spread instead)."""
-    evaluation = session.evaluate(policy, seed, desc=f"{policy.name} at {budget:g}% (real driver)",
+            gate: dict[str, Any], intervals: bool = False, outcome: ExitOutcome | None = None) -> OperatingPoint:
+    """The operating point of ``policy`` as chosen on ``gate``, scored on ``test`` (its ``outcome`` there
+    when given; bootstrap CIs only with ``intervals``: an operating point reports its seeds' spread instead)."""
+    evaluation = session.evaluate(policy, seed, outcome, desc=f"{policy.name} at {budget:g}% (real driver)",
                                   intervals=intervals)
     return OperatingPoint(budget, knob, gate["top1"], gate["flops_saving"], evaluation.metrics["top1"],
                           evaluation.metrics["flops_saving"], evaluation.correct)
@@ -109,23 +111,27 @@ def policy_points(session: Session, policy: ExitPolicy, seed: int, budgets: tupl
 
     ``refit(overrides)`` fits the policy again with the config overrides of
     :meth:`~harness.policy.ExitPolicy.budget_config`, for a method that fits
-    itself to a budget; without it (controls) the knob is always swept.
+    itself to a budget; without it (controls) the knob is always swept. The
+    chosen settings are scored on ``test`` together (one real-driver pass).
     """
     curve = None
-    points: list[OperatingPoint | None] = []
+    chosen: list[tuple[float, ExitPolicy, float | None, dict[str, Any]] | None] = []
     for budget in budgets:
         overrides = policy.budget_config(budget) if refit is not None else {}
         if overrides:
             fitted = refit(overrides)
             gate = session.gate_point(fitted, seed)
-            points.append(_scored(session, fitted, seed, budget, None, gate) if gate["flops_saving"] >= budget else None)
+            chosen.append((budget, fitted, None, gate) if gate["flops_saving"] >= budget else None)
             continue
         curve = curve if curve is not None else gate_curve(session, policy, seed)
-        chosen = choose(curve, budget)
-        points.append(None if chosen is None else
-                      _scored(session, policy if chosen["knob"] is None else policy.with_knob(chosen["knob"]),
-                              seed, budget, chosen["knob"], chosen))
-    return points
+        pick = choose(curve, budget)
+        chosen.append(None if pick is None else
+                      (budget, policy if pick["knob"] is None else policy.with_knob(pick["knob"]), pick["knob"], pick))
+    reached = [c for c in chosen if c is not None]
+    outcomes = iter(session.outcomes([variant for _, variant, _, _ in reached],
+                                     desc=f"{policy.name} at {len(reached)} budgets (real driver)"))
+    return [None if c is None else _scored(session, c[1], seed, c[0], c[2], c[3], outcome=next(outcomes))
+            for c in chosen]
 
 
 def method_points(session: Session, name: str, seed: int, budgets: tuple[float, ...],

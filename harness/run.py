@@ -30,7 +30,7 @@ import torch
 from harness._io import atomic_path, atomic_write_text
 from harness.config import HarnessConfig
 from harness.controls import CONTROL_FEATURES
-from harness.session import Session
+from harness.session import Session, run_traces
 from harness.drivers import ExitOutcome, TraceView, replay, run_early_exit
 from harness.errors import ConfigError
 from harness.policy import METHODS, ExitPolicy, create_method
@@ -219,6 +219,9 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
                           f"agreement_images ({agreement_images}) at least 0")
     session = Session(config)
     check_methods(methods, overrides or {}, session.num_blocks)
+    seed_list = [config.seed + s for s in range(seeds)]
+    for seed in seed_list:  # every trace up front: one pass over each part's images for fp32 and the quantizer
+        session.seeded(seed).prepare_traces(run_traces(methods))
     c, test, labels = session.config, session.test, session.labels
     rows, frames = {}, []
     # every row's name, the one category dtype of predictions' "method" column (1 byte a sample)
@@ -232,7 +235,6 @@ def run(config: HarnessConfig, methods: list[str], seeds: int, latency: bool = T
 
     fitted: dict[str, ExitPolicy] = {}
     failures: dict[str, str] = {}
-    seed_list = [c.seed + s for s in range(seeds)]
     bar = tqdm(total=(len(methods) + 1) * seeds, desc="fit, choose on gate, score", unit="fit",
                disable=not session.progress)
     controls: list[dict[str, list[OperatingPoint | None]]] = []

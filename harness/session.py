@@ -17,7 +17,7 @@ tokens they drop), and every policy under a batch-dependent quantizer (where
 a sample's features depend on who else is still in its batch), run the
 images through the real driver, on ``gate`` and on ``test`` alike, so one
 table never mixes drivers. Real-driver outcomes are kept in the cache per
-fitted state (:meth:`Session.stored_real_outcome`), so a seed-independent fit
+fitted state (:meth:`Session.stored_real_outcomes`), so a seed-independent fit
 is evaluated once for all seeds and a warm run replays every real-driver pass.
 """
 
@@ -30,24 +30,25 @@ import json
 import sys
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from harness import evaluate, fitting
 from harness.backbones import Backbone, backbone_config, create_backbone
-from harness.cache import cached_state, code_fields, trace_fields
+from harness.cache import cached_state, cached_states, code_fields, trace_fields
 from harness.config import HarnessConfig
 from harness.datasets import Dataset, ImageBatches, Split, create_dataset
-from harness.drivers import ExitOutcome, replay, run_early_exit
+from harness.drivers import ExitOutcome, replay, run_early_exits
 from harness.errors import ConfigError, DataError
 from harness.heads import Classifier
 from harness.policy import ExitPolicy, FitContext, create_method
 from harness.prompts import prompt_templates
 from harness.quantizers import Quantizer, block_targets, create_quantizer
 from harness.scoring import Evaluation, drops_nothing, outcome_flops, score
-from harness.trace import Trace, trace_split
+from harness.trace import Trace, trace_splits
+
 
 # cached properties that every derived session shares (the same for any seed, quantizer and limit)
 _SHARED = ("backbone", "dataset", "templates", "classifier", "tower")
@@ -88,6 +89,16 @@ def fit_digest(policy: ExitPolicy) -> str:
     state = policy.state_dict()
     update({k: v for k, v in state.items() if k != "report"})  # diagnostics (timings) are not the fit
     return digest.hexdigest()
+
+
+def run_traces(methods: list[str]) -> list[tuple[str | None, str]]:
+    """What ``run`` of ``methods`` traces, each (quant, split) (None: the config's quantizer): the quantized
+    splits the fits and scores read, fp32 test (the full-depth fp32 row), and fp32 heads when a method
+    declares it reads them (:attr:`~harness.policy.ExitPolicy.reads_heads_fp32`)."""
+    from harness.policy import METHODS
+
+    teacher = any(getattr(METHODS.get(name), "reads_heads_fp32", False) for name in methods)
+    return [(None, "heads"), (None, "gate"), (None, "test"), ("fp32", "test"), *([("fp32", "heads")] * teacher)]
 
 
 class Session:
@@ -259,14 +270,34 @@ class Session:
 
     def _part_trace(self, quant: str, split: str) -> Trace:
         """The trace behind ``split`` (:meth:`traced_rows`)."""
-        part_split = self.traced_rows(split)
-        key = (quant, part_split.part, part_split.indices.tobytes())
-        if key not in self._traces:
-            backbone, quantizer = self.quantized(quant)
-            batches = self.image_batches(part_split, backbone=backbone)
-            self._traces[key] = trace_split(backbone, quantizer, batches, self.classifier, self.cache_dir,
-                                            self.progress)
-        return self._traces[key]
+        self.prepare_traces([(quant, split)])
+        rows = self.traced_rows(split)
+        return self._traces[(quant, rows.part, rows.indices.tobytes())]
+
+    def trace_groups(self, requests: Iterable[tuple[str | None, str]]) -> list[tuple[Split, list[str]]]:
+        """The (quant, split) ``requests`` (None: the config's quantizer) as passes over images: each traced
+        part (:meth:`traced_rows`) with the quantizers that trace it, in order of first request."""
+        groups: dict[tuple[str, bytes], tuple[Split, list[str]]] = {}
+        for quant, split in requests:
+            rows = self.traced_rows(split)
+            _, quants = groups.setdefault((rows.part, rows.indices.tobytes()), (rows, []))
+            if (quant or self.config.quant) not in quants:
+                quants.append(quant or self.config.quant)
+        return list(groups.values())
+
+    def prepare_traces(self, requests: Iterable[tuple[str | None, str]]) -> None:
+        """Trace whatever of the (quant, split) ``requests`` is not traced yet, in one pass over each part's
+        images for all the quantizers that trace it, so images are decoded and preprocessed once
+        (:func:`harness.trace.trace_splits`); a run asks for all of its traces up front."""
+        for rows, quants in self.trace_groups(requests):
+            keys = {quant: (quant, rows.part, rows.indices.tobytes()) for quant in quants}
+            todo = [quant for quant, key in keys.items() if key not in self._traces]
+            if not todo:
+                continue
+            quantized = [self.quantized(quant) for quant in todo]
+            batches = self.image_batches(rows, backbone=quantized[0][0])
+            traces = trace_splits(quantized, batches, self.classifier, self.cache_dir, self.progress)
+            self._traces.update({keys[quant]: trace for quant, trace in zip(todo, traces)})
 
     def zero_shot_top1(self, quant: str | None = None, split: str = "test") -> float:
         """Full-depth zero-shot top-1 (%) of ``split`` under ``quant`` (default: the config's)."""
@@ -391,17 +422,32 @@ class Session:
         ``split`` is ``test`` (the same for every seed) or ``gate`` of ``seed``.
         ``desc`` labels the real driver's progress bar.
         """
+        return self.outcomes([policy], desc, split, seed)[0]
+
+    def outcomes(self, policies: list[ExitPolicy], desc: str | None = None, split: str = "test",
+                 seed: int | None = None) -> list[ExitOutcome]:
+        """:meth:`outcome` of each of ``policies`` (e.g. one method at each value of its knob); those the real
+        driver scores share one pass over the images (:meth:`stored_real_outcomes`)."""
         session = self if split == "test" else self.seeded(seed)
         trace = self.test if split == "test" else session.trace(None, split)
-        if not self.uses_real_driver(policy):
-            return replay(policy, trace, self.num_blocks, self.num_patches)
-        if drops_nothing(policy) or not (policy.prunes_tokens or policy.exit_layers()):
-            return self.full_outcome(trace)  # what the real driver gives on the trace's own batches (tested)
-        return session.stored_real_outcome(policy, trace, desc, split)
+        outcomes: dict[int, ExitOutcome] = {}
+        real: list[int] = []
+        for i, policy in enumerate(policies):
+            if not self.uses_real_driver(policy):
+                outcomes[i] = replay(policy, trace, self.num_blocks, self.num_patches)
+            elif drops_nothing(policy) or not (policy.prunes_tokens or policy.exit_layers()):
+                outcomes[i] = self.full_outcome(trace)  # what the real driver gives on the trace's own batches (tested)
+            else:
+                real.append(i)
+        if real:
+            stored = session.stored_real_outcomes([policies[i] for i in real], trace, desc, split)
+            outcomes.update(zip(real, stored))
+        return [outcomes[i] for i in range(len(policies))]
 
-    def real_outcome(self, policy: ExitPolicy, trace: Trace, desc: str | None = None,
-                     split: str = "test") -> ExitOutcome:
-        """``policy`` on the whole ``split`` (``trace``'s) under the real driver, in batches of the run's batch size.
+    def real_outcomes(self, policies: list[ExitPolicy], trace: Trace, desc: str | None = None,
+                      split: str = "test") -> list[ExitOutcome]:
+        """Each of ``policies`` on the whole ``split`` (``trace``'s) under the real driver, in batches of the
+        run's batch size, in one pass over the images (:func:`~harness.drivers.run_early_exits`).
 
         The batches are the trace's (split order, bad images skipped alike), so
         the rows line up with ``trace`` and, for a batch-dependent quantizer, a
@@ -414,35 +460,38 @@ class Session:
         parts, indices = [], []
         for images, _, batch_indices in tqdm(self.image_batches(split, backbone=backbone), desc=desc, unit="batch",
                                              leave=False, disable=desc is None or not self.progress):
-            parts.append(run_early_exit(policy, backbone, images, self.classifier))
+            parts.append(run_early_exits(policies, backbone, images, self.classifier))
             indices.append(batch_indices)
         if not np.array_equal(np.concatenate(indices) if indices else np.zeros(0, np.int64), np.asarray(trace.indices)):
             raise RuntimeError(f"the real driver's {split} images do not match the {split} trace's rows")
-        return ExitOutcome(*(np.concatenate([getattr(p, f.name) for p in parts])
-                             for f in dataclasses.fields(ExitOutcome)))
+        return [ExitOutcome(*(np.concatenate([getattr(batch[i], f.name) for batch in parts])
+                              for f in dataclasses.fields(ExitOutcome)))
+                for i in range(len(policies))]
 
-    def stored_real_outcome(self, policy: ExitPolicy, trace: Trace, desc: str | None = None,
-                            split: str = "test") -> ExitOutcome:
-        """:meth:`real_outcome`, kept in the cache: a warm run, another seed of a seed-independent fit, or a
-        sweep point seen before replays it instead of running the backbone again.
+    def stored_real_outcomes(self, policies: list[ExitPolicy], trace: Trace, desc: str | None = None,
+                             split: str = "test") -> list[ExitOutcome]:
+        """:meth:`real_outcomes`, each kept in the cache: a warm run, another seed of a seed-independent fit,
+        or a sweep point seen before replays it instead of running the backbone again; the missing ones
+        share one pass.
 
-        Keyed by :meth:`_real_driver_key`.
+        Keyed by :meth:`_real_driver_key`, one policy each.
         """
-        def run() -> dict[str, torch.Tensor]:
-            outcome = self.real_outcome(policy, trace, desc=desc, split=split)
-            return {f.name: torch.from_numpy(np.ascontiguousarray(getattr(outcome, f.name)))
-                    for f in dataclasses.fields(ExitOutcome)}
+        def run(missing: list[int]) -> list[dict[str, torch.Tensor]]:
+            outcomes = self.real_outcomes([policies[i] for i in missing], trace, desc=desc, split=split)
+            return [{f.name: torch.from_numpy(np.ascontiguousarray(getattr(outcome, f.name)))
+                     for f in dataclasses.fields(ExitOutcome)} for outcome in outcomes]
 
-        state = cached_state(self.cache_dir, "outcomes", self._real_driver_key({policy.name: policy}, trace), run,
-                             f"method {policy.name!r}")
-        return ExitOutcome(**{name: value.numpy() for name, value in state.items()})
+        keys = [self._real_driver_key({policy.name: policy}, trace) for policy in policies]
+        owner = " and ".join(dict.fromkeys(f"method {policy.name!r}" for policy in policies))
+        states = cached_states(self.cache_dir, "outcomes", keys, run, owner)
+        return [ExitOutcome(**{name: value.numpy() for name, value in state.items()}) for state in states]
 
     def stored_pass(self, kind: str, policies: dict[str, ExitPolicy], build: Callable[[], dict[str, Any]],
                     fields: dict[str, Any], modules: tuple[str, ...]) -> dict[str, Any]:
         """``build()``: what ``policies`` do under the real driver on test images (``run``'s latency and
         driver-agreement passes), kept in the cache under ``kind`` so that a warm run reads it back.
 
-        Keyed like :meth:`stored_real_outcome`, plus ``fields`` (the pass's settings; for timings, the
+        Keyed like :meth:`stored_real_outcomes`, plus ``fields`` (the pass's settings; for timings, the
         machine) and the code of ``modules``.
         """
         key = {**self._real_driver_key(policies, self.test, modules), **fields}
@@ -467,11 +516,17 @@ class Session:
     def gate_point(self, policy: ExitPolicy, seed: int, desc: str | None = None) -> dict[str, float]:
         """``policy``'s top-1 and FLOPs saving (%) on the ``gate`` split of ``seed``: what operating points
         are chosen on (never ``test``)."""
-        outcome = self.outcome(policy, desc, split="gate", seed=seed)
+        return self.gate_points([policy], seed, desc)[0]
+
+    def gate_points(self, policies: list[ExitPolicy], seed: int, desc: str | None = None) -> list[dict[str, float]]:
+        """:meth:`gate_point` of each of ``policies`` (one method's knob grid: its real-driver passes are one)."""
         labels = np.asarray(self.seeded(seed).trace(None, "gate").labels)
-        flops = outcome_flops(policy, outcome, self.token_flops, self.num_blocks)
-        return {"top1": float(100 * np.mean(outcome.predictions == labels)),
-                "flops_saving": float(100 * (1 - flops.mean() / self.full_flops))}
+        points = []
+        for policy, outcome in zip(policies, self.outcomes(policies, desc, split="gate", seed=seed)):
+            flops = outcome_flops(policy, outcome, self.token_flops, self.num_blocks)
+            points.append({"top1": float(100 * np.mean(outcome.predictions == labels)),
+                           "flops_saving": float(100 * (1 - flops.mean() / self.full_flops))})
+        return points
 
     def evaluate(self, policy: ExitPolicy, seed: int, outcome: ExitOutcome | None = None,
                  desc: str | None = None, intervals: bool = True) -> Evaluation:
@@ -490,10 +545,10 @@ class Session:
         Each point has the knob ``value``, ``top1``, ``flops_saving`` and its
         ``source``. No refit (:meth:`ExitPolicy.with_knob`).
         """
+        variants = [policy.with_knob(value) for value in policy.knob_grid]
         points = []
-        for value in policy.knob_grid:
-            variant = policy.with_knob(value)
-            outcome = self.outcome(variant, desc=f"{policy.name} {policy.knob}={value:g}")
+        for value, variant, outcome in zip(policy.knob_grid, variants,
+                                           self.outcomes(variants, desc=f"{policy.name} {policy.knob} sweep")):
             if drops_nothing(variant):
                 source = "full depth (keep 1.0 drops nothing)"
             else:

@@ -216,6 +216,7 @@ class LraEE(ExitPolicy):
 
     Config = LraEEConfig
     knob, knob_grid = "shared threshold", THRESHOLD_GRID
+    reads_heads_fp32 = True  # the INR layer choice and the distillation loss
 
     def __init__(self, config: LraEEConfig | None = None, **overrides):
         super().__init__(config, **overrides)

@@ -199,25 +199,27 @@ def gumbel_sigmoid(logits: torch.Tensor, generator: torch.Generator, temperature
 
 
 def pruned_forward(backbone, images: torch.Tensor, nets: nn.ModuleDict, layers: tuple[int, ...],
-                   generator: torch.Generator, temperature: float,
-                   straight_through: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """Training forward with hard Gumbel-sigmoid keep decisions after the blocks of ``layers``.
+                   generator: torch.Generator, temperature: float, straight_through: bool = True,
+                   draws: int = 1) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Training forward with hard Gumbel-sigmoid keep decisions after the blocks of ``layers``, ``draws``
+    times per image (rows draw-major: row = draw * B + image).
 
-    Returns image embeddings [B, E], each sample's kept share of the patch
-    tokens after each pruning block ([B] each), and the log-probability [B]
-    of all the decisions drawn for a sample's tokens still present.
+    Returns image embeddings [draws * B, E], each row's kept share of the patch
+    tokens after each pruning block ([draws * B] each), and the log-probability
+    of all the decisions drawn for a row's tokens still present.
     ``straight_through``: the decisions carry the relaxed sample's gradient
     through the masked backbone; otherwise the backbone runs without any
     gradient (only the log-probability has one, for a score-function update).
     The blocks before the first pruning block see no decision and run as
-    they are, without gradient.
+    they are, without gradient, once per image whatever ``draws``.
     """
     with torch.no_grad():
         x = backbone.embed(images)
         for block in backbone.blocks[:layers[0]]:
             x = block(x)
+        x = x.repeat(draws, 1, 1)
     keep = torch.ones(x.shape[:2], device=x.device)
-    shares, log_prob = [], torch.zeros(len(images), device=x.device)
+    shares, log_prob = [], torch.zeros(len(x), device=x.device)
     for layer in range(layers[0], backbone.num_blocks + 1):
         if layer > layers[0]:
             with torch.set_grad_enabled(straight_through and torch.is_grad_enabled()):
@@ -299,9 +301,9 @@ class TokenPruner(ExitPolicy):
                     raise ValueError(f"token-pruner: {len(images)} heads images read where {len(rows)} were traced")
                 # draw-major: row = draw * B + image
                 batch_teacher = torch.from_numpy(np.asarray(teacher[rows], dtype=np.float32)).repeat(draws, 1)
-                embedding, shares, log_prob = pruned_forward(backbone, images.repeat(draws, 1, 1, 1).to(device),
-                                                             self.nets, layers, generator, c.temperature,
-                                                             straight_through=straight)
+                embedding, shares, log_prob = pruned_forward(backbone, images.to(device), self.nets, layers,
+                                                             generator, c.temperature, straight_through=straight,
+                                                             draws=draws)
                 logits = classifier(embedding.float())
                 distill = F.kl_div(logits.log_softmax(-1), batch_teacher.to(device).log_softmax(-1), log_target=True,
                                    reduction="none").sum(-1)

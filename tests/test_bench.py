@@ -50,18 +50,22 @@ def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_p
     out = tmp_path / "data.json"
     assert main(["bench", "--suite", "data", "--data", "imagenet", "--data-root", str(tmp_path / "val"),
                  "--templates", "simple", "--limit", "96", "--batch-size", "32", "--workers", "2", "--rounds", "1",
-                 "--quant", "fp32", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+                 "--quant", "fake-w8a8", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())["result"]
     assert result["images"] == 96 and result["workers"] == 2
     timings = result["timings"]
     assert set(timings) == {"decode, 0 workers", "decode, 2 workers", "encode_image, pre-decoded",
                             "trace, pre-decoded", "trace + decode, 2 workers",
-                            "trace + decode, 2 workers at normal priority"}
+                            "trace + decode, 2 workers at normal priority",
+                            "fp32 + fake-w8a8 traces, decoded once", "fp32 + fake-w8a8 traces, decoded twice"}
     bare = timings["encode_image, pre-decoded"]["images_per_s"]
     for key, name in (("input_gap_percent", "trace + decode, 2 workers"),
                       ("input_gap_normal_priority_percent", "trace + decode, 2 workers at normal priority")):
         assert result[key] == pytest.approx(100 * (1 - timings[name]["images_per_s"] / bare))
-    assert "slower than encode_image on pre-decoded images" in capsys.readouterr().out
+    once, twice = (timings[f"fp32 + fake-w8a8 traces, decoded {n}"]["seconds_per_pass"] for n in ("once", "twice"))
+    assert result["decode_once_saving_percent"] == pytest.approx(100 * (1 - once / twice))
+    printed = capsys.readouterr().out
+    assert "slower than encode_image on pre-decoded images" in printed and "decoding once" in printed
 
 
 def test_a_synthetic_imagenet_folder_is_an_imagenet_layout(tmp_path):

@@ -51,7 +51,7 @@ def _fitted(name: str, ctx: Session):
 
 
 def _real(policy, ctx: Session):
-    """The real driver over the test split in the trace's batches (as :meth:`harness.session.Session.real_outcome`)."""
+    """The real driver over the test split in the trace's batches (as :meth:`harness.session.Session.real_outcomes`)."""
     split, backbone = ctx.splits["test"], ctx.backbone
     images = torch.stack([backbone.preprocess(ctx.dataset.read_image(split.part, int(i))) for i in split.indices])
     size = ctx.config.batch_size

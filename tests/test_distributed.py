@@ -77,13 +77,13 @@ def test_torchrun_with_two_processes_gives_the_one_process_results(tmp_path):
 _WRAPPER = textwrap.dedent("""
     import os, sys
     import harness.trace as trace
-    traced = trace._run_backbone
-    def logged(backbone, batches, *args):
+    traced = trace._run_backbones
+    def logged(backbones, batches, *args):
         with open(os.environ["PASSES"], "a") as log:
-            split = batches.split
-            log.write(f"{os.environ['RANK']} {backbone.quantizer} {split.part} {split.indices[0]} {len(split)}\\n")
-        return traced(backbone, batches, *args)
-    trace._run_backbone = logged
+            split, quants = batches.split, "+".join(b.quantizer for b in backbones)
+            log.write(f"{os.environ['RANK']} {quants} {split.part} {split.indices[0]} {len(split)}\\n")
+        return traced(backbones, batches, *args)
+    trace._run_backbones = logged
     if os.environ.get("CRASH"):
         def crash(*args):
             os._exit(3)
@@ -101,7 +101,7 @@ def test_a_rank_that_dies_leaves_whole_shards_and_a_rerun_reuses_them(tmp_path):
     cache, passes = tmp_path / "cache", tmp_path / "passes.log"
     crashed = _run([*TORCHRUN, str(wrapper)], cache, tmp_path / "crashed", {"CRASH": "1", "PASSES": str(passes)})
     assert crashed.returncode != 0
-    # rank 0 died before merging the first trace: its shards are whole entries (a rank killed while
+    # rank 0 died before merging the first traces: their shards are whole entries (a rank killed while
     # tracing leaves only a hidden temporary folder, never an entry)
     shards = [s for s in (cache / "trace-shards").iterdir() if not s.name.startswith(".")]
     assert len(shards) >= 2
@@ -110,7 +110,7 @@ def test_a_rank_that_dies_leaves_whole_shards_and_a_rerun_reuses_them(tmp_path):
     assert not (cache / "traces").exists() or not any(p for p in (cache / "traces").iterdir() if p.name[0] != ".")
     first_trace = {}
     for line in passes.read_text().splitlines():
-        first_trace.setdefault(line.split()[0], line)  # each rank's first backbone pass: its shard of trace 1
+        first_trace.setdefault(line.split()[0], line)  # each rank's first backbone pass: its shard of the first traces
     assert sorted(first_trace) == ["0", "1"]
     passes.unlink()
     rerun = _run([*TORCHRUN, str(wrapper)], cache, tmp_path / "rerun", {"PASSES": str(passes)})

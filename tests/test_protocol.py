@@ -106,13 +106,13 @@ def test_one_driver_per_table_the_real_one_under_a_batch_dependent_quantizer(tmp
     bed = Session(config, progress=False)
     policy = bed.fit("cls-ee", 0).with_knob(0.3)  # a low threshold: many exits, so batches change
     assert bed.uses_real_driver(policy)
-    scored, real = bed.outcome(policy), bed.real_outcome(policy, bed.test)
+    scored, real = bed.outcome(policy), bed.real_outcomes([policy], bed.test)[0]
     replayed = replay(policy, bed.test, bed.num_blocks, bed.num_patches)
     assert np.array_equal(scored.exit_layer, real.exit_layer) and np.array_equal(scored.predictions, real.predictions)
     assert not np.array_equal(replayed.exit_layer, real.exit_layer), "no disagreement: the test cannot tell"
     # gate points (what operating points are chosen on) come from the same driver
     gate = bed.seeded(0).trace(None, "gate")
-    gate_real = bed.seeded(0).real_outcome(policy, gate, split="gate")
+    gate_real = bed.seeded(0).real_outcomes([policy], gate, split="gate")[0]
     flops_saving = bed.gate_point(policy, 0)["flops_saving"]
     assert bed.gate_point(policy, 0)["top1"] == pytest.approx(
         100 * np.mean(gate_real.predictions == np.asarray(gate.labels)))

@@ -17,20 +17,29 @@ def _config(cache_dir) -> HarnessConfig:
     return HarnessConfig(limit=32, batch_size=16, cache_dir=str(cache_dir))
 
 
-def test_replaying_more_methods_costs_no_backbone_pass(tmp_path, count_calls):
+def test_replaying_more_methods_costs_no_backbone_pass(tmp_path, monkeypatch):
     import harness.trace as trace_module
 
-    calls = count_calls(trace_module, "_run_backbone")  # backbone passes over data (trace builds)
+    passes, real = [], trace_module._run_backbones  # passes over data (trace builds): the quantizers of each
+
+    def counted(backbones, *args):
+        passes.append(sorted(backbone.quantizer for backbone in backbones))
+        return real(backbones, *args)
+
+    monkeypatch.setattr(trace_module, "_run_backbones", counted)
+    quant = _config(tmp_path / "a").resolved().quant
     run(_config(tmp_path / "a"), ["cls-ee"], seeds=1, latency=False)
-    assert calls["n"] == 4  # test under the default quantizer and fp32, heads and gate under the quantizer
-    calls["n"] = 0
+    # heads and gate under the quantizer, test under it and fp32 in one pass over the images
+    assert sorted(passes) == sorted([[quant], [quant], sorted(["fp32", quant])])
+    passes.clear()
     run(_config(tmp_path / "b"), resolve_methods("all"), seeds=2, latency=False)
-    # a fresh cache: the 4 above, seed 1's redrawn heads and gate (--limit), and the fp32 twin of each seed's
-    # heads split that lra-ee distils from; nothing per method
-    assert calls["n"] == 4 + 2 + 2
-    calls["n"] = 0
+    # a fresh cache: the same, with lra-ee's fp32 heads traced in the heads pass, and seed 1's redrawn heads
+    # (fp32 too) and gate (--limit); nothing per method
+    both = sorted(["fp32", quant])
+    assert sorted(passes) == sorted([both, [quant], both, both, [quant]])
+    passes.clear()
     run(_config(tmp_path / "b"), resolve_methods("all"), seeds=2, latency=False)
-    assert calls["n"] == 0  # traces and fitted policies all cached
+    assert passes == []  # traces and fitted policies all cached
 
 
 def test_results_folder_and_tables(tmp_path):

@@ -66,10 +66,10 @@ class ExitsWithoutDecide(ExitPolicy):
 
 
 def test_a_policy_needs_decide_only_when_it_declares_exit_layers(session):
-    outcome = session.real_outcome(FullDepth(), session.test)  # no exit layers, no decide: full depth
+    outcome = session.real_outcomes([FullDepth()], session.test)[0]  # no exit layers, no decide: full depth
     np.testing.assert_array_equal(outcome.predictions, np.asarray(session.test.logits).argmax(1))
     with pytest.raises(NotImplementedError, match=r"exits-without-decide declares exit layers \[3\] but implements no"):
-        session.real_outcome(ExitsWithoutDecide(), session.test)
+        session.real_outcomes([ExitsWithoutDecide()], session.test)[0]
 
 
 def test_leaving_out_the_intervals_changes_nothing_else(session):

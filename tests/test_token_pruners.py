@@ -199,13 +199,13 @@ def test_keep_ratio_one_reproduces_the_full_depth_quantized_model(tmp_path, quan
     for name in ("evit", "token-pruner"):
         policy = create_method(name)
         policy.fit(ctx.fit_context())
-        outcome = ctx.real_outcome(policy.with_knob(1.0), test)
+        outcome = ctx.real_outcomes([policy.with_knob(1.0)], test)[0]
         full = ctx.full_outcome(test)
         np.testing.assert_array_equal(outcome.predictions, full.predictions)
         np.testing.assert_array_equal(outcome.top5, full.top5)
         assert (outcome.tokens == ctx.num_patches).all()
         assert all(policy.with_knob(1.0).head_flops(layer) == 0 for layer in range(1, 13))
-        pruned = ctx.real_outcome(policy, test)
+        pruned = ctx.real_outcomes([policy], test)[0]
         assert (pruned.tokens[:, -1] < ctx.num_patches).all()
 
 
@@ -260,7 +260,7 @@ def test_replay_refuses_token_policies(ctx, evit):
 
 def test_run_compares_the_pruners_with_lra_ee_at_each_budget(tmp_path, count_calls):
     config = HarnessConfig(limit=32, batch_size=16, cache_dir=str(tmp_path))
-    passes = count_calls(Session, "real_outcome")
+    passes = count_calls(Session, "real_outcomes")
     metrics, frame = run(config, ["token-pruner", "evit", "lra-ee"], seeds=1, latency=False, agreement_images=16,
                          budgets=(10.0, 25.0))
     rows = metrics["rows"]
@@ -273,11 +273,12 @@ def test_run_compares_the_pruners_with_lra_ee_at_each_budget(tmp_path, count_cal
             # the keep ratio chosen on gate, where it saves at least the budget; keep 1.0 saves nothing
             assert point["knob"] in (0.5, 0.6, 0.7, 0.8, 0.9) and point["gate_saving"] >= point["budget"]
             assert point["control"] in ("static-cls", "static-ssa")
-    # real-driver passes: per pruner, the default setting on test, 5 keep ratios on gate (1.0 is full depth's
-    # outcome, no pass), and the chosen keep ratios on test unless one is the default's (stored, not re-run)
+    # real-driver passes: per pruner, the default setting on test, one for its 5 keep ratios on gate (1.0 is
+    # full depth's outcome, no pass), and one for the keep ratios chosen at the budgets on test, unless the
+    # only one is the default's (stored)
     chosen = {name: {p["knob"] for p in rows[name]["operating_points"]["per_seed"][0]} - {0.7}
               for name in ("token-pruner", "evit")}
-    assert passes["n"] == sum(1 + 5 + len(knobs) for knobs in chosen.values())
+    assert passes["n"] == sum(1 + 1 + bool(knobs) for knobs in chosen.values())
     assert set(metrics["driver_agreement"]["methods"]) == {"full-depth", "lra-ee"}
     table = format_tables(metrics)
     assert "token-pruner" in table and "evit" in table and "routing gain" in table
@@ -287,7 +288,7 @@ def test_real_driver_outcomes_are_cached_across_seeds_and_runs(tmp_path, count_c
     """evit's fit does not depend on the seed: its real-driver pass runs once for 2 seeds, and not at all when
     the run is repeated; the replayed outcome is the one measured."""
     config = HarnessConfig(limit=32, batch_size=16, cache_dir=str(tmp_path))
-    calls = count_calls(Session, "real_outcome")
+    calls = count_calls(Session, "real_outcomes")
     quick = dict(latency=False, agreement_images=0, budgets=())  # no budgets: the default setting's pass only
     first, frame = run(config, ["evit"], seeds=2, **quick)
     assert calls["n"] == 1
@@ -298,3 +299,60 @@ def test_real_driver_outcomes_are_cached_across_seeds_and_runs(tmp_path, count_c
     other = HarnessConfig(limit=32, batch_size=8, cache_dir=str(tmp_path))  # another batch: another entry
     run(other, ["evit"], seeds=1, **quick)
     assert calls["n"] == 2
+
+
+def test_a_sweep_in_one_pass_gives_every_value_its_lone_outcome_and_runs_shared_blocks_once(ctx, evit, pruner):
+    cls_ee = ctx.fit("cls-ee", ctx.config.seed)
+    policies = [evit.with_knob(v) for v in (0.5, 0.7, 1.0)] + [pruner.with_knob(0.6), pruner.with_knob(0.6)]
+    policies += [cls_ee.with_knob(0.3), cls_ee.with_knob(0.6), cls_ee.with_knob(2.0)]  # 2.0: no sample exits
+    images = _images(ctx, 16)
+    calls = [0] * ctx.num_blocks
+    hooks = [block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, block in enumerate(ctx.backbone.blocks)]
+
+    def blocks_run(run) -> tuple[list[int], object]:
+        before = list(calls)
+        result = run()
+        return [b - a for a, b in zip(before, calls)], result
+
+    try:
+        shared, together = blocks_run(lambda: drivers.run_early_exits(policies, ctx.backbone, images, ctx.classifier))
+        lone, alone = blocks_run(lambda: [run_early_exit(p, ctx.backbone, images, ctx.classifier) for p in policies])
+        tokens_only, _ = blocks_run(lambda: drivers.run_early_exits(policies[:5], ctx.backbone, images, ctx.classifier))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for policy, joint, single in zip(policies, together, alone):
+        for field in ("exit_layer", "predictions", "top5", "tokens", "by_policy"):
+            assert np.array_equal(getattr(joint, field), getattr(single, field)), (policy.name, field)
+    assert len({tuple(o.predictions) for o in together}) > 2  # the variants differ, so sharing is not trivial
+    assert shared[0] == 1 and sum(shared) < sum(lone) and lone[0] == len(policies)
+    # the token policies drop nothing before block 3, so they run blocks 1-3 once; then keep 0.5, 0.7 and the
+    # two identical pruners (one batch) part ways, and keep 1.0 goes on with nothing dropped: 4 batches
+    assert tokens_only == [1, 1, 1] + [4] * (ctx.num_blocks - 3)
+    with pytest.raises(ValueError, match="distinct policy objects"):
+        drivers.run_early_exits([evit, evit], ctx.backbone, images, ctx.classifier)
+
+
+def test_training_runs_the_frozen_prefix_once_per_image_for_all_draws(ctx):
+    from methods.token_pruner import DecisionNet
+
+    nets = nn.ModuleDict({str(layer): DecisionNet(ctx.backbone.width, 0.7) for layer in (3, 6, 9)})
+    images = _images(ctx, 8)
+    rows = {}  # block index -> rows of each call
+    hooks = [ctx.backbone.blocks[i].register_forward_hook(lambda _, args, __, i=i: rows.setdefault(i, []).append(
+        len(args[0]))) for i in (0, 2)]
+    try:
+        once = pruned_forward(ctx.backbone, images, nets, (3, 6, 9), torch.Generator().manual_seed(0), 1.0, False,
+                              draws=2)
+        seen, rows = rows, {}
+        repeated = pruned_forward(ctx.backbone, images.repeat(2, 1, 1, 1), nets, (3, 6, 9),
+                                  torch.Generator().manual_seed(0), 1.0, False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {0: [8], 2: [8]}  # blocks 1-3 (frozen, before any decision) on each image once
+    assert rows == {0: [16], 2: [16]}
+    embedding, shares, log_prob = once
+    assert embedding.shape[0] == 16 and log_prob.shape == (16,) and all(s.shape == (16,) for s in shares)
+    assert torch.equal(embedding, repeated[0]) and torch.equal(log_prob, repeated[2])  # the same numbers

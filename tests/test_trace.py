@@ -166,3 +166,60 @@ def test_select_picks_rows_by_dataset_index_into_a_memory_mapped_entry(ctx, cach
     assert again.path == sub.path and len(list((cache_dir / "trace-rows").iterdir())) == 1  # written once
     assert trace.select(wanted[::-1], cache_dir).indices.tolist() == sub.indices.tolist()[::-1]
     assert trace.select(trace.indices, cache_dir) is trace
+
+
+def _count_passes(monkeypatch) -> list[list[str]]:
+    """The quantizers of every backbone pass from here on (one list per pass over the images)."""
+    import harness.trace as trace_module
+
+    passes, real = [], trace_module._run_backbones
+
+    def counted(backbones, *args):
+        passes.append([backbone.quantizer for backbone in backbones])
+        return real(backbones, *args)
+
+    monkeypatch.setattr(trace_module, "_run_backbones", counted)
+    return passes
+
+
+def test_quantizers_traced_together_decode_once_and_match_traces_made_alone(ctx, tmp_path, monkeypatch):
+    config = HarnessConfig(**{**ctx.config.__dict__, "quant": "fake-w8a8", "cache_dir": str(tmp_path / "together")})
+    together = Session(config, progress=False)
+    passes = _count_passes(monkeypatch)
+    together.prepare_traces([(None, "test"), ("fp32", "test"), (None, "gate")])
+    assert passes == [["fake-w8a8", "fp32"], ["fake-w8a8"]]  # the test images decoded once for both
+    alone = Session(HarnessConfig(**{**config.__dict__, "cache_dir": str(tmp_path / "alone")}), progress=False)
+    for quant in ("fake-w8a8", "fp32"):
+        joint, single = together.trace(quant, "test"), alone.trace(quant, "test")
+        assert joint.path.name == single.path.name  # the same cache key
+        for name in ("cls", "patch_mean", "sav", "embedding", "logits", "labels", "indices"):
+            assert np.array_equal(getattr(joint, name), getattr(single, name)), (quant, name)
+    assert passes[2:] == [["fake-w8a8"], ["fp32"]]
+    assert not np.array_equal(together.trace("fp32", "test").logits, together.trace(None, "test").logits)
+
+
+def test_only_the_missing_traces_of_a_pass_are_traced(ctx, monkeypatch):
+    ctx.trace("fp32", "test")
+    again = Session(HarnessConfig(**{**ctx.config.__dict__, "quant": "fake-w8a8"}), progress=False)
+    passes = _count_passes(monkeypatch)
+    again.prepare_traces([("fp32", "test"), (None, "test")])
+    again.prepare_traces([("fp32", "test"), (None, "test")])
+    assert passes == [["fake-w8a8"]]
+    assert again.trace("fp32", "test").path == ctx.trace("fp32", "test").path
+
+
+def test_a_failed_joint_pass_leaves_no_entry(ctx, cache_dir, monkeypatch):
+    import harness.trace as trace_module
+
+    real = trace_module.trace_batch
+
+    def fail_under_fp32(backbone, *args):
+        if backbone.quantizer == "fp32":
+            raise RuntimeError("power cut")
+        return real(backbone, *args)
+
+    monkeypatch.setattr(trace_module, "trace_batch", fail_under_fp32)
+    joint = Session(HarnessConfig(**{**ctx.config.__dict__, "quant": "fake-w8a8"}), progress=False)
+    with pytest.raises(RuntimeError, match="power cut"):
+        joint.prepare_traces([(None, "heads"), ("fp32", "heads")])
+    assert list((cache_dir / "traces").iterdir()) == []  # neither entry, nor a temporary folder
