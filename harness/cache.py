@@ -15,6 +15,7 @@ and rebuilt, with a one-line note on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -134,13 +135,19 @@ def get_or_build_together(cache_dir: Path, kind: str, fields: Sequence[dict[str,
                     nested(depth + 1, {**folders, missing[depth]: folder})
                 else:
                     metas.extend(build({**folders, missing[depth]: folder}))
+                if not metas:  # a deeper entry was finished by another process meanwhile, so nothing was built
+                    raise _StartOver
                 return metas[depth]
 
-            # an entry another process finished first stops the nesting here: the loop builds the rest
             entries[missing[depth]] = get_or_build(cache_dir, kind, fields[missing[depth]], build_here)
 
-        nested(0, {})
+        with contextlib.suppress(_StartOver):  # the loop builds what is still missing
+            nested(0, {})
     return [entries[first[name]] for name in names]
+
+
+class _StartOver(Exception):
+    """Raised through the nested builds of :func:`get_or_build_together` when one of its entries appeared."""
 
 
 def find_entry(cache_dir: Path, kind: str, fields: dict[str, Any]) -> Entry | None:
@@ -181,6 +188,8 @@ def cached_states(cache_dir: Path, kind: str, fields: Sequence[dict[str, Any]],
 
     def save(folders: dict[int, Path]) -> list[dict[str, Any]]:
         states = build(list(folders))
+        if len(states) != len(folders):
+            raise ValueError(f"{owner}: {len(states)} states built for {len(folders)} cache entries")
         for state in states:
             check_state(state, owner)
         for (i, folder), state in zip(folders.items(), states):
@@ -189,9 +198,10 @@ def cached_states(cache_dir: Path, kind: str, fields: Sequence[dict[str, Any]],
         return [{} for _ in folders]
 
     entries = get_or_build_together(cache_dir, kind, fields, save)
+    by_path = {entries[i].path: state for i, state in built.items()}  # a key given twice: its first one's
     # a verified entry that torch cannot read is a bug to see, not a reason to rebuild on every run
-    return [built[i] if i in built else torch.load(entry.path / STATE, weights_only=True)
-            for i, entry in enumerate(entries)]
+    return [by_path[entry.path] if entry.path in by_path else torch.load(entry.path / STATE, weights_only=True)
+            for entry in entries]
 
 
 # Leaves torch.load(weights_only=True) reads back; containers are checked item by item.

@@ -185,10 +185,13 @@ def run_early_exits(policies: list[ExitPolicy], backbone: Backbone, images: torc
     The policies share the batch until their decisions differ (samples that exit, tokens kept or
     merged); from then on each group of them carries its own batch. So a sweep of one method's knob runs
     the blocks before its first exit or drop once for every value. Each outcome is the one the policy
-    gets alone, bit for bit: a group's batch is exactly the batch a lone run would hold.
+    gets alone, bit for bit: a group's batch is exactly the batch a lone run would hold. The groups'
+    batches are alive at once: up to one per policy, each no larger than a lone run's.
     """
     if len({id(policy) for policy in policies}) != len(policies):
         raise ValueError("run_early_exits needs distinct policy objects (each keeps its own batch state)")
+    if not policies:
+        return []
     num_blocks = backbone.num_blocks
     layers = [set(_check_layers(policy, num_blocks)) for policy in policies]
     batch = len(images)
@@ -255,12 +258,18 @@ def _keep_tokens(policies: list[ExitPolicy], branch: _Branch, view: TokenView, l
             x = _drop_tokens(x, keep, prefix)
             if merged is not None:
                 x = torch.cat([x, merged.to(x.device, x.dtype)], dim=1)
-        same = next((g for g in groups if g.x is x or (g.x.shape == x.shape and torch.equal(g.x, x))), None)
+        same = next((g for g in groups if g.x is x or _same_bits(g.x, x)), None)
         if same is None:
             groups.append(_Branch([i], x, branch.active))
         else:
             same.members.append(i)
     return groups
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the very same bits (``torch.equal`` takes -0.0 for 0.0)."""
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
 
 
 def _drop_tokens(x: torch.Tensor, keep: torch.Tensor, prefix: int = 1) -> torch.Tensor:

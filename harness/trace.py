@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -233,8 +234,11 @@ def _run_backbones(
     labels, indices = [], []
     row = 0
     for images, batch_labels, batch_indices in tqdm(batches, desc=desc, unit="batch", disable=desc is None):
+        on_device = {}  # the batch on each backbone's device, copied there once
         for backbone, out in zip(backbones, outs):
-            store_batch(out, row, trace_batch(backbone, images.to(backbone.device), classifier))
+            if backbone.device not in on_device:
+                on_device[backbone.device] = images.to(backbone.device)
+            store_batch(out, row, trace_batch(backbone, on_device[backbone.device], classifier))
         row += len(images)
         labels.append(np.asarray(batch_labels, dtype=np.int64))
         indices.append(np.asarray(batch_indices, dtype=np.int64))
@@ -360,7 +364,8 @@ def trace_shard(
     dataset, split = batches.dataset, batches.split
     keys = _trace_keys(quantized, batches, classifier)
     entries = [find_entry(cache_dir, "traces", key) for key in keys]
-    todo = [i for i, entry in enumerate(entries) if entry is None]
+    first = {json.dumps(key, sort_keys=True, default=str): i for i, key in reversed(list(enumerate(keys)))}
+    todo = [i for i in sorted(first.values()) if entries[i] is None]  # a key given twice is traced once
     if todo:
         bounds = shard_bounds(len(split), batches.batch_size, world)
         shards = {r: (a, b) for r, (a, b) in enumerate(bounds) if b > a}
@@ -388,7 +393,9 @@ def trace_shard(
                 entries[i] = get_or_build(cache_dir, "traces", keys[i], lambda folder: _merge(parts, folder))
                 for k in shard_keys[i].values():
                     remove_entry(cache_dir, "trace-shards", k)
-    return [_open(entry) for entry in entries] if rank == 0 else None
+    if rank != 0:
+        return None
+    return [_open(entries[first[json.dumps(key, sort_keys=True, default=str)]]) for key in keys]
 
 
 def _merge(shards: list[Entry], folder: Path) -> dict[str, Any]:

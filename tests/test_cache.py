@@ -147,3 +147,45 @@ def test_unwritable_cache_folder_is_a_one_line_config_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert str(folder) in err and "--cache-dir" in err and "EXITBENCH_CACHE" in err
+
+
+def _write(folders, calls):
+    calls.append(sorted(folders))
+    for i, folder in folders.items():
+        (folder / "value.txt").write_text(str(i))
+    return [{"position": i} for i in folders]
+
+
+def test_entries_built_together_are_whole_entries_and_a_key_given_twice_is_built_once(tmp_path):
+    from harness.cache import get_or_build, get_or_build_together, read_entry
+
+    calls = []
+    fields = [{"k": "a"}, {"k": "b"}, {"k": "a"}]
+    entries = get_or_build_together(tmp_path, "demo", fields, lambda folders: _write(folders, calls))
+    assert calls == [[0, 1]] and entries[0].path == entries[2].path != entries[1].path
+    for entry, position in zip(entries, (0, 1, 0)):
+        read_entry(entry.path)  # every file present with its recorded digest
+        assert (entry.path / "value.txt").read_text() == str(position) and entry.meta["position"] == position
+    assert get_or_build(tmp_path, "demo", {"k": "b"}, lambda folder: pytest.fail("rebuilt")).path == entries[1].path
+    again = get_or_build_together(tmp_path, "demo", [{"k": "c"}, {"k": "b"}], lambda folders: _write(folders, calls))
+    assert calls[-1] == [0] and again[1].path == entries[1].path  # only the missing one
+
+
+def test_an_entry_finished_elsewhere_meanwhile_is_taken_and_the_rest_built(tmp_path, monkeypatch):
+    import harness.cache as cache
+
+    other = cache.get_or_build(tmp_path, "demo", {"k": "b"}, lambda folder: {"by": "another process"})
+    real, stale = cache.find_entry, {"n": 0}
+
+    def find_before_the_other_finished(cache_dir, kind, fields):
+        if fields == {"k": "b"} and stale["n"] == 0:
+            stale["n"] += 1
+            return None  # not there yet when looked for; there when built
+        return real(cache_dir, kind, fields)
+
+    monkeypatch.setattr(cache, "find_entry", find_before_the_other_finished)
+    calls = []
+    entries = cache.get_or_build_together(tmp_path, "demo", [{"k": "a"}, {"k": "b"}, {"k": "c"}],
+                                          lambda folders: _write(folders, calls))
+    assert calls == [[0, 2]] and entries[1].path == other.path and entries[1].meta["by"] == "another process"
+    assert not [p for p in (tmp_path / "demo").iterdir() if p.name.startswith(".")]  # no temporary folder left
