@@ -123,9 +123,8 @@ def get_or_build_together(cache_dir: Path, kind: str, fields: Sequence[dict[str,
     built and renamed into place atomically (:func:`get_or_build`, nested), so a failure leaves none of
     them half-written; entries another process completes meanwhile are taken as they are.
     """
-    names = [_entry_path(Path(cache_dir) / kind, f) for f in fields]
-    first = {name: i for i, name in reversed(list(enumerate(names)))}  # a key given twice is built once
-    entries = {i: find_entry(cache_dir, kind, fields[i]) for i in sorted(first.values())}
+    first = first_positions(fields)  # a key given twice is built once
+    entries = {i: find_entry(cache_dir, kind, fields[i]) for i in sorted(set(first))}
     while missing := [i for i, entry in entries.items() if entry is None]:
         metas: list[dict[str, Any]] = []
 
@@ -143,7 +142,14 @@ def get_or_build_together(cache_dir: Path, kind: str, fields: Sequence[dict[str,
 
         with contextlib.suppress(_StartOver):  # the loop builds what is still missing
             nested(0, {})
-    return [entries[first[name]] for name in names]
+    return [entries[i] for i in first]
+
+
+def first_positions(fields: Sequence[dict[str, Any]]) -> list[int]:
+    """For each key in ``fields``, the position of its first occurrence (keys equal as cache keys are one)."""
+    names = [_entry_path(Path(), f) for f in fields]
+    first = {name: i for i, name in reversed(list(enumerate(names)))}
+    return [first[name] for name in names]
 
 
 class _StartOver(Exception):

@@ -230,7 +230,9 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from harness.session import Session
 
     session = Session(_config(args, quant=None))
-    rows = [(q, session.zero_shot_top1(q, args.split)) for q in args.quant.split(",")]
+    quants = args.quant.split(",")
+    session.prepare_traces((q, args.split) for q in quants)  # one pass over the images for all of them
+    rows = [(q, session.zero_shot_top1(q, args.split)) for q in quants]
     print(tabulate(rows, headers=["quantizer", f"top-1 % ({args.split})"], floatfmt=".2f"))
     return 0
 

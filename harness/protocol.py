@@ -96,11 +96,10 @@ def choose(curve: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
 
 
 def _scored(session: Session, policy: ExitPolicy, seed: int, budget: float, knob: float | None,
-            gate: dict[str, Any], intervals: bool = False, outcome: ExitOutcome | None = None) -> OperatingPoint:
-    """The operating point of ``policy`` as chosen on ``gate``, scored on ``test`` (its ``outcome`` there
-    when given; bootstrap CIs only with ``intervals``: an operating point reports its seeds' spread instead)."""
-    evaluation = session.evaluate(policy, seed, outcome, desc=f"{policy.name} at {budget:g}% (real driver)",
-                                  intervals=intervals)
+            gate: dict[str, Any], outcome: ExitOutcome) -> OperatingPoint:
+    """The operating point of ``policy`` as chosen on ``gate``, scored by its ``outcome`` on ``test`` (no
+    bootstrap CIs: an operating point reports its seeds' spread instead)."""
+    evaluation = session.evaluate(policy, seed, outcome, intervals=False)
     return OperatingPoint(budget, knob, gate["top1"], gate["flops_saving"], evaluation.metrics["top1"],
                           evaluation.metrics["flops_saving"], evaluation.correct)
 
@@ -130,7 +129,7 @@ def policy_points(session: Session, policy: ExitPolicy, seed: int, budgets: tupl
     reached = [c for c in chosen if c is not None]
     outcomes = iter(session.outcomes([variant for _, variant, _, _ in reached],
                                      desc=f"{policy.name} at {len(reached)} budgets (real driver)"))
-    return [None if c is None else _scored(session, c[1], seed, c[0], c[2], c[3], outcome=next(outcomes))
+    return [None if c is None else _scored(session, c[1], seed, c[0], c[2], c[3], next(outcomes))
             for c in chosen]
 
 
@@ -174,7 +173,8 @@ def recalibration_points(session: Session, seed: int) -> dict[str, OperatingPoin
     points = {}
     for name in CONTROL_FEATURES:
         policy = session.fit_control(name, seed)
-        points[name] = _scored(session, policy, seed, 0.0, session.num_blocks, session.gate_point(policy, seed))
+        points[name] = _scored(session, policy, seed, 0.0, session.num_blocks, session.gate_point(policy, seed),
+                               session.outcome(policy))
     return points
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -28,7 +27,8 @@ import torch
 
 from harness.backbones import Backbone
 from harness._io import release_free_heap
-from harness.cache import Entry, find_entry, get_or_build, get_or_build_together, remove_entry, source_digest
+from harness.cache import (Entry, find_entry, first_positions, get_or_build, get_or_build_together, remove_entry,
+                           source_digest)
 from harness.config import default_cache_dir
 from harness.datasets import Dataset, ImageBatches, Split
 from harness.heads import Classifier
@@ -244,6 +244,7 @@ def _run_backbones(
         indices.append(np.asarray(batch_indices, dtype=np.int64))
         if len(labels) % _TRIM_EVERY == 0:
             release_free_heap()
+    release_free_heap()  # what follows starts from a trimmed heap, whatever the number of batches
     for array in (array for out in outs for array in out.values()):
         array.flush()
     del outs  # unmap before any file is rewritten below
@@ -364,8 +365,8 @@ def trace_shard(
     dataset, split = batches.dataset, batches.split
     keys = _trace_keys(quantized, batches, classifier)
     entries = [find_entry(cache_dir, "traces", key) for key in keys]
-    first = {json.dumps(key, sort_keys=True, default=str): i for i, key in reversed(list(enumerate(keys)))}
-    todo = [i for i in sorted(first.values()) if entries[i] is None]  # a key given twice is traced once
+    first = first_positions(keys)
+    todo = [i for i in sorted(set(first)) if entries[i] is None]  # a key given twice is traced once
     if todo:
         bounds = shard_bounds(len(split), batches.batch_size, world)
         shards = {r: (a, b) for r, (a, b) in enumerate(bounds) if b > a}
@@ -395,7 +396,7 @@ def trace_shard(
                     remove_entry(cache_dir, "trace-shards", k)
     if rank != 0:
         return None
-    return [_open(entries[first[json.dumps(key, sort_keys=True, default=str)]]) for key in keys]
+    return [_open(entries[i]) for i in first]
 
 
 def _merge(shards: list[Entry], folder: Path) -> dict[str, Any]:
