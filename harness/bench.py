@@ -2,7 +2,9 @@
 
 - ``trace``: the trace driver's per-batch work (all blocks + per-layer
   features + embedding + logits) versus open_clip's plain vision forward, on
-  the same images, backbone and quantizer. The goal is <= 5% overhead.
+  the same images, backbone and quantizer. The goal is <= 5% overhead. Under
+  a fake-quantizing scheme the trace also runs with its activation rounding
+  unfused (eager mode), the speed-up of the fused kernel.
 - ``quant``: vision-tower throughput of several quantizers on one backbone
   (default: random-init ViT-B-32 at batch 32, as in SPEC section 8), with
   the fp32 tower under ``torch.compile`` beside them.
@@ -72,6 +74,7 @@ def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds
 
 def trace_overhead(session: Session, quant: str | None = None, rounds: int = 3) -> dict:
     """Trace driver vs plain ``visual(images)`` on the same quantized backbone."""
+    from harness.quantizers._fake import FakeQuantLinear, eager_fake_quantization
     from harness.trace import store_batch, trace_batch
 
     backbone, _ = session.quantized(quant)
@@ -80,13 +83,23 @@ def trace_overhead(session: Session, quant: str | None = None, rounds: int = 3) 
     # the trace contender also copies its output to host arrays, as the driver does
     buffers = {name: np.empty(tuple(t.shape), dtype=t.cpu().numpy().dtype)
                for name, t in trace_batch(backbone, images, classifier).items()}
-    result = compare({
+    contenders = {
         "encode_image": lambda: backbone.visual(images),
         "trace": lambda: store_batch(buffers, 0, trace_batch(backbone, images, classifier)),
-    }, len(images), rounds)
-    overhead = result["trace"]["seconds_per_batch"] / result["encode_image"]["seconds_per_batch"] - 1
+    }
+    fake = any(isinstance(module, FakeQuantLinear) for module in backbone.visual.modules())
+    if fake:  # the same trace with the activation rounding unfused: what the fusion gains
+
+        def unfused_trace() -> None:
+            with eager_fake_quantization():
+                contenders["trace"]()
+
+        contenders["trace, fake quantization unfused"] = unfused_trace
+    result = compare(contenders, len(images), rounds)
+    seconds = {name: timing["seconds_per_batch"] for name, timing in result.items()}
     return {"quant": backbone.quantizer, "batch_size": len(images), "timings": result,
-            "trace_overhead_percent": 100 * overhead}
+            "trace_overhead_percent": 100 * (seconds["trace"] / seconds["encode_image"] - 1),
+            "fusion_speedup": seconds["trace, fake quantization unfused"] / seconds["trace"] if fake else None}
 
 
 def quantizer_throughput(session: Session, quants: list[str], rounds: int = 3) -> dict:
@@ -215,8 +228,10 @@ def format_result(suite: str, result: dict) -> str:
         return tabulate(rows, headers=["contender", "ms / batch (median)", "images / s"], floatfmt=".1f")
 
     if suite == "trace":
-        return "\n\n".join(f"{r['quant']}, batch {r['batch_size']}: trace overhead {r['trace_overhead_percent']:+.1f}%\n"
-                           + timings(r["timings"]) for r in result.values())
+        return "\n\n".join(f"{r['quant']}, batch {r['batch_size']}: trace overhead {r['trace_overhead_percent']:+.1f}%"
+                           + ("" if r.get("fusion_speedup") is None else
+                              f"; fused fake quantization: trace {r['fusion_speedup']:.2f}x unfused")
+                           + "\n" + timings(r["timings"]) for r in result.values())
     if suite == "quant":
         return f"batch {result['batch_size']}\n" + timings(result["timings"])
     if suite == "data":

@@ -1,14 +1,29 @@
 """Latency of the real early-exit driver, each policy against full depth, with a confidence interval.
 
-Timing uses ``torch.utils.benchmark`` at the session's thread count. The
-work is done in rounds: each round times every contender, in an order that
-rotates from round to round, on the same images twice: one image at a time
-(batch 1) and all of them as one batch (the throughput batch). A policy's
-saving in a round is ``1 - its time / full depth's time`` in that round, so a
-slow drift of the machine cancels out; the reported saving is the mean over
-rounds with a Student-t 95% CI. Rounds go on until every CI is within
-``target`` points on each side (after at least ``min_rounds``) or
-``max_seconds`` have passed; the result says which happened.
+Times are read with ``torch.utils.benchmark``'s clock (``benchmark.timer``,
+which waits for the accelerator on a GPU) at the session's thread count,
+after one untimed warm-up pass of every contender. The work is done in
+rounds: each round times every contender, in an order that rotates from
+round to round, on the same images twice: one image after another (batch
+1) and all of them as one batch (the throughput batch). A contender's
+images run back to back, as a deployed policy would run them; interleaving
+the contenders image by image leaves each policy's own heads cold while the
+backbone they share stays warm, and that cost exit methods several points
+of batch-1 saving on the embedded model. ``benchmark.Timer.timeit`` is not
+used: it runs every call twice more as its own warm-up, tripling the cost
+of a round.
+
+A policy's saving in a round is ``1 - its time / full depth's time`` in that
+round, so slow drift of the machine cancels out. The reported saving is the
+20% trimmed mean over rounds with its 95% CI (:func:`saving_interval`): on a
+shared machine an interrupted round lands tens of points away from the
+rest, and a plain mean lets a few such rounds set the interval. Rounds go on
+until every CI is within ``target`` points on each side (after at least
+``min_rounds``) or ``max_seconds`` have passed; the result says which.
+
+Beside the policies runs a second, identical full-depth contender, the
+negative control: its true saving is zero, so its interval shows the
+instrument's own noise and should cover 0.
 
 The FLOPs saving of the same images comes with it, so each policy's
 *realized* saving (latency saving over FLOPs saving) can be read at batch 1
@@ -17,36 +32,41 @@ and at the throughput batch.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+from torch.utils import benchmark
 
-from harness.bench import seconds_per_call
 from harness.drivers import run_early_exit
 from harness.policy import ExitPolicy
+from harness.results import LATENCY_CONTROL
 from harness.scoring import FullDepth, outcome_flops
 from harness.session import Session
 
+MODES = ("batch1", "throughput")
 DEFAULT_IMAGES = 32
 DEFAULT_TARGET = 2.0  # points: the CI half-width every saving should reach
 DEFAULT_MIN_ROUNDS = 5
 DEFAULT_MAX_SECONDS = 120.0
+# share of rounds cut from each end before averaging: a round the machine interrupts is far off the others
+TRIM = 0.2
 
 
 def saving_interval(savings: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of per-round ``savings`` and its Student-t ``level`` CI (NaN bounds with fewer than 2 rounds)."""
-    from scipy import stats
+    """The :data:`TRIM` trimmed mean of per-round ``savings`` and its ``level`` CI (Tukey-McLaughlin / Yuen:
+    winsorized standard error, Student-t with one less degree of freedom than the rounds kept; NaN bounds with
+    fewer than 2 rounds)."""
+    from scipy.stats import mstats
 
     values = np.asarray(savings, dtype=np.float64)
-    mean = float(values.mean())
+    mean = float(mstats.trimmed_mean(values, limits=(TRIM, TRIM)))
     if len(values) < 2:
         return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
-    return mean, mean - half, mean + half
+    low, high = mstats.trimmed_mean_ci(values, limits=(TRIM, TRIM), alpha=1 - level)
+    return mean, float(low), float(high)
 
 
 def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: torch.Tensor,
@@ -62,50 +82,59 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
     """
     backbone, _ = session.quantized()
     classifier = session.classifier
-    contenders: dict[str, ExitPolicy] = {"full-depth": FullDepth(), **policies}
-    count = len(images)
+    contenders: dict[str, ExitPolicy] = {"full-depth": FullDepth(), LATENCY_CONTROL: FullDepth(), **policies}
+    names, count = list(contenders), len(images)
 
-    def one_by_one(policy: ExitPolicy) -> Callable[[], object]:
-        return lambda: [run_early_exit(policy, backbone, images[i:i + 1], classifier) for i in range(count)]
+    def seconds(name: str, mode: str) -> float:
+        """One timed pass of contender ``name`` over the images: one at a time, or as one batch."""
+        policy = contenders[name]
+        start = benchmark.timer()
+        if mode == "batch1":
+            for i in range(count):
+                run_early_exit(policy, backbone, images[i:i + 1], classifier)
+        else:
+            run_early_exit(policy, backbone, images, classifier)
+        return benchmark.timer() - start
 
-    def batched(policy: ExitPolicy) -> Callable[[], object]:
-        return lambda: run_early_exit(policy, backbone, images, classifier)
-
-    calls = {(name, mode): make(policy) for name, policy in contenders.items()
-             for mode, make in (("batch1", one_by_one), ("throughput", batched))}
-    for fn in calls.values():  # warm-up, not timed
-        fn()
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-    names = list(contenders)
+    for name in names:  # warm-up, not timed
+        for mode in MODES:
+            seconds(name, mode)
+    times: dict[tuple[str, str], list[float]] = {(name, mode): [] for name in names for mode in MODES}
     started, rounds, reached = time.perf_counter(), 0, False
     while True:
-        order = names[rounds % len(names):] + names[:rounds % len(names)]
-        for name, mode in itertools.product(order, ("batch1", "throughput")):
-            times[name, mode].append(seconds_per_call(calls[name, mode]) / count)
+        for name in _rotated(names, rounds):
+            for mode in MODES:
+                times[name, mode].append(seconds(name, mode) / count)
         rounds += 1
-        savings = {key: _savings(times, key) for key in times if key[0] != "full-depth"}
-        widths = [high - m for m, _, high in (saving_interval(s) for s in savings.values())]
+        widths = [high - mean for mean, _, high in (saving_interval(_savings(times, (name, mode)))
+                                                     for name in names[1:] for mode in MODES)]
         reached = rounds >= min_rounds and all(width <= target for width in widths)  # False while NaN
         if reached or time.perf_counter() - started > max_seconds:
             break
 
-    flops_saving = {name: _flops_saving(session, policy, backbone, images, classifier)
-                    for name, policy in policies.items()}
+    flops_saving = {name: _flops_saving(session, contenders[name], backbone, images, classifier) for name in names[1:]}
     methods: dict[str, Any] = {}
     for name in names:
         row: dict[str, Any] = {f"{mode}_ms_per_image": 1e3 * float(np.median(times[name, mode]))
-                               for mode in ("batch1", "throughput")}
+                               for mode in MODES}
         if name != "full-depth":
             row["flops_saving"] = flops_saving[name]
-            for mode in ("batch1", "throughput"):
+            for mode in MODES:
                 mean, low, high = saving_interval(_savings(times, (name, mode)))
                 row[f"{mode}_saving"] = mean
                 row[f"{mode}_saving_ci"] = None if math.isnan(low) else [low, high]
                 row[f"{mode}_realized"] = mean / flops_saving[name] if abs(flops_saving[name]) >= 1.0 else None
         methods[name] = row
-    return {"timer": "torch.utils.benchmark", "threads": torch.get_num_threads(), "images": count,
+    return {"timer": "torch.utils.benchmark.timer", "estimator": f"{TRIM:.0%} trimmed mean over rounds, 95% CI",
+            "threads": torch.get_num_threads(), "images": count,
             "throughput_batch": count, "rounds": rounds, "target_ci_halfwidth": target,
             "target_reached": reached, "seconds": round(time.perf_counter() - started, 1), "methods": methods}
+
+
+def _rotated(names: list[str], shift: int) -> list[str]:
+    """``names`` starting at position ``shift`` (mod their number), wrapping around."""
+    shift %= len(names)
+    return names[shift:] + names[:shift]
 
 
 def _savings(times: dict[tuple[str, str], list[float]], key: tuple[str, str]) -> list[float]:

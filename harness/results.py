@@ -17,6 +17,8 @@ from harness.errors import ConfigError
 SCHEMA_VERSION = 2
 # Marks a list of the layout below that needs at least one item.
 NON_EMPTY = "non-empty"
+# The key, among metrics.json's latency methods, of the negative control: full depth timed against itself.
+LATENCY_CONTROL = "full-depth (repeat)"
 # Fields that say where things were on one machine, not what was computed.
 MACHINE_FIELDS = ("cache_dir",)
 # An absolute POSIX path (not part of a word, a relative path or a URL); group 1 is its last part.

@@ -38,7 +38,7 @@ from harness.protocol import (DEFAULT_BUDGETS, OperatingPoint, best_control, con
                               routing_gain, summarize)
 from harness.latency import DEFAULT_IMAGES, DEFAULT_MAX_SECONDS, measure_latency
 from harness.provenance import environment
-from harness.results import SCHEMA_VERSION, results_json
+from harness.results import LATENCY_CONTROL, SCHEMA_VERSION, results_json
 from harness.scoring import FullDepth
 
 
@@ -360,7 +360,10 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     for name, row in metrics["rows"].items():
         s, first = row["summary"], row["per_seed"][0]
         pm = lambda k: f"{s[k]['mean']:.2f}" + (f" ± {s[k]['std']:.2f}" if len(row["per_seed"]) > 1 else "")  # noqa: E731
-        lat = latency.get(name if row["kind"] == "method" else "", None)
+        if row["kind"] == "method":
+            lat = latency.get(name)
+        else:  # the quantized full-depth row: the latency's negative control, full depth timed against itself
+            lat = latency.get(LATENCY_CONTROL) if name == f"full-depth {quant}" else None
         label = f"{name} (last block: recalibration)" if row["kind"] == "control" else name
         out.append([
             label,

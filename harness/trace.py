@@ -364,9 +364,9 @@ def trace_shard(
 
     dataset, split = batches.dataset, batches.split
     keys = _trace_keys(quantized, batches, classifier)
-    entries = [find_entry(cache_dir, "traces", key) for key in keys]
-    first = first_positions(keys)
-    todo = [i for i in sorted(set(first)) if entries[i] is None]  # a key given twice is traced once
+    first = first_positions(keys)  # a key given twice is looked up and traced once
+    entries = {i: find_entry(cache_dir, "traces", keys[i]) for i in sorted(set(first))}
+    todo = [i for i, entry in entries.items() if entry is None]
     if todo:
         bounds = shard_bounds(len(split), batches.batch_size, world)
         shards = {r: (a, b) for r, (a, b) in enumerate(bounds) if b > a}

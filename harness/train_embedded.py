@@ -153,8 +153,9 @@ def train(cfg: TrainConfig, data_root: Path, out_dir: Path = embedded.EMBEDDED_D
     return card
 
 
-CARD_QUANTIZERS = ("fp32", "int8-dynamic", "int8-torchao", "fake-w8a8", "fake-w6a6", "fake-w4a8", "fake-w4a4",
-                   "fake-w8a4-tensor", "fake-w8a3-tensor", "outliers-b7-c4-x300-fp32", embedded.DEFAULT_QUANT)
+CARD_QUANTIZERS = ("fp32", "int8-dynamic", "int8-torchao", "int8-pt2e", "fake-w8a8", "fake-w6a6", "fake-w4a8",
+                   "fake-w4a4", "fake-w8a4-tensor", "fake-w8a3-tensor", "outliers-b7-c4-x300-fp32",
+                   embedded.DEFAULT_QUANT)
 # The default quantizer's candidates, mildest first, and the full-depth drop it must cause (points).
 DEFAULT_CANDIDATES = tuple(f"outliers-b7-c4-x{scale}-fake-w8a8" for scale in (100, 200, 300, 500))
 DEFAULT_MIN_DROP = 2.0

@@ -9,6 +9,7 @@ import pytest
 from harness import bench
 from harness.cli import main
 from harness.config import HarnessConfig
+from harness.results import LATENCY_CONTROL
 from harness.policy import METHODS
 from harness.session import Session
 
@@ -25,13 +26,18 @@ def test_trace_suite_writes_the_overhead_its_timings_give(tmp_path, capsys):
         expected = 100 * (timings["trace"]["seconds_per_batch"] / timings["encode_image"]["seconds_per_batch"] - 1)
         assert result["trace_overhead_percent"] == pytest.approx(expected)
         assert timings["trace"]["images_per_s"] == pytest.approx(32 / timings["trace"]["seconds_per_batch"])
-    assert "trace overhead" in capsys.readouterr().out
+    assert saved["result"]["fp32"]["fusion_speedup"] is None  # nothing to fuse in fp32
+    fake = saved["result"]["fake-w8a8"]
+    unfused = fake["timings"]["trace, fake quantization unfused"]["seconds_per_batch"]
+    assert fake["fusion_speedup"] == pytest.approx(unfused / fake["timings"]["trace"]["seconds_per_batch"])
+    out = capsys.readouterr().out
+    assert "trace overhead" in out and f"fused fake quantization: trace {fake['fusion_speedup']:.2f}x unfused" in out
 
 
 def test_latency_suite_times_every_method_against_full_depth(tmp_path):
     session = Session(HarnessConfig(limit=32, batch_size=32, quant="fp32", cache_dir=str(tmp_path)), progress=False)
     result = bench.method_latency(session, images=4, max_seconds=0)
-    assert set(result["methods"]) == {"full-depth", *METHODS.names()}
+    assert set(result["methods"]) == {"full-depth", LATENCY_CONTROL, *METHODS.names()}
     assert result["rounds"] == 1 and not result["target_reached"]
     table = bench.format_result("latency", result)
     assert all(name in table for name in METHODS.names()) and "realized" in table

@@ -78,7 +78,7 @@ def test_table_numbers_equal_the_data_they_came_from(experiments_out):
     assert data["seeds"] == 2 and data["config"]["limit"] == 64 and data["environment"]["packages"]["torch"]
     rescue = json.loads((experiments_out["rescue"] / "data.json").read_text())["data"]["quadrants"]
     assert sum(rescue[k] for k in ("both_correct", "rescued", "lost", "both_wrong")) == 64
-    assert f"| net rescue" in (experiments_out["rescue"] / "tables.md").read_text()
+    assert "| net rescue" in (experiments_out["rescue"] / "tables.md").read_text()
     assert "paper top-1 %" in table and "58.72" in table  # the paper's number, in its own column
 
 

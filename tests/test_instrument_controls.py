@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from harness.cli import main
 from harness.experiments import validate
 

@@ -9,15 +9,18 @@ from scipy import stats
 
 from harness.config import HarnessConfig
 from harness.latency import measure_latency, saving_interval
+from harness.results import LATENCY_CONTROL
 from harness.session import Session
 
 
-def test_the_interval_is_the_student_t_interval_of_the_round_savings():
-    savings = [10.0, 12.0, 11.0, 9.0, 13.0]
+def test_the_interval_is_the_trimmed_mean_interval_and_two_interrupted_rounds_move_neither():
+    savings = [10.0, 12.0, 11.0, 9.0, 13.0, 30.0, -20.0, 11.0, 10.0, 12.0]  # two rounds hit by the machine
     mean, low, high = saving_interval(savings)
-    sd = math.sqrt(sum((s - 11.0) ** 2 for s in savings) / 4)
-    half = stats.t.ppf(0.975, 4) * sd / math.sqrt(5)
-    assert mean == 11.0 and low == pytest.approx(11.0 - half) and high == pytest.approx(11.0 + half)
+    # 2 rounds cut from each end leave 10, 10, 11, 11, 12, 12; winsorized: 10 x4, 11 x2, 12 x4 (variance 8/9)
+    standard_error = math.sqrt(8 / 9) / (0.6 * math.sqrt(10))
+    half = stats.t.ppf(0.975, 6 - 1) * standard_error
+    assert mean == pytest.approx(11.0) and low == pytest.approx(11.0 - half) and high == pytest.approx(11.0 + half)
+    assert sum(savings) / len(savings) == pytest.approx(9.8)  # the plain mean, moved by the two
     assert math.isnan(saving_interval([5.0])[1])  # one round: no interval
 
 
@@ -34,7 +37,7 @@ def test_rounds_stop_at_the_time_limit_and_say_the_target_was_missed(session):
     assert result["rounds"] == 1 and result["target_reached"] is False and result["images"] == 4
     row = result["methods"]["cls-ee"]
     assert row["batch1_saving_ci"] is None  # one round: no CI, and the table prints none
-    assert set(result["methods"]) == {"full-depth", "cls-ee"}
+    assert set(result["methods"]) == {"full-depth", LATENCY_CONTROL, "cls-ee"}
 
 
 def test_savings_are_paired_by_round_and_the_realized_ratio_uses_the_same_images(session):
@@ -49,6 +52,9 @@ def test_savings_are_paired_by_round_and_the_realized_ratio_uses_the_same_images
         low, high = row[f"{mode}_saving_ci"]
         assert low <= row[f"{mode}_saving"] <= high
         assert row[f"{mode}_realized"] == pytest.approx(row[f"{mode}_saving"] / row["flops_saving"])
+    control = result["methods"][LATENCY_CONTROL]  # full depth against itself: no FLOPs saved, so no realized ratio
+    assert control["flops_saving"] == 0.0 and control["batch1_realized"] is None
+    assert control["batch1_saving_ci"] is not None and control["throughput_saving_ci"] is not None
 
 
 def test_a_warm_run_reads_the_latency_and_agreement_passes_back(tmp_path, count_calls):

@@ -121,6 +121,20 @@ def test_fused_fake_quantize_falls_back_to_eager_with_one_warning(monkeypatch):
     assert fake._COMPILE_FAILED  # later calls go straight to eager mode, without warning again
 
 
+def test_eager_fake_quantization_bypasses_the_fused_kernel_inside_its_block(monkeypatch):
+    import harness.quantizers._fake as fake
+
+    calls = []
+    monkeypatch.setattr(fake, "_fused", lambda: lambda *args: calls.append(args) or fake_quantize(*args))
+    monkeypatch.setattr(fake, "_COMPILE_FAILED", False)
+    x = torch.randn(4, 6)
+    with fake.eager_fake_quantization():
+        assert torch.equal(fake.fused_fake_quantize(x, 4, -1), fake_quantize(x, 4, -1))
+    assert calls == []
+    fake.fused_fake_quantize(x, 4, -1)
+    assert len(calls) == 1  # after the block, the fused kernel again
+
+
 def test_fake_quant_weights_are_per_output_channel(embedded_backbone):
     linear = embedded_backbone.blocks[0].mlp.c_fc  # weight [512, 128]: rows are output channels
     fq = FakeQuantLinear.from_linear(linear, w_bits=4, a_bits=None, per_token=True)

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from harness.config import HarnessConfig
-from harness.run import format_tables, resolve_methods, run, write_results
+from harness.results import LATENCY_CONTROL
+from harness.run import format_tables, resolve_methods, run, table_rows, write_results
 
 
 def _config(cache_dir) -> HarnessConfig:
@@ -59,7 +60,12 @@ def test_results_folder_and_tables(tmp_path):
     table = (out / "tables.md").read_text()
     assert f"{pabee['summary']['top1']['mean']:.2f} ± {pabee['summary']['top1']['std']:.2f}" in table
     assert "full-depth fp32" in table and "cls-ee" in table
-    assert set(saved["latency"]["methods"]) == {"full-depth", "cls-ee", "pabee"}
+    assert set(saved["latency"]["methods"]) == {"full-depth", LATENCY_CONTROL, "cls-ee", "pabee"}
+    control = saved["latency"]["methods"][LATENCY_CONTROL]  # the negative control, in the quantized full-depth row
+    latency_cells = {row[0]: row[5] for row in table_rows(saved)}
+    assert latency_cells[f"full-depth {saved['run']['config']['quant']}"] == \
+        f"{control['batch1_saving']:.1f} / {control['throughput_saving']:.1f}"
+    assert latency_cells["full-depth fp32"] == "-"
     with pytest.raises(Exception, match="exists already"):
         write_results(out, metrics, predictions)
     assert format_tables(metrics) == table

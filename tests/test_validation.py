@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from harness.cli import main
 from harness.config import HarnessConfig
 from harness.errors import ConfigError
 from harness.policy import METHODS, ExitPolicy
-from harness.results import results_json
+from harness.results import LATENCY_CONTROL, results_json
 from harness.run import check_methods, parse_overrides, run, write_results
 
 
@@ -140,7 +139,7 @@ def test_a_failing_method_loses_only_its_row(tmp_path, monkeypatch):
                                latency_seconds=0, agreement_images=32)
     assert metrics["failures"] == {"fails-to-fit": "RuntimeError: head training diverged"}
     assert "cls-ee" in metrics["rows"] and "fails-to-fit" not in metrics["rows"]
-    assert set(metrics["latency"]["methods"]) == {"full-depth", "cls-ee"}
+    assert set(metrics["latency"]["methods"]) == {"full-depth", LATENCY_CONTROL, "cls-ee"}
     assert set(predictions.method) == {"full-depth fp32", f"full-depth {config.resolved().quant}", "static-cls",
                                        "static-ssa", "cls-ee"}
     write_results(tmp_path / "out", metrics, predictions)

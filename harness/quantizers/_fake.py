@@ -12,10 +12,11 @@ for the whole input tensor (batch-dependent, like ``quantize_dynamic``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ def fused_fake_quantize(x: torch.Tensor, bits: int | None, dim: int | None) -> t
     global _COMPILE_FAILED
     if bits is None:
         return x
-    if not _COMPILE_FAILED:
+    if not _COMPILE_FAILED and not _EAGER:
         try:
             return _fused()(x, bits, dim)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
@@ -72,6 +73,19 @@ def fused_fake_quantize(x: torch.Tensor, bits: int | None, dim: int | None) -> t
 
 
 _COMPILE_FAILED = False
+_EAGER = False  # set inside eager_fake_quantization()
+
+
+@contextlib.contextmanager
+def eager_fake_quantization() -> Iterator[None]:
+    """Inside the block, :func:`fused_fake_quantize` runs unfused (the same numbers, slower), so that ``bench``
+    can time what the fusion gains."""
+    global _EAGER
+    previous, _EAGER = _EAGER, True
+    try:
+        yield
+    finally:
+        _EAGER = previous
 
 
 class FakeQuantLinear(nn.Module):
