@@ -57,15 +57,16 @@ TRIM = 0.2
 
 def saving_interval(savings: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """The :data:`TRIM` trimmed mean of per-round ``savings`` and its ``level`` CI (Tukey-McLaughlin / Yuen:
-    winsorized standard error, Student-t with one less degree of freedom than the rounds kept; NaN bounds with
-    fewer than 2 rounds)."""
+    winsorized standard error, Student-t with one less degree of freedom than the rounds kept). With too few
+    rounds to cut any (under 5), the plain mean and its Student-t CI; NaN bounds with fewer than 2 rounds."""
     from scipy.stats import mstats
 
     values = np.asarray(savings, dtype=np.float64)
-    mean = float(mstats.trimmed_mean(values, limits=(TRIM, TRIM)))
+    limits = (TRIM, TRIM) if int(TRIM * len(values)) else None
+    mean = float(mstats.trimmed_mean(values, limits=limits))
     if len(values) < 2:
         return mean, math.nan, math.nan
-    low, high = mstats.trimmed_mean_ci(values, limits=(TRIM, TRIM), alpha=1 - level)
+    low, high = mstats.trimmed_mean_ci(values, limits=limits, alpha=1 - level)
     return mean, float(low), float(high)
 
 
@@ -77,12 +78,14 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
     ``session`` (a :class:`~harness.session.Session`) gives the quantized
     backbone, the classifier and the FLOPs counts. Returns the settings, the
     number of rounds, whether every CI reached ``target``, and per contender
-    the median time per image and, for each policy, the saving with its CI,
-    the FLOPs saving on these images and the realized ratio at both batch sizes.
+    the median time per image and, for each policy and the negative control
+    (:data:`~harness.results.LATENCY_CONTROL`), the saving with its CI, the
+    FLOPs saving on these images and the realized ratio at both batch sizes.
     """
     backbone, _ = session.quantized()
     classifier = session.classifier
-    contenders: dict[str, ExitPolicy] = {"full-depth": FullDepth(), LATENCY_CONTROL: FullDepth(), **policies}
+    # the control goes last, so that in most rounds it does not run right after the identical full depth
+    contenders: dict[str, ExitPolicy] = {"full-depth": FullDepth(), **policies, LATENCY_CONTROL: FullDepth()}
     names, count = list(contenders), len(images)
 
     def seconds(name: str, mode: str) -> float:

@@ -170,7 +170,7 @@ def _latency(session: Session, policies: dict[str, ExitPolicy], images: int, max
         return {**result, "measured_at": environment()["timestamp"]}
 
     return session.stored_pass("latency", policies, measure, {"images": images, "max_seconds": max_seconds,
-                                                              "machine": machine}, ("harness.latency", "harness.bench"))
+                                                              "machine": machine}, ("harness.latency", "harness.results"))
 
 
 def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:

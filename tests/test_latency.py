@@ -1,4 +1,5 @@
-"""The latency measurement: paired rounds, Student-t CIs, realized savings. No timed assertions."""
+"""The latency measurement: paired rounds, trimmed-mean CIs, the negative control, realized savings.
+No timed assertions."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ def test_the_interval_is_the_trimmed_mean_interval_and_two_interrupted_rounds_mo
     standard_error = math.sqrt(8 / 9) / (0.6 * math.sqrt(10))
     half = stats.t.ppf(0.975, 6 - 1) * standard_error
     assert mean == pytest.approx(11.0) and low == pytest.approx(11.0 - half) and high == pytest.approx(11.0 + half)
-    assert sum(savings) / len(savings) == pytest.approx(9.8)  # the plain mean, moved by the two
+    plain_half = stats.t.ppf(0.975, 9) * stats.tstd(savings) / math.sqrt(10)  # Student-t on the plain mean
+    assert high - mean < plain_half / 4
+    few = [10.0, 12.0, 11.0, 9.0]  # under 5 rounds none is cut: the plain mean and its Student-t CI
+    few_half = stats.t.ppf(0.975, 3) * stats.tstd(few) / 2
+    assert saving_interval(few) == pytest.approx((10.5, 10.5 - few_half, 10.5 + few_half))
     assert math.isnan(saving_interval([5.0])[1])  # one round: no interval
 
 

@@ -118,7 +118,7 @@ def test_fused_fake_quantize_falls_back_to_eager_with_one_warning(monkeypatch):
     x = torch.randn(4, 6)
     with pytest.warns(UserWarning, match="runs unfused .*RuntimeError: no C\\+\\+ compiler"):
         assert torch.equal(fake.fused_fake_quantize(x, 4, -1), fake_quantize(x, 4, -1))
-    assert fake._COMPILE_FAILED  # later calls go straight to eager mode, without warning again
+    assert fake._COMPILE_FAILED and not fake.fusion_active()  # later calls go straight to eager mode, no warning
 
 
 def test_eager_fake_quantization_bypasses_the_fused_kernel_inside_its_block(monkeypatch):
@@ -130,7 +130,8 @@ def test_eager_fake_quantization_bypasses_the_fused_kernel_inside_its_block(monk
     x = torch.randn(4, 6)
     with fake.eager_fake_quantization():
         assert torch.equal(fake.fused_fake_quantize(x, 4, -1), fake_quantize(x, 4, -1))
-    assert calls == []
+        assert not fake.fusion_active()
+    assert calls == [] and fake.fusion_active()
     fake.fused_fake_quantize(x, 4, -1)
     assert len(calls) == 1  # after the block, the fused kernel again
 

@@ -61,7 +61,7 @@ def fused_fake_quantize(x: torch.Tensor, bits: int | None, dim: int | None) -> t
     global _COMPILE_FAILED
     if bits is None:
         return x
-    if not _COMPILE_FAILED and not _EAGER:
+    if fusion_active():
         try:
             return _fused()(x, bits, dim)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
@@ -74,6 +74,11 @@ def fused_fake_quantize(x: torch.Tensor, bits: int | None, dim: int | None) -> t
 
 _COMPILE_FAILED = False
 _EAGER = False  # set inside eager_fake_quantization()
+
+
+def fusion_active() -> bool:
+    """Whether :func:`fused_fake_quantize` runs its compiled kernel (False once compiling has failed)."""
+    return not _COMPILE_FAILED and not _EAGER
 
 
 @contextlib.contextmanager
