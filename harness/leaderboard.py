@@ -29,7 +29,7 @@ from markupsafe import Markup
 from harness._io import atomic_write_text
 from harness.errors import ConfigError
 from harness.evaluate import pareto_front
-from harness.results import LATENCY_CONTROL, find_runs, read_metrics, without_machine_paths
+from harness.results import find_runs, read_metrics, row_latency, without_machine_paths
 
 TEMPLATE = resources.files("harness") / "templates" / "leaderboard.html.j2"
 # Okabe-Ito, without its yellow (too light on white): distinct for colour-blind readers.
@@ -91,11 +91,9 @@ def leaderboard_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         dataset = str((run.get("dataset") or {}).get("name") or config["data"])
         reference = metrics["rows"].get(f"full-depth {quant}")
         reference_top1 = _number(reference["summary"]["top1"]["mean"]) if reference else None
-        latency = (metrics.get("latency") or {}).get("methods", {})
         for name, row in metrics["rows"].items():
             first, top1 = row["per_seed"][0], row["summary"]["top1"]
-            # full depth under the run's quantizer shows the latency's negative control (itself timed again)
-            lat = latency.get(LATENCY_CONTROL if name == f"full-depth {quant}" else name) or {}
+            lat = row_latency(metrics, name) or {}
             quadrants = first["quadrants"]
             samples = sum(quadrants[k] for k in ("both_correct", "rescued", "lost", "both_wrong"))
             exits = sorted((int(layer), float(share)) for layer, share in first["exit_distribution"].items())

@@ -226,3 +226,14 @@ def _mismatch(value: Any, expected: str, where: str) -> str:
             "a number" if isinstance(value, (int, float)) else "a string" if isinstance(value, str) else
             "a list" if isinstance(value, list) else "an object")
     return f"{where or 'the file'} is {kind}, expected {expected}"
+
+
+def row_latency(metrics: dict[str, Any], row_name: str) -> dict[str, Any] | None:
+    """The latency entry that results row ``row_name`` shows (``run``'s tables and the leaderboard alike).
+
+    A method's row shows its own entry; full depth under the run's quantizer shows the negative control
+    (:data:`LATENCY_CONTROL`, full depth timed against itself); None where the run timed nothing for the row.
+    """
+    latency = (metrics.get("latency") or {}).get("methods", {})
+    quant = metrics["run"]["config"]["quant"]
+    return latency.get(LATENCY_CONTROL if row_name == f"full-depth {quant}" else row_name)

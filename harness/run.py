@@ -38,7 +38,7 @@ from harness.protocol import (DEFAULT_BUDGETS, OperatingPoint, best_control, con
                               routing_gain, summarize)
 from harness.latency import DEFAULT_IMAGES, DEFAULT_MAX_SECONDS, measure_latency
 from harness.provenance import environment
-from harness.results import LATENCY_CONTROL, SCHEMA_VERSION, results_json
+from harness.results import SCHEMA_VERSION, results_json, row_latency
 from harness.scoring import FullDepth
 
 
@@ -355,15 +355,11 @@ def table_rows(metrics: dict[str, Any]) -> list[list[str]]:
     """One row per baseline and method, in a fixed column order (:data:`TABLE_HEADERS`)."""
     quant = metrics["run"]["config"]["quant"]
     reference = metrics["rows"][f"full-depth {quant}"]["summary"]["top1"]["mean"]
-    latency = (metrics.get("latency") or {}).get("methods", {})
     out = []
     for name, row in metrics["rows"].items():
         s, first = row["summary"], row["per_seed"][0]
         pm = lambda k: f"{s[k]['mean']:.2f}" + (f" ± {s[k]['std']:.2f}" if len(row["per_seed"]) > 1 else "")  # noqa: E731
-        if row["kind"] == "method":
-            lat = latency.get(name)
-        else:  # the quantized full-depth row: the latency's negative control, full depth timed against itself
-            lat = latency.get(LATENCY_CONTROL) if name == f"full-depth {quant}" else None
+        lat = row_latency(metrics, name)
         label = f"{name} (last block: recalibration)" if row["kind"] == "control" else name
         out.append([
             label,
