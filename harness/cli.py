@@ -281,10 +281,11 @@ def _cmd_synth_imagenet(args: argparse.Namespace) -> int:
     width, _, height = args.size.partition("x")
     if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
         raise ConfigError(f"--size {args.size}: expected WIDTHxHEIGHT, e.g. 500x375")
-    written = write_imagenet_layout(out / "val", args.per_class, (int(width), int(height)), args.seed, progress=True)
+    size = (int(width), int(height))
+    written = write_imagenet_layout(out / "val", args.per_class, size, args.seed, progress=True, workers=args.workers)
     if args.train_per_class:
-        written += write_imagenet_layout(out / "train", args.train_per_class, (int(width), int(height)),
-                                         args.seed + 1, progress=True)
+        written += write_imagenet_layout(out / "train", args.train_per_class, size, args.seed + 1, progress=True,
+                                         workers=args.workers)
     print(f"wrote {written:,} synthetic JPEGs under {out} (random content: accuracy on them is chance)")
     return 0
 
@@ -427,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-class", type=_at_least(0), default=0, help="train images per class (default none)")
     p.add_argument("--size", default="500x375", help="WIDTHxHEIGHT of every image (default 500x375)")
     p.add_argument("--seed", type=_at_least(0), default=0)
+    p.add_argument("--workers", type=_at_least(0), default=0,
+                   help="processes writing class folders (default 0: this one); the files do not depend on it")
     p.set_defaults(func=_cmd_synth_imagenet)
 
     p = sub.add_parser("train-embedded", help="train the embedded default CLIP on Fashion-MNIST")

@@ -91,3 +91,16 @@ def test_a_synthetic_imagenet_folder_is_an_imagenet_layout(tmp_path):
     assert np.array_equal(np.asarray(synthetic_image(rng[0], (16, 12))), np.asarray(synthetic_image(rng[1], (16, 12))))
     with pytest.raises(DataError, match="is not empty; pass a new folder"):
         write_imagenet_layout(tmp_path / "in" / "val", per_class=1)
+
+
+def test_a_synthetic_folder_does_not_depend_on_the_worker_count(tmp_path):
+    from harness.datasets.synthetic import write_imagenet_layout
+
+    for workers in (0, 2):
+        assert write_imagenet_layout(tmp_path / str(workers), per_class=2, size=(24, 18), classes=20,
+                                     workers=workers) == 40
+    files = [sorted(p.relative_to(tmp_path / str(w)) for p in (tmp_path / str(w)).rglob("*.JPEG")) for w in (0, 2)]
+    assert files[0] == files[1] and len(files[0]) == 40
+    assert all((tmp_path / "0" / f).read_bytes() == (tmp_path / "2" / f).read_bytes() for f in files[0])
+    contents = {(tmp_path / "0" / f).read_bytes() for f in files[0]}
+    assert len(contents) == 40  # every image its own, within and across classes

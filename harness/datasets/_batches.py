@@ -46,8 +46,16 @@ def _idle_priority(worker_id: int) -> None:
         os.nice(19)
 
 
-def _as_list(samples: list) -> list:
-    return samples
+def _stack_chunk(samples: list) -> tuple[list[int], "torch.Tensor | None", list[tuple[int, BadImageError]]]:
+    """DataLoader ``collate_fn``: a chunk's good images stacked into one tensor (with their indices, in order)
+    and its bad images. One tensor per chunk crosses from a worker to the main process: sent one by one, the
+    images cost the main process about 2 ms each (a shared-memory handle per tensor), which bounded a 16-worker
+    loader at about 280 images/s."""
+    import torch
+
+    good = [(index, image) for index, image, error in samples if error is None]
+    bad = [(index, error) for index, _, error in samples if error is not None]
+    return [index for index, _ in good], torch.stack([image for _, image in good]) if good else None, bad
 
 
 class ImageBatches:
@@ -123,39 +131,41 @@ class ImageBatches:
 
     def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", np.ndarray]]:
         """Yield ``(images [B, 3, H, W], int64 labels [B], int64 indices [B])``."""
+        import torch
         from torch.utils.data import DataLoader
 
         self.bad_images = []
         labels = self.dataset.labels(self.split.part)
-        loader = DataLoader(_Decoded(self), batch_size=self.batch_size, collate_fn=_as_list,
+        loader = DataLoader(_Decoded(self), batch_size=self.batch_size, collate_fn=_stack_chunk,
                             num_workers=self.workers if len(self) > 1 else 0,
                             worker_init_fn=_idle_priority if self.idle_workers else None)
-        images: list[torch.Tensor] = []
+        pending: list[torch.Tensor] = []  # good images decoded and not yet batched, in split order
         kept: list[int] = []
-        for chunk in loader:
-            for index, image, error in chunk:
-                if error is not None:
-                    if self.on_bad_image == "fail":
-                        raise error
-                    self.bad_images.append({
-                        "sample": self.dataset.describe_sample(self.split.part, index),
-                        "index": index,
-                        "reason": error.reason,
-                    })
-                    continue
-                images.append(image)
-                kept.append(index)
-                if len(kept) == self.batch_size:
-                    yield self._batch(images, labels, kept)
-                    images, kept = [], []
+        for chunk_indices, chunk_images, bad in loader:
+            for index, error in bad:
+                if self.on_bad_image == "fail":
+                    raise error
+                self.bad_images.append({
+                    "sample": self.dataset.describe_sample(self.split.part, index),
+                    "index": index,
+                    "reason": error.reason,
+                })
+            if chunk_images is None:
+                continue
+            pending.append(chunk_images)
+            kept.extend(chunk_indices)
+            while len(kept) >= self.batch_size:
+                images = pending[0] if len(pending) == 1 else torch.cat(pending)
+                yield self._batch(images[:self.batch_size], labels, kept[:self.batch_size])
+                pending = [images[self.batch_size:]] if len(kept) > self.batch_size else []
+                kept = kept[self.batch_size:]
         if kept:
-            yield self._batch(images, labels, kept)
+            yield self._batch(pending[0] if len(pending) == 1 else torch.cat(pending), labels, kept)
 
     def _batch(
-        self, images: list["torch.Tensor"], labels: np.ndarray, kept: list[int]
+        self, batch: "torch.Tensor", labels: np.ndarray, kept: list[int]
     ) -> tuple["torch.Tensor", "torch.Tensor", np.ndarray]:
         import torch
 
         indices = np.array(kept, dtype=np.int64)
-        batch = torch.stack(images)
         return batch.pin_memory() if self.pin_memory else batch, torch.from_numpy(labels[indices].astype(np.int64)), indices

@@ -8,6 +8,7 @@ nothing; accuracy on such a folder is chance.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -30,22 +31,34 @@ def synthetic_image(rng: np.random.Generator, size: tuple[int, int]) -> Image.Im
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
 
 
+def _write_class(root: Path, wnid: str, index: int, per_class: int, size: tuple[int, int], seed: int) -> None:
+    """One class folder; its images depend on ``(seed, index)`` alone, so any worker count writes the same files."""
+    rng = np.random.default_rng([seed, index])
+    folder = root / wnid
+    folder.mkdir(parents=True)
+    for i in range(per_class):
+        synthetic_image(rng, size).save(folder / f"{wnid}_{i}.JPEG", quality=90)
+
+
 def write_imagenet_layout(root: str | Path, per_class: int, size: tuple[int, int] = (500, 375), seed: int = 0,
-                          classes: int = NUM_CLASSES, progress: bool = False) -> int:
+                          classes: int = NUM_CLASSES, progress: bool = False, workers: int = 0) -> int:
     """Write ``classes`` WordNet-id folders under ``root`` with ``per_class`` JPEGs each; return the count.
+
+    ``workers`` processes write the class folders (0: this process); the files are the same for any count.
 
     Raises:
         DataError: ``root`` exists and is not empty (nothing is ever overwritten).
     """
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise DataError(f"{root} is not empty; pass a new folder")
-    rng = np.random.default_rng(seed)
-    for wnid in tqdm(wnids(classes), desc=f"write {root}", unit="class", disable=not progress):
-        folder = root / wnid
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            synthetic_image(rng, size).save(folder / f"{wnid}_{i}.JPEG", quality=90)
+    columns = zip(*[(root, wnid, index, per_class, size, seed) for index, wnid in enumerate(wnids(classes))])
+    pool = ProcessPoolExecutor(workers) if workers else contextlib.nullcontext()
+    with pool, tqdm(total=classes, desc=f"write {root}", unit="class", disable=not progress) as bar:
+        for _ in pool.map(_write_class, *columns, chunksize=8) if workers else map(_write_class, *columns):
+            bar.update()
     return classes * per_class
