@@ -22,8 +22,10 @@
 Contenders get the same preprocessed images, so image decoding is outside
 the comparison (except in ``data``, which measures it). Timings use ``torch.utils.benchmark`` at the session's torch
 thread count (warm-up excluded), alternating the contenders over several
-rounds and reporting medians, because the machines are noisy; compare
-ratios, not absolute numbers, across machines.
+rounds (:data:`DEFAULT_ROUNDS`), because the machines are noisy: a ratio of
+two contenders is taken within each round, and its trimmed mean over the
+rounds is reported with a 95% CI, beside each contender's median time.
+Compare ratios, not absolute numbers, across machines.
 """
 
 from __future__ import annotations
@@ -48,28 +50,56 @@ def _images(session: Session, backbone: Backbone, batch_size: int) -> torch.Tens
 
 
 def seconds_per_call(fn: Callable[[], object], min_run_time: float = 0.0) -> float:
-    """Median seconds of one call of ``fn``, timed by ``torch.utils.benchmark`` at the current torch thread
-    count (the Timer's own default is one thread): one call when ``min_run_time`` is 0, else as many
-    blocks as fill ``min_run_time`` seconds."""
+    """Seconds of one call of ``fn`` when ``min_run_time`` is 0 (by ``torch.utils.benchmark``'s clock, which
+    waits for a GPU; not ``Timer.timeit``, which calls ``fn`` twice more as its own warm-up), else the
+    median of ``Timer.blocked_autorange``'s blocks filling ``min_run_time`` seconds, at the current torch
+    thread count (the Timer's own default is one thread)."""
+    if min_run_time <= 0:
+        start = benchmark.timer()
+        fn()
+        return benchmark.timer() - start
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_run_time) if min_run_time > 0 else timer.timeit(1)
-    return measurement.median
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds: int = 3,
-            min_run_time: float = 1.0) -> dict[str, dict[str, float]]:
-    """Median seconds per call and images/s for each contender, rounds interleaved."""
+            min_run_time: float = 1.0) -> dict[str, dict]:
+    """Median seconds per call and images/s for each contender, and its seconds in every round.
+
+    Each round times every contender once, starting one further along each round, so that no contender
+    always follows the same one; :func:`paired_ratio` compares two contenders round by round.
+    """
+    from harness.latency import rotated
+
     times: dict[str, list[float]] = {name: [] for name in contenders}
     with torch.inference_mode():
         for fn in contenders.values():  # warm-up, excluded from timing
             fn()
-        for _ in range(rounds):
-            for name, fn in contenders.items():
-                times[name].append(seconds_per_call(fn, min_run_time))
+        for shift in range(rounds):
+            for name in rotated(list(contenders), shift):
+                times[name].append(seconds_per_call(contenders[name], min_run_time))
     return {
-        name: {"seconds_per_batch": statistics.median(t), "images_per_s": batch_size / statistics.median(t)}
+        name: {"seconds_per_batch": statistics.median(t), "images_per_s": batch_size / statistics.median(t),
+               "seconds_per_round": t}
         for name, t in times.items()
     }
+
+
+def paired_ratio(result: dict[str, dict], name: str, reference: str) -> tuple[float, list[float]]:
+    """``name``'s time over ``reference``'s, round by round in a :func:`compare` result: the trimmed mean of
+    the per-round ratios and its 95% CI (:func:`harness.latency.saving_interval`; the machine's drift
+    between rounds cancels in each ratio)."""
+    from harness.latency import saving_interval
+
+    ratios = [t / r for t, r in zip(result[name]["seconds_per_round"], result[reference]["seconds_per_round"])]
+    mean, low, high = saving_interval(ratios)
+    return mean, [low, high]
+
+
+def _percent_more(ratio: tuple[float, list[float]]) -> tuple[float, list[float]]:
+    """A time ratio (with its CI) as percent more time."""
+    mean, (low, high) = ratio
+    return 100 * (mean - 1), [100 * (low - 1), 100 * (high - 1)]
 
 
 def trace_overhead(session: Session, quant: str | None = None, rounds: int = 3) -> dict:
@@ -96,12 +126,13 @@ def trace_overhead(session: Session, quant: str | None = None, rounds: int = 3) 
 
         contenders["trace, fake quantization unfused"] = unfused_trace
     result = compare(contenders, len(images), rounds)
-    seconds = {name: timing["seconds_per_batch"] for name, timing in result.items()}
-    return {"quant": backbone.quantizer, "batch_size": len(images), "timings": result,
-            "trace_overhead_percent": 100 * (seconds["trace"] / seconds["encode_image"] - 1),
-            # no speed-up to report where compiling failed: both contenders ran unfused
-            "fusion_speedup": seconds["trace, fake quantization unfused"] / seconds["trace"]
-            if fake and fusion_active() else None}
+    overhead, overhead_ci = _percent_more(paired_ratio(result, "trace", "encode_image"))
+    # no speed-up to report where compiling failed: both contenders ran unfused
+    fusion, fusion_ci = (paired_ratio(result, "trace, fake quantization unfused", "trace")
+                         if fake and fusion_active() else (None, None))
+    return {"quant": backbone.quantizer, "batch_size": len(images), "rounds": rounds, "timings": result,
+            "trace_overhead_percent": overhead, "trace_overhead_ci": overhead_ci,
+            "fusion_speedup": fusion, "fusion_speedup_ci": fusion_ci}
 
 
 def quantizer_throughput(session: Session, quants: list[str], rounds: int = 3) -> dict:
@@ -116,10 +147,9 @@ def quantizer_throughput(session: Session, quants: list[str], rounds: int = 3) -
         towers["fp32+compile"] = torch.compile(towers["fp32"])
     images = _images(session, session.backbone, session.config.batch_size)
     result = compare({q: (lambda tower=tower: tower(images)) for q, tower in towers.items()}, len(images), rounds)
-    base = result[quants[0]]["images_per_s"]
-    for timing in result.values():
-        timing[f"speedup_vs_{quants[0]}"] = timing["images_per_s"] / base
-    return {"batch_size": len(images), "timings": result}
+    for name, timing in result.items():  # the first quantizer's time over this one's, round by round
+        timing[f"speedup_vs_{quants[0]}"], timing["speedup_ci"] = paired_ratio(result, quants[0], name)
+    return {"batch_size": len(images), "rounds": rounds, "timings": result}
 
 
 def method_latency(session: Session, images: int = 32, max_seconds: float = 300.0) -> dict:
@@ -148,7 +178,7 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     ``input_gap_percent`` is how much slower the fed trace is than ``encode_image`` on pre-decoded
     images (the goal: at most 10), ``input_gap_normal_priority_percent`` the same with the workers at
     normal priority (on the CPU only), ``decode_once_saving_percent`` the time that decoding once saves
-    the two traces.
+    the two traces; each with its 95% CI over rounds (``..._ci``, :func:`paired_ratio`).
     """
     from harness.datasets import ImageBatches
     from harness.trace import trace_batch
@@ -184,18 +214,25 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
         contenders[f"{both}, decoded twice"] = lambda: [
             trace_batch(b, images.to(b.device), classifier) for b in pair for images, _, _ in batches(workers)]
     images = sum(len(batch) for batch in decoded)
-    result = {name: {"seconds_per_pass": t["seconds_per_batch"], "images_per_s": t["images_per_s"]}
-              for name, t in compare(contenders, images, rounds, min_run_time=0.0).items()}
-    bare = result["encode_image, pre-decoded"]["images_per_s"]
+    timed = compare(contenders, images, rounds, min_run_time=0.0)
+    result = {name: {"seconds_per_pass": t["seconds_per_batch"], "images_per_s": t["images_per_s"],
+                     "seconds_per_round": t["seconds_per_round"]} for name, t in timed.items()}
 
-    def gap(name: str) -> float | None:
-        return 100 * (1 - result[name]["images_per_s"] / bare) if name in result else None
+    def percent_less(name: str, reference: str) -> tuple[float | None, list[float] | None]:
+        """How much less time (%) ``name`` takes than ``reference``, round by round, with its CI."""
+        if name not in timed or reference not in timed:
+            return None, None
+        mean, (low, high) = paired_ratio(timed, name, reference)
+        return 100 * (1 - mean), [100 * (1 - high), 100 * (1 - low)]
 
-    once, twice = (result.get(f"{both}, decoded {n}", {}).get("seconds_per_pass") for n in ("once", "twice"))
-    return {"images": images, "batch_size": batch_size, "workers": workers, "timings": result,
-            "input_gap_percent": gap(f"trace + decode, {workers} workers"),
-            "input_gap_normal_priority_percent": gap(normal),
-            "decode_once_saving_percent": 100 * (1 - once / twice) if twice else None}
+    bare = "encode_image, pre-decoded"
+    gap, gap_ci = percent_less(bare, f"trace + decode, {workers} workers")
+    gap_normal, gap_normal_ci = percent_less(bare, normal)
+    once, once_ci = percent_less(f"{both}, decoded once", f"{both}, decoded twice")
+    return {"images": images, "batch_size": batch_size, "workers": workers, "rounds": rounds, "timings": result,
+            "input_gap_percent": gap, "input_gap_ci": gap_ci,
+            "input_gap_normal_priority_percent": gap_normal, "input_gap_normal_priority_ci": gap_normal_ci,
+            "decode_once_saving_percent": once, "decode_once_saving_ci": once_ci}
 
 
 SUITES = ("trace", "quant", "latency", "data")
@@ -208,8 +245,15 @@ SETTINGS = {"quant": QUANT_SETTING, "data": DATA_SETTING}
 DEFAULT_QUANTS = ("fp32", "int8-dynamic", "int8-torchao", "int8-pt2e")
 
 
-def run_suite(suite: str, session: Session, rounds: int = 3, quants: tuple[str, ...] = DEFAULT_QUANTS) -> dict:
-    """One suite's result (see the module docstring)."""
+# rounds per suite unless ``--rounds`` says otherwise: enough for a CI of each paired ratio (the trace
+# suite's contenders take about a second each a round on this CPU, the data suite's passes up to 25 s)
+DEFAULT_ROUNDS = {"trace": 20, "quant": 10, "data": 5}
+
+
+def run_suite(suite: str, session: Session, rounds: int | None = None,
+              quants: tuple[str, ...] = DEFAULT_QUANTS) -> dict:
+    """One suite's result (see the module docstring); ``rounds`` None: :data:`DEFAULT_ROUNDS`."""
+    rounds = rounds or DEFAULT_ROUNDS.get(suite, 0)
     if suite == "trace":
         return {quant: trace_overhead(session, quant, rounds) for quant in dict.fromkeys(["fp32", session.config.quant])}
     if suite == "quant":
@@ -225,27 +269,41 @@ def format_result(suite: str, result: dict) -> str:
     """A suite's result as plain-text tables."""
     from tabulate import tabulate
 
+    def ci(bounds: list[float] | None, unit: str = "") -> str:
+        return f" [{bounds[0]:.{2 if unit == 'x' else 1}f}, {bounds[1]:.{2 if unit == 'x' else 1}f}]" if bounds else ""
+
     def timings(timing: dict) -> str:
         rows = [(name, t["seconds_per_batch"] * 1e3, t["images_per_s"]) for name, t in timing.items()]
         return tabulate(rows, headers=["contender", "ms / batch (median)", "images / s"], floatfmt=".1f")
 
     if suite == "trace":
-        return "\n\n".join(f"{r['quant']}, batch {r['batch_size']}: trace overhead {r['trace_overhead_percent']:+.1f}%"
+        return "\n\n".join(f"{r['quant']}, batch {r['batch_size']}, {r['rounds']} rounds: trace overhead "
+                           f"{r['trace_overhead_percent']:+.1f}%{ci(r['trace_overhead_ci'])}"
                            + ("" if r.get("fusion_speedup") is None else
-                              f"; fused fake quantization: trace {r['fusion_speedup']:.2f}x unfused")
-                           + "\n" + timings(r["timings"]) for r in result.values())
+                              f"; fused fake quantization: trace {r['fusion_speedup']:.2f}x"
+                              f"{ci(r['fusion_speedup_ci'], 'x')} unfused")
+                           + " (trimmed means of per-round ratios, 95% CIs)\n" + timings(r["timings"])
+                           for r in result.values())
     if suite == "quant":
-        return f"batch {result['batch_size']}\n" + timings(result["timings"])
+        first = next(iter(result["timings"]))
+        rows = [(name, t["seconds_per_batch"] * 1e3, t["images_per_s"],
+                 f"{t[f'speedup_vs_{first}']:.2f}{ci(t['speedup_ci'], 'x')}") for name, t in result["timings"].items()]
+        return (f"batch {result['batch_size']}, {result['rounds']} rounds\n"
+                + tabulate(rows, headers=["contender", "ms / batch (median)", "images / s",
+                                          f"speed-up vs {first} [95% CI]"], floatfmt=".1f", disable_numparse=True))
     if suite == "data":
         rows = [(name, t["seconds_per_pass"], t["images_per_s"]) for name, t in result["timings"].items()]
-        return (f"{result['images']} images, batch {result['batch_size']}, {result['workers']} workers: the fed trace "
-                f"is {result['input_gap_percent']:.1f}% slower than encode_image on pre-decoded images"
+        return (f"{result['images']} images, batch {result['batch_size']}, {result['workers']} workers, "
+                f"{result['rounds']} rounds: the fed trace is {result['input_gap_percent']:.1f}%"
+                f"{ci(result['input_gap_ci'])} slower than encode_image on pre-decoded images"
                 + ("" if result.get("input_gap_normal_priority_percent") is None else
-                   f" ({result['input_gap_normal_priority_percent']:.1f}% with its workers at normal priority)")
+                   f" ({result['input_gap_normal_priority_percent']:.1f}%{ci(result['input_gap_normal_priority_ci'])}"
+                   " with its workers at normal priority)")
                 + ("" if result.get("decode_once_saving_percent") is None else
                    f"; decoding once for the fp32 and quantized traces saves {result['decode_once_saving_percent']:.1f}%"
-                   " of their time")
-                + "\n" + tabulate(rows, headers=["contender", "s / pass (median)", "images / s"], floatfmt=".1f"))
+                   f"{ci(result['decode_once_saving_ci'])} of their time")
+                + " (95% CIs over rounds)\n"
+                + tabulate(rows, headers=["contender", "s / pass (median)", "images / s"], floatfmt=".1f"))
 
     def saving(row: dict, mode: str) -> str:
         ci = row[f"{mode}_saving_ci"]

@@ -105,7 +105,7 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
     times: dict[tuple[str, str], list[float]] = {(name, mode): [] for name in names for mode in MODES}
     started, rounds, reached = time.perf_counter(), 0, False
     while True:
-        for name in _rotated(names, rounds):
+        for name in rotated(names, rounds):
             for mode in MODES:
                 times[name, mode].append(seconds(name, mode) / count)
         rounds += 1
@@ -134,7 +134,7 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
             "target_reached": reached, "seconds": round(time.perf_counter() - started, 1), "methods": methods}
 
 
-def _rotated(names: list[str], shift: int) -> list[str]:
+def rotated(names: list[str], shift: int) -> list[str]:
     """``names`` starting at position ``shift`` (mod their number), wrapping around."""
     shift %= len(names)
     return names[shift:] + names[:shift]

@@ -14,24 +14,46 @@ from harness.policy import METHODS
 from harness.session import Session
 
 
+def _per_round_ratio(timings: dict, name: str, reference: str) -> float:
+    """The plain mean of ``name``'s per-round time over ``reference``'s (under 5 rounds nothing is trimmed)."""
+    pairs = list(zip(timings[name]["seconds_per_round"], timings[reference]["seconds_per_round"]))
+    return sum(t / r for t, r in pairs) / len(pairs)
+
+
 def test_trace_suite_writes_the_overhead_its_timings_give(tmp_path, capsys):
     out = tmp_path / "trace.json"
-    assert main(["bench", "--suite", "trace", "--limit", "64", "--batch-size", "32", "--rounds", "1",
+    assert main(["bench", "--suite", "trace", "--limit", "64", "--batch-size", "32", "--rounds", "2",
                  "--quant", "fake-w8a8", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["suite"] == "trace" and saved["environment"]["torch_threads"] >= 1
     for quant in ("fp32", "fake-w8a8"):
         result = saved["result"][quant]
         timings = result["timings"]
-        expected = 100 * (timings["trace"]["seconds_per_batch"] / timings["encode_image"]["seconds_per_batch"] - 1)
+        assert result["rounds"] == 2 and all(len(t["seconds_per_round"]) == 2 for t in timings.values())
+        expected = 100 * (_per_round_ratio(timings, "trace", "encode_image") - 1)
         assert result["trace_overhead_percent"] == pytest.approx(expected)
+        low, high = result["trace_overhead_ci"]
+        assert low < expected < high
         assert timings["trace"]["images_per_s"] == pytest.approx(32 / timings["trace"]["seconds_per_batch"])
     assert saved["result"]["fp32"]["fusion_speedup"] is None  # nothing to fuse in fp32
     fake = saved["result"]["fake-w8a8"]
-    unfused = fake["timings"]["trace, fake quantization unfused"]["seconds_per_batch"]
-    assert fake["fusion_speedup"] == pytest.approx(unfused / fake["timings"]["trace"]["seconds_per_batch"])
+    expected = _per_round_ratio(fake["timings"], "trace, fake quantization unfused", "trace")
+    assert fake["fusion_speedup"] == pytest.approx(expected)
     out = capsys.readouterr().out
-    assert "trace overhead" in out and f"fused fake quantization: trace {fake['fusion_speedup']:.2f}x unfused" in out
+    assert "trace overhead" in out and f"fused fake quantization: trace {fake['fusion_speedup']:.2f}x [" in out
+
+
+def test_compare_rotates_the_order_and_pairs_ratios_by_round():
+    calls: list[str] = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    result = bench.compare(contenders, batch_size=4, rounds=3, min_run_time=0.0)
+    assert calls[:3] == list("abc")  # the warm-up, then each round one further along
+    assert calls[3:] == list("abc") + list("bca") + list("cab")
+    assert all(len(t["seconds_per_round"]) == 3 for t in result.values())
+    # a slow round of both contenders cancels in the ratio; a 20% trim drops the outlying rounds
+    rounds = {"a": [2.0, 2.0, 2.0, 2.0, 20.0, 2.0, 2.0, 2.0, 2.0, 2.0], "b": [1.0, 1.0, 1.0, 1.0, 10.0, 1.0, 1.0, 1.0, 1.0, 3.0]}
+    mean, (low, high) = bench.paired_ratio({k: {"seconds_per_round": v} for k, v in rounds.items()}, "a", "b")
+    assert mean == pytest.approx(2.0) and low == pytest.approx(2.0) and high == pytest.approx(2.0)
 
 
 def test_latency_suite_times_every_method_against_full_depth(tmp_path):
@@ -55,7 +77,7 @@ def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_p
     assert write_imagenet_layout(tmp_path / "val", per_class=1, size=(40, 30)) == 1000
     out = tmp_path / "data.json"
     assert main(["bench", "--suite", "data", "--data", "imagenet", "--data-root", str(tmp_path / "val"),
-                 "--templates", "simple", "--limit", "96", "--batch-size", "32", "--workers", "2", "--rounds", "1",
+                 "--templates", "simple", "--limit", "96", "--batch-size", "32", "--workers", "2", "--rounds", "2",
                  "--quant", "fake-w8a8", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())["result"]
     assert result["images"] == 96 and result["workers"] == 2
@@ -64,12 +86,14 @@ def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_p
                             "trace, pre-decoded", "trace + decode, 2 workers",
                             "trace + decode, 2 workers at normal priority",
                             "fp32 + fake-w8a8 traces, decoded once", "fp32 + fake-w8a8 traces, decoded twice"}
-    bare = timings["encode_image, pre-decoded"]["images_per_s"]
     for key, name in (("input_gap_percent", "trace + decode, 2 workers"),
                       ("input_gap_normal_priority_percent", "trace + decode, 2 workers at normal priority")):
-        assert result[key] == pytest.approx(100 * (1 - timings[name]["images_per_s"] / bare))
-    once, twice = (timings[f"fp32 + fake-w8a8 traces, decoded {n}"]["seconds_per_pass"] for n in ("once", "twice"))
-    assert result["decode_once_saving_percent"] == pytest.approx(100 * (1 - once / twice))
+        expected = 100 * (1 - _per_round_ratio(timings, "encode_image, pre-decoded", name))
+        assert result[key] == pytest.approx(expected)
+        assert result[key.replace("_percent", "_ci")][0] < expected < result[key.replace("_percent", "_ci")][1]
+    expected = 100 * (1 - _per_round_ratio(timings, "fp32 + fake-w8a8 traces, decoded once",
+                                           "fp32 + fake-w8a8 traces, decoded twice"))
+    assert result["decode_once_saving_percent"] == pytest.approx(expected)
     printed = capsys.readouterr().out
     assert "slower than encode_image on pre-decoded images" in printed and "decoding once" in printed
 

@@ -296,6 +296,20 @@ def test_bad_images_are_skipped_and_reported(mixed_folder: Path, workers: int) -
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_is_refilled_across_decoded_chunks(mixed_folder: Path, workers: int) -> None:
+    """Bad images inside chunks: each batch takes the next good images of the following chunks, in order."""
+    ds = create_dataset("imagefolder", root=str(mixed_folder))
+    whole = {int(i): image for images, _, idx in ImageBatches(ds, Split("all", np.arange(4, 9)), TINY, batch_size=5)
+             for i, image in zip(idx, images)}
+    batches = ImageBatches(ds, Split("all", np.array([4, 0, 5, 6, 1, 7, 8])), TINY, batch_size=2, workers=workers)
+    out = list(batches)
+    assert [idx.tolist() for _, _, idx in out] == [[4, 5], [6, 7], [8]]
+    for images, _, idx in out:
+        assert torch.equal(images, torch.stack([whole[int(i)] for i in idx]))
+    assert [b["index"] for b in batches.bad_images] == [0, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_bad_image_fails_when_asked(mixed_folder: Path, workers: int) -> None:
     ds = create_dataset("imagefolder", root=str(mixed_folder), on_bad_image="fail")
     split = Split("all", np.arange(ds.parts()["all"]))
