@@ -286,11 +286,12 @@ def format_result(suite: str, result: dict) -> str:
                            for r in result.values())
     if suite == "quant":
         first = next(iter(result["timings"]))
-        rows = [(name, t["seconds_per_batch"] * 1e3, t["images_per_s"],
+        rows = [(name, f"{t['seconds_per_batch'] * 1e3:.1f}", f"{t['images_per_s']:.1f}",
                  f"{t[f'speedup_vs_{first}']:.2f}{ci(t['speedup_ci'], 'x')}") for name, t in result["timings"].items()]
         return (f"batch {result['batch_size']}, {result['rounds']} rounds\n"
                 + tabulate(rows, headers=["contender", "ms / batch (median)", "images / s",
-                                          f"speed-up vs {first} [95% CI]"], floatfmt=".1f", disable_numparse=True))
+                                          f"speed-up vs {first} [95% CI]"],
+                           disable_numparse=True, colalign=("left", "right", "right", "right")))
     if suite == "data":
         rows = [(name, t["seconds_per_pass"], t["images_per_s"]) for name, t in result["timings"].items()]
         return (f"{result['images']} images, batch {result['batch_size']}, {result['workers']} workers, "
