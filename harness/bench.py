@@ -30,6 +30,7 @@ Compare ratios, not absolute numbers, across machines.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Callable
 
@@ -85,21 +86,21 @@ def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds
     }
 
 
-def paired_ratio(result: dict[str, dict], name: str, reference: str) -> tuple[float, list[float]]:
+def paired_ratio(result: dict[str, dict], name: str, reference: str) -> tuple[float, list[float] | None]:
     """``name``'s time over ``reference``'s, round by round in a :func:`compare` result: the trimmed mean of
     the per-round ratios and its 95% CI (:func:`harness.latency.saving_interval`; the machine's drift
-    between rounds cancels in each ratio)."""
+    between rounds cancels in each ratio); no CI from a single round."""
     from harness.latency import saving_interval
 
     ratios = [t / r for t, r in zip(result[name]["seconds_per_round"], result[reference]["seconds_per_round"])]
     mean, low, high = saving_interval(ratios)
-    return mean, [low, high]
+    return mean, None if math.isnan(low) else [low, high]
 
 
-def _percent_more(ratio: tuple[float, list[float]]) -> tuple[float, list[float]]:
+def _percent_more(ratio: tuple[float, list[float] | None]) -> tuple[float, list[float] | None]:
     """A time ratio (with its CI) as percent more time."""
-    mean, (low, high) = ratio
-    return 100 * (mean - 1), [100 * (low - 1), 100 * (high - 1)]
+    mean, ci = ratio
+    return 100 * (mean - 1), ci and [100 * (ci[0] - 1), 100 * (ci[1] - 1)]
 
 
 def trace_overhead(session: Session, quant: str | None = None, rounds: int = 3) -> dict:
@@ -175,8 +176,8 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
       of a split, fed by one pass over the images as :func:`harness.trace.trace_splits` does, against
       ``..., decoded twice``: one pass each.
 
-    ``input_gap_percent`` is how much slower the fed trace is than ``encode_image`` on pre-decoded
-    images (the goal: at most 10), ``input_gap_normal_priority_percent`` the same with the workers at
+    ``input_gap_percent`` is how far the fed trace's throughput (images/s) falls below ``encode_image``'s on
+    pre-decoded images (the goal: at most 10), ``input_gap_normal_priority_percent`` the same with the workers at
     normal priority (on the CPU only), ``decode_once_saving_percent`` the time that decoding once saves
     the two traces; each with its 95% CI over rounds (``..._ci``, :func:`paired_ratio`).
     """
@@ -222,8 +223,8 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
         """How much less time (%) ``name`` takes than ``reference``, round by round, with its CI."""
         if name not in timed or reference not in timed:
             return None, None
-        mean, (low, high) = paired_ratio(timed, name, reference)
-        return 100 * (1 - mean), [100 * (1 - high), 100 * (1 - low)]
+        mean, ci = paired_ratio(timed, name, reference)
+        return 100 * (1 - mean), ci and [100 * (1 - ci[1]), 100 * (1 - ci[0])]
 
     bare = "encode_image, pre-decoded"
     gap, gap_ci = percent_less(bare, f"trace + decode, {workers} workers")
@@ -295,8 +296,8 @@ def format_result(suite: str, result: dict) -> str:
     if suite == "data":
         rows = [(name, t["seconds_per_pass"], t["images_per_s"]) for name, t in result["timings"].items()]
         return (f"{result['images']} images, batch {result['batch_size']}, {result['workers']} workers, "
-                f"{result['rounds']} rounds: the fed trace is {result['input_gap_percent']:.1f}%"
-                f"{ci(result['input_gap_ci'])} slower than encode_image on pre-decoded images"
+                f"{result['rounds']} rounds: the fed trace's throughput is {result['input_gap_percent']:.1f}%"
+                f"{ci(result['input_gap_ci'])} below encode_image's on pre-decoded images"
                 + ("" if result.get("input_gap_normal_priority_percent") is None else
                    f" ({result['input_gap_normal_priority_percent']:.1f}%{ci(result['input_gap_normal_priority_ci'])}"
                    " with its workers at normal priority)")
