@@ -30,7 +30,6 @@ Compare ratios, not absolute numbers, across machines.
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Callable
 
@@ -39,6 +38,7 @@ import torch
 import torch.utils.benchmark as benchmark
 
 from harness.backbones import Backbone
+from harness.paired import Ratio, estimator, percent_less, percent_more, rotated, round_ratio
 from harness.session import Session
 
 
@@ -70,8 +70,6 @@ def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds
     Each round times every contender once, starting one further along each round, so that no contender
     always follows the same one; :func:`paired_ratio` compares two contenders round by round.
     """
-    from harness.latency import rotated
-
     times: dict[str, list[float]] = {name: [] for name in contenders}
     with torch.inference_mode():
         for fn in contenders.values():  # warm-up, excluded from timing
@@ -86,21 +84,10 @@ def compare(contenders: dict[str, Callable[[], object]], batch_size: int, rounds
     }
 
 
-def paired_ratio(result: dict[str, dict], name: str, reference: str) -> tuple[float, list[float] | None]:
-    """``name``'s time over ``reference``'s, round by round in a :func:`compare` result: the trimmed mean of
-    the per-round ratios and its 95% CI (:func:`harness.latency.saving_interval`; the machine's drift
-    between rounds cancels in each ratio); no CI from a single round."""
-    from harness.latency import saving_interval
-
-    ratios = [t / r for t, r in zip(result[name]["seconds_per_round"], result[reference]["seconds_per_round"])]
-    mean, low, high = saving_interval(ratios)
-    return mean, None if math.isnan(low) else [low, high]
-
-
-def _percent_more(ratio: tuple[float, list[float] | None]) -> tuple[float, list[float] | None]:
-    """A time ratio (with its CI) as percent more time."""
-    mean, ci = ratio
-    return 100 * (mean - 1), ci and [100 * (ci[0] - 1), 100 * (ci[1] - 1)]
+def paired_ratio(result: dict[str, dict], name: str, reference: str) -> Ratio:
+    """``name``'s time over ``reference``'s in a :func:`compare` result, paired by round, with its 95% CI
+    (:func:`harness.paired.round_ratio`)."""
+    return round_ratio(result[name]["seconds_per_round"], result[reference]["seconds_per_round"])
 
 
 def trace_overhead(session: Session, quant: str | None = None, rounds: int = 3) -> dict:
@@ -127,7 +114,7 @@ def trace_overhead(session: Session, quant: str | None = None, rounds: int = 3) 
 
         contenders["trace, fake quantization unfused"] = unfused_trace
     result = compare(contenders, len(images), rounds)
-    overhead, overhead_ci = _percent_more(paired_ratio(result, "trace", "encode_image"))
+    overhead, overhead_ci = percent_more(paired_ratio(result, "trace", "encode_image"))
     # no speed-up to report where compiling failed: both contenders ran unfused
     fusion, fusion_ci = (paired_ratio(result, "trace, fake quantization unfused", "trace")
                          if fake and fusion_active() else (None, None))
@@ -172,14 +159,20 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     - ``trace + decode, N workers``: the trace driver fed by the DataLoader, as a trace runs (on the CPU
       its workers run at idle priority, see :class:`~harness.datasets.ImageBatches`), and on the CPU
       the same with the workers at normal priority;
+    - ``trace + decode, N workers started once``: the same fed by workers kept from pass to pass
+      (``keep_workers``): what a long pass sees once its workers have started, because a trace starts
+      its workers once a pass and, forked from a process that holds a model, they cost it a fixed time
+      (the fork, then re-copying the pages the parent writes) that a 256-image pass does not hide;
     - under a quantizer other than fp32, ``fp32 + QUANT traces, decoded once``: both traces a run makes
       of a split, fed by one pass over the images as :func:`harness.trace.trace_splits` does, against
       ``..., decoded twice``: one pass each.
 
     ``input_gap_percent`` is how far the fed trace's throughput (images/s) falls below ``encode_image``'s on
     pre-decoded images (the goal: at most 10), ``input_gap_normal_priority_percent`` the same with the workers at
-    normal priority (on the CPU only), ``decode_once_saving_percent`` the time that decoding once saves
-    the two traces; each with its 95% CI over rounds (``..._ci``, :func:`paired_ratio`).
+    normal priority (on the CPU only), ``input_gap_started_percent`` with the workers started once,
+    ``worker_start_percent`` the share of a fed pass's time that starting its workers costs (the same two
+    passes compared), ``decode_once_saving_percent`` the time that decoding once saves the two traces; each
+    with its 95% CI over rounds (``..._ci``, :func:`paired_ratio`).
     """
     from harness.datasets import ImageBatches
     from harness.trace import trace_batch
@@ -189,12 +182,14 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     split, batch_size = session.splits["test"], session.config.batch_size
     on_cpu = backbone.device.type == "cpu"
 
-    def batches(count: int, idle: bool = on_cpu) -> ImageBatches:
-        return ImageBatches(session.dataset, split, backbone.preprocess, batch_size, workers=count, idle_workers=idle)
+    def batches(count: int, idle: bool = on_cpu, keep: bool = False) -> ImageBatches:
+        return ImageBatches(session.dataset, split, backbone.preprocess, batch_size, workers=count, idle_workers=idle,
+                            keep_workers=keep)
 
-    def fed(idle: bool) -> Callable[[], list]:
+    def fed(idle: bool, reader: ImageBatches | None = None) -> Callable[[], list]:
+        """A traced pass fed by ``reader``, or by a new reader (new workers) each pass."""
         return lambda: [trace_batch(backbone, images.to(backbone.device), classifier)
-                        for images, _, _ in batches(workers, idle)]
+                        for images, _, _ in reader or batches(workers, idle)]
 
     decoded = [images.to(backbone.device) for images, _, _ in batches(workers)]
     contenders = {
@@ -205,8 +200,11 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
         f"trace + decode, {workers} workers": fed(on_cpu),
     }
     normal = f"trace + decode, {workers} workers at normal priority"
+    started = f"trace + decode, {workers} workers started once"
     if on_cpu and workers:
         contenders[normal] = fed(False)
+    if workers:  # one reader for every round: its workers start in the warm-up
+        contenders[started] = fed(on_cpu, batches(workers, keep=True))
     both = f"fp32 + {session.config.quant} traces"
     if session.config.quant != "fp32":
         pair = (session.quantized("fp32")[0], backbone)
@@ -219,20 +217,21 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     result = {name: {"seconds_per_pass": t["seconds_per_batch"], "images_per_s": t["images_per_s"],
                      "seconds_per_round": t["seconds_per_round"]} for name, t in timed.items()}
 
-    def percent_less(name: str, reference: str) -> tuple[float | None, list[float] | None]:
+    def saving(name: str, reference: str) -> tuple[float | None, list[float] | None]:
         """How much less time (%) ``name`` takes than ``reference``, round by round, with its CI."""
-        if name not in timed or reference not in timed:
-            return None, None
-        mean, ci = paired_ratio(timed, name, reference)
-        return 100 * (1 - mean), ci and [100 * (1 - ci[1]), 100 * (1 - ci[0])]
+        return percent_less(paired_ratio(timed, name, reference)) if name in timed and reference in timed else (None, None)
 
     bare = "encode_image, pre-decoded"
-    gap, gap_ci = percent_less(bare, f"trace + decode, {workers} workers")
-    gap_normal, gap_normal_ci = percent_less(bare, normal)
-    once, once_ci = percent_less(f"{both}, decoded once", f"{both}, decoded twice")
+    gap, gap_ci = saving(bare, f"trace + decode, {workers} workers")
+    gap_normal, gap_normal_ci = saving(bare, normal)
+    gap_started, gap_started_ci = saving(bare, started)
+    start, start_ci = saving(started, f"trace + decode, {workers} workers")
+    once, once_ci = saving(f"{both}, decoded once", f"{both}, decoded twice")
     return {"images": images, "batch_size": batch_size, "workers": workers, "rounds": rounds, "timings": result,
             "input_gap_percent": gap, "input_gap_ci": gap_ci,
             "input_gap_normal_priority_percent": gap_normal, "input_gap_normal_priority_ci": gap_normal_ci,
+            "input_gap_started_percent": gap_started, "input_gap_started_ci": gap_started_ci,
+            "worker_start_percent": start, "worker_start_ci": start_ci,
             "decode_once_saving_percent": once, "decode_once_saving_ci": once_ci}
 
 
@@ -283,13 +282,13 @@ def format_result(suite: str, result: dict) -> str:
                            + ("" if r.get("fusion_speedup") is None else
                               f"; fused fake quantization: trace {r['fusion_speedup']:.2f}x"
                               f"{ci(r['fusion_speedup_ci'], 'x')} unfused")
-                           + " (trimmed means of per-round ratios, 95% CIs)\n" + timings(r["timings"])
+                           + f" ({estimator(r['rounds'])})\n" + timings(r["timings"])
                            for r in result.values())
     if suite == "quant":
         first = next(iter(result["timings"]))
         rows = [(name, f"{t['seconds_per_batch'] * 1e3:.1f}", f"{t['images_per_s']:.1f}",
                  f"{t[f'speedup_vs_{first}']:.2f}{ci(t['speedup_ci'], 'x')}") for name, t in result["timings"].items()]
-        return (f"batch {result['batch_size']}, {result['rounds']} rounds\n"
+        return (f"batch {result['batch_size']}, {result['rounds']} rounds ({estimator(result['rounds'])})\n"
                 + tabulate(rows, headers=["contender", "ms / batch (median)", "images / s",
                                           f"speed-up vs {first} [95% CI]"],
                            disable_numparse=True, colalign=("left", "right", "right", "right")))
@@ -301,10 +300,14 @@ def format_result(suite: str, result: dict) -> str:
                 + ("" if result.get("input_gap_normal_priority_percent") is None else
                    f" ({result['input_gap_normal_priority_percent']:.1f}%{ci(result['input_gap_normal_priority_ci'])}"
                    " with its workers at normal priority)")
+                + ("" if result.get("input_gap_started_percent") is None else
+                   f", {result['input_gap_started_percent']:.1f}%{ci(result['input_gap_started_ci'])} with its workers"
+                   f" started once (starting them took {result['worker_start_percent']:.1f}%"
+                   f"{ci(result['worker_start_ci'])} of a pass)")
                 + ("" if result.get("decode_once_saving_percent") is None else
                    f"; decoding once for the fp32 and quantized traces saves {result['decode_once_saving_percent']:.1f}%"
                    f"{ci(result['decode_once_saving_ci'])} of their time")
-                + " (95% CIs over rounds)\n"
+                + f" ({estimator(result['rounds'])})\n"
                 + tabulate(rows, headers=["contender", "s / pass (median)", "images / s"], floatfmt=".1f"))
 
     def saving(row: dict, mode: str) -> str:

@@ -13,11 +13,11 @@ of batch-1 saving on the embedded model. ``benchmark.Timer.timeit`` is not
 used: it runs every call twice more as its own warm-up, tripling the cost
 of a round.
 
-A policy's saving in a round is ``1 - its time / full depth's time`` in that
-round, so slow drift of the machine cancels out. The reported saving is the
-20% trimmed mean over rounds with its 95% CI (:func:`saving_interval`): on a
+A policy's saving is ``1 - its time / full depth's time``, the time ratio
+taken within each round and averaged over rounds by
+:func:`harness.paired.round_ratio` (a 20% trimmed mean with its 95% CI: on a
 shared machine an interrupted round lands tens of points away from the
-rest, and a plain mean lets a few such rounds set the interval. Rounds go on
+rest, and a plain mean lets a few such rounds set the interval). Rounds go on
 until every CI is within ``target`` points on each side (after at least
 ``min_rounds``) or ``max_seconds`` have passed; the result says which.
 
@@ -32,7 +32,6 @@ and at the throughput batch.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -41,6 +40,7 @@ import torch
 from torch.utils import benchmark
 
 from harness.drivers import run_early_exit
+from harness.paired import TRIM, percent_less, rotated, round_ratio
 from harness.policy import ExitPolicy
 from harness.results import LATENCY_CONTROL
 from harness.scoring import FullDepth, outcome_flops
@@ -51,23 +51,6 @@ DEFAULT_IMAGES = 32
 DEFAULT_TARGET = 2.0  # points: the CI half-width every saving should reach
 DEFAULT_MIN_ROUNDS = 5
 DEFAULT_MAX_SECONDS = 120.0
-# share of rounds cut from each end before averaging: a round the machine interrupts is far off the others
-TRIM = 0.2
-
-
-def saving_interval(savings: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """The :data:`TRIM` trimmed mean of per-round ``savings`` and its ``level`` CI (Tukey-McLaughlin / Yuen:
-    winsorized standard error, Student-t with one less degree of freedom than the rounds kept). With too few
-    rounds to cut any (under 5), the plain mean and its Student-t CI; NaN bounds with fewer than 2 rounds."""
-    from scipy.stats import mstats
-
-    values = np.asarray(savings, dtype=np.float64)
-    limits = (TRIM, TRIM) if int(TRIM * len(values)) else None
-    mean = float(mstats.trimmed_mean(values, limits=limits))
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    low, high = mstats.trimmed_mean_ci(values, limits=limits, alpha=1 - level)
-    return mean, float(low), float(high)
 
 
 def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: torch.Tensor,
@@ -109,9 +92,8 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
             for mode in MODES:
                 times[name, mode].append(seconds(name, mode) / count)
         rounds += 1
-        widths = [high - mean for mean, _, high in (saving_interval(_savings(times, (name, mode)))
-                                                     for name in names[1:] for mode in MODES)]
-        reached = rounds >= min_rounds and all(width <= target for width in widths)  # False while NaN
+        intervals = [_saving(times, name, mode) for name in names[1:] for mode in MODES]
+        reached = rounds >= min_rounds and all(ci and ci[1] - mean <= target for mean, ci in intervals)
         if reached or time.perf_counter() - started > max_seconds:
             break
 
@@ -123,9 +105,8 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
         if name != "full-depth":
             row["flops_saving"] = flops_saving[name]
             for mode in MODES:
-                mean, low, high = saving_interval(_savings(times, (name, mode)))
-                row[f"{mode}_saving"] = mean
-                row[f"{mode}_saving_ci"] = None if math.isnan(low) else [low, high]
+                mean, ci = _saving(times, name, mode)
+                row[f"{mode}_saving"], row[f"{mode}_saving_ci"] = mean, ci
                 row[f"{mode}_realized"] = mean / flops_saving[name] if abs(flops_saving[name]) >= 1.0 else None
         methods[name] = row
     return {"timer": "torch.utils.benchmark.timer", "estimator": f"{TRIM:.0%} trimmed mean over rounds, 95% CI",
@@ -134,16 +115,9 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
             "target_reached": reached, "seconds": round(time.perf_counter() - started, 1), "methods": methods}
 
 
-def rotated(names: list[str], shift: int) -> list[str]:
-    """``names`` starting at position ``shift`` (mod their number), wrapping around."""
-    shift %= len(names)
-    return names[shift:] + names[:shift]
-
-
-def _savings(times: dict[tuple[str, str], list[float]], key: tuple[str, str]) -> list[float]:
-    """Per-round saving (%) of ``key`` against full depth in the same mode and round."""
-    name, mode = key
-    return [100 * (1 - t / full) for t, full in zip(times[name, mode], times["full-depth", mode])]
+def _saving(times: dict[tuple[str, str], list[float]], name: str, mode: str) -> tuple[float, list[float] | None]:
+    """Saving (%) of ``name`` against full depth in ``mode``, paired by round, with its 95% CI."""
+    return percent_less(round_ratio(times[name, mode], times["full-depth", mode]))
 
 
 def _flops_saving(session: Session, policy: ExitPolicy, backbone, images: torch.Tensor, classifier: torch.Tensor) -> float:

@@ -41,6 +41,7 @@ def test_trace_suite_writes_the_overhead_its_timings_give(tmp_path, capsys):
     assert fake["fusion_speedup"] == pytest.approx(expected)
     out = capsys.readouterr().out
     assert "trace overhead" in out and f"fused fake quantization: trace {fake['fusion_speedup']:.2f}x [" in out
+    assert "(means of per-round ratios, 95% CIs)" in out and "trimmed" not in out  # 2 rounds: nothing is cut
 
 
 def test_compare_rotates_the_order_and_pairs_ratios_by_round():
@@ -85,11 +86,14 @@ def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_p
     timings = result["timings"]
     assert set(timings) == {"decode, 0 workers", "decode, 2 workers", "encode_image, pre-decoded",
                             "trace, pre-decoded", "trace + decode, 2 workers",
-                            "trace + decode, 2 workers at normal priority",
+                            "trace + decode, 2 workers at normal priority", "trace + decode, 2 workers started once",
                             "fp32 + fake-w8a8 traces, decoded once", "fp32 + fake-w8a8 traces, decoded twice"}
-    for key, name in (("input_gap_percent", "trace + decode, 2 workers"),
-                      ("input_gap_normal_priority_percent", "trace + decode, 2 workers at normal priority")):
-        expected = 100 * (1 - _per_round_ratio(timings, "encode_image, pre-decoded", name))
+    for key, name, reference in (
+            ("input_gap_percent", "encode_image, pre-decoded", "trace + decode, 2 workers"),
+            ("input_gap_normal_priority_percent", "encode_image, pre-decoded", "trace + decode, 2 workers at normal priority"),
+            ("input_gap_started_percent", "encode_image, pre-decoded", "trace + decode, 2 workers started once"),
+            ("worker_start_percent", "trace + decode, 2 workers started once", "trace + decode, 2 workers")):
+        expected = 100 * (1 - _per_round_ratio(timings, name, reference))
         assert result[key] == pytest.approx(expected)
         assert result[key.replace("_percent", "_ci")][0] < expected < result[key.replace("_percent", "_ci")][1]
     expected = 100 * (1 - _per_round_ratio(timings, "fp32 + fake-w8a8 traces, decoded once",
@@ -97,6 +101,7 @@ def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_p
     assert result["decode_once_saving_percent"] == pytest.approx(expected)
     printed = capsys.readouterr().out
     assert "throughput is" in printed and "below encode_image's on pre-decoded images" in printed and "decoding once" in printed
+    assert "with its workers started once (starting them took" in printed
 
 
 def test_a_synthetic_imagenet_folder_is_an_imagenet_layout(tmp_path):
@@ -116,6 +121,10 @@ def test_a_synthetic_imagenet_folder_is_an_imagenet_layout(tmp_path):
     assert np.array_equal(np.asarray(synthetic_image(rng[0], (16, 12))), np.asarray(synthetic_image(rng[1], (16, 12))))
     with pytest.raises(DataError, match="is not empty; pass a new folder"):
         write_imagenet_layout(tmp_path / "in" / "val", per_class=1)
+    for workers in (0, 2):
+        with pytest.raises(DataError, match="at least 1 class and 1 image per class, not 0 and 1"):
+            write_imagenet_layout(tmp_path / "none", per_class=1, classes=0, workers=workers)
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_synthetic_folder_does_not_depend_on_the_worker_count(tmp_path):

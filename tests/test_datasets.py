@@ -307,6 +307,10 @@ def test_a_batch_is_refilled_across_decoded_chunks(mixed_folder: Path, workers: 
     for images, _, idx in out:
         assert torch.equal(images, torch.stack([whole[int(i)] for i in idx]))
     assert [b["index"] for b in batches.bad_images] == [0, 1]
+    # a chunk with no good image at all, between chunks that have some
+    batches = ImageBatches(ds, Split("all", np.array([4, 0, 2, 3, 5, 6])), TINY, batch_size=2, workers=workers)
+    assert [idx.tolist() for _, _, idx in batches] == [[4, 5], [6]]
+    assert [b["index"] for b in batches.bad_images] == [0, 2, 3]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -451,6 +455,24 @@ def test_idle_workers_decode_at_idle_priority(emb: Dataset) -> None:
         assert images[:, 0].tolist() == [expected] * 4
         assert os.getpid() not in images[:, 1].tolist()  # decoded in worker processes
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # this process keeps its priority
+
+
+def _decoding_pid(image) -> torch.Tensor:
+    return torch.tensor([os.getpid()])
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_kept_workers_serve_every_pass_with_the_same_batches(emb: Dataset, keep: bool) -> None:
+    """Each image records the process that decoded it: kept workers decode every pass, new ones each pass."""
+    split = emb.splits(0, limit=16)["test"]
+    batches = ImageBatches(emb, split, _decoding_pid, batch_size=4, workers=2, keep_workers=keep)
+    passes = [list(batches) for _ in range(2)]
+    pids = [{int(pid) for images, _, _ in one_pass for pid in images[:, 0]} for one_pass in passes]
+    assert len(pids[0]) == len(pids[1]) == 2 and os.getpid() not in pids[0] | pids[1]
+    assert (pids[0] == pids[1]) is keep
+    assert [idx.tolist() for _, _, idx in passes[0]] == [idx.tolist() for _, _, idx in passes[1]]
+    assert [idx.tolist() for _, _, idx in batches.subset(4, 12)] == [split.indices[4:8].tolist(),
+                                                                     split.indices[8:12].tolist()]
 
 
 def test_image_batches_reject_wrong_part_and_batch_size(emb: Dataset) -> None:

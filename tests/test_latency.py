@@ -9,14 +9,15 @@ import pytest
 from scipy import stats
 
 from harness.config import HarnessConfig
-from harness.latency import measure_latency, saving_interval
+from harness.latency import measure_latency
+from harness.paired import percent_less, percent_more, round_ratio, trimmed_interval
 from harness.results import LATENCY_CONTROL
 from harness.session import Session
 
 
 def test_the_interval_is_the_trimmed_mean_interval_and_two_interrupted_rounds_move_neither():
     savings = [10.0, 12.0, 11.0, 9.0, 13.0, 30.0, -20.0, 11.0, 10.0, 12.0]  # two rounds hit by the machine
-    mean, low, high = saving_interval(savings)
+    mean, low, high = trimmed_interval(savings)
     # 2 rounds cut from each end leave 10, 10, 11, 11, 12, 12; winsorized: 10 x4, 11 x2, 12 x4 (variance 8/9)
     standard_error = math.sqrt(8 / 9) / (0.6 * math.sqrt(10))
     half = stats.t.ppf(0.975, 6 - 1) * standard_error
@@ -25,8 +26,21 @@ def test_the_interval_is_the_trimmed_mean_interval_and_two_interrupted_rounds_mo
     assert high - mean < plain_half / 4
     few = [10.0, 12.0, 11.0, 9.0]  # under 5 rounds none is cut: the plain mean and its Student-t CI
     few_half = stats.t.ppf(0.975, 3) * stats.tstd(few) / 2
-    assert saving_interval(few) == pytest.approx((10.5, 10.5 - few_half, 10.5 + few_half))
-    assert math.isnan(saving_interval([5.0])[1])  # one round: no interval
+    assert trimmed_interval(few) == pytest.approx((10.5, 10.5 - few_half, 10.5 + few_half))
+    assert math.isnan(trimmed_interval([5.0])[1])  # one round: no interval
+
+
+def test_a_time_ratio_reads_as_a_saving_or_an_overhead_with_its_interval_turned_the_right_way():
+    ratio = round_ratio([1.0, 1.5, 2.0], [2.0, 2.0, 2.0])  # three rounds: 0.5, 0.75, 1.0
+    half = stats.t.ppf(0.975, 2) * stats.tstd([0.5, 0.75, 1.0]) / math.sqrt(3)
+    assert ratio[0] == pytest.approx(0.75) and ratio[1] == pytest.approx([0.75 - half, 0.75 + half])
+    saving, (low, high) = percent_less(ratio)
+    assert saving == pytest.approx(25.0) and low == pytest.approx(100 * (0.25 - half)) and low < saving < high
+    overhead, (low, high) = percent_more(ratio)
+    assert overhead == pytest.approx(-25.0) and high == pytest.approx(100 * (half - 0.25)) and low < overhead < high
+    assert round_ratio([3.0], [2.0]) == (1.5, None) and percent_less((1.5, None)) == pytest.approx((-50.0, None))
+    with pytest.raises(ValueError):  # rounds are paired: unequal counts are a bug, not a shorter comparison
+        round_ratio([1.0, 2.0], [1.0])
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from harness.datasets._base import BadImageError, Dataset, Split, check_on_bad_i
 
 if TYPE_CHECKING:
     import torch
+    from torch.utils.data import DataLoader
 
 
 class _Decoded:
@@ -83,6 +84,11 @@ class ImageBatches:
             CPU cores: the workers then decode while its threads wait instead of pre-empting them
             (a pre-empted thread stalls the others at the next barrier); ``bench --suite data``
             measures the difference.
+        keep_workers: start the workers on the first iteration and keep them for the next ones
+            (the DataLoader's ``persistent_workers``), for passes repeated over the same split. Each
+            iteration otherwise starts its own: a fixed cost a long pass does not notice (forking a
+            process that holds a model, then re-copying the pages it writes; ``bench --suite data``
+            measures it).
 
     Attributes:
         bad_images: ``{"sample", "index", "reason"}`` of each image skipped so far
@@ -103,6 +109,7 @@ class ImageBatches:
         workers: int = 0,
         pin_memory: bool = False,
         idle_workers: bool = False,
+        keep_workers: bool = False,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, not {batch_size}")
@@ -117,7 +124,9 @@ class ImageBatches:
         self.workers = workers
         self.pin_memory = pin_memory
         self.idle_workers = idle_workers
+        self.keep_workers = keep_workers
         self.bad_images: list[dict] = []
+        self._kept_loader: "DataLoader | None" = None
 
     def __len__(self) -> int:
         """Number of batches when no image is skipped (an upper bound otherwise)."""
@@ -127,18 +136,15 @@ class ImageBatches:
         """The same reader over rows ``start:stop`` of the split."""
         rows = Split(self.split.part, self.split.indices[start:stop])
         return ImageBatches(self.dataset, rows, self.transform, self.batch_size, self.on_bad_image, self.workers,
-                            self.pin_memory, self.idle_workers)
+                            self.pin_memory, self.idle_workers, self.keep_workers)
 
     def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", np.ndarray]]:
         """Yield ``(images [B, 3, H, W], int64 labels [B], int64 indices [B])``."""
         import torch
-        from torch.utils.data import DataLoader
 
         self.bad_images = []
         labels = self.dataset.labels(self.split.part)
-        loader = DataLoader(_Decoded(self), batch_size=self.batch_size, collate_fn=_stack_chunk,
-                            num_workers=self.workers if len(self) > 1 else 0,
-                            worker_init_fn=_idle_priority if self.idle_workers else None)
+        loader = self._kept_loader or self._loader()
         pending: list[torch.Tensor] = []  # good images decoded and not yet batched, in split order
         kept: list[int] = []
         for chunk_indices, chunk_images, bad in loader:
@@ -161,6 +167,18 @@ class ImageBatches:
                 kept = kept[self.batch_size:]
         if kept:
             yield self._batch(pending[0] if len(pending) == 1 else torch.cat(pending), labels, kept)
+
+    def _loader(self) -> "DataLoader":
+        """A DataLoader of :class:`_Decoded` chunks (kept for the next iteration with ``keep_workers``)."""
+        from torch.utils.data import DataLoader
+
+        workers = self.workers if len(self) > 1 else 0
+        loader = DataLoader(_Decoded(self), batch_size=self.batch_size, collate_fn=_stack_chunk, num_workers=workers,
+                            worker_init_fn=_idle_priority if self.idle_workers else None,
+                            persistent_workers=self.keep_workers and workers > 0)
+        if self.keep_workers:
+            self._kept_loader = loader
+        return loader
 
     def _batch(
         self, batch: "torch.Tensor", labels: np.ndarray, kept: list[int]

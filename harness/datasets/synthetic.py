@@ -47,18 +47,27 @@ def write_imagenet_layout(root: str | Path, per_class: int, size: tuple[int, int
     ``workers`` processes write the class folders (0: this process); the files are the same for any count.
 
     Raises:
-        DataError: ``root`` exists and is not empty (nothing is ever overwritten).
+        DataError: ``root`` exists and is not empty (nothing is ever overwritten), or ``classes`` or
+            ``per_class`` is below 1.
     """
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
     root = Path(root)
+    if classes < 1 or per_class < 1:
+        raise DataError(f"a synthetic folder needs at least 1 class and 1 image per class, not {classes} and {per_class}")
     if root.exists() and any(root.iterdir()):
         raise DataError(f"{root} is not empty; pass a new folder")
-    columns = zip(*[(root, wnid, index, per_class, size, seed) for index, wnid in enumerate(wnids(classes))])
-    pool = ProcessPoolExecutor(workers) if workers else contextlib.nullcontext()
-    with pool, tqdm(total=classes, desc=f"write {root}", unit="class", disable=not progress) as bar:
-        for _ in pool.map(_write_class, *columns, chunksize=8) if workers else map(_write_class, *columns):
-            bar.update()
+    columns = list(zip(*[(root, wnid, index, per_class, size, seed) for index, wnid in enumerate(wnids(classes))]))
+    pool = ProcessPoolExecutor(workers) if workers else None
+    with pool or contextlib.nullcontext(), tqdm(total=classes, desc=f"write {root}", unit="class",
+                                                disable=not progress) as bar:
+        try:
+            for _ in pool.map(_write_class, *columns, chunksize=8) if pool else map(_write_class, *columns):
+                bar.update()
+        except BaseException:  # a failed class (or Ctrl-C) stops the classes not yet started
+            if pool:
+                pool.shutdown(cancel_futures=True)
+            raise
     return classes * per_class
