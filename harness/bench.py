@@ -23,8 +23,9 @@ Contenders get the same preprocessed images, so image decoding is outside
 the comparison (except in ``data``, which measures it). Timings use ``torch.utils.benchmark`` at the session's torch
 thread count (warm-up excluded), alternating the contenders over several
 rounds (:data:`DEFAULT_ROUNDS`), because the machines are noisy: a ratio of
-two contenders is taken within each round, and its trimmed mean over the
-rounds is reported with a 95% CI, beside each contender's median time.
+two contenders is taken within each round, and its mean over the rounds
+(20% trimmed from 5 rounds on: :mod:`harness.paired`) is reported with a
+95% CI, beside each contender's median time.
 Compare ratios, not absolute numbers, across machines.
 """
 
@@ -189,7 +190,7 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     def fed(idle: bool, reader: ImageBatches | None = None) -> Callable[[], list]:
         """A traced pass fed by ``reader``, or by a new reader (new workers) each pass."""
         return lambda: [trace_batch(backbone, images.to(backbone.device), classifier)
-                        for images, _, _ in reader or batches(workers, idle)]
+                        for images, _, _ in (batches(workers, idle) if reader is None else reader)]
 
     decoded = [images.to(backbone.device) for images, _, _ in batches(workers)]
     contenders = {

@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quants", default="fp32,int8-dynamic,int8-torchao,int8-pt2e", help="quantizers for --suite quant")
     p.add_argument("--rounds", type=_at_least(1), default=None,
                    help="interleaved timing rounds (default: trace 20, quant 10, data 5); ratios are paired by round "
-                        "and reported as trimmed means with 95%% CIs")
+                        "and reported as means (20%% trimmed from 5 rounds on) with 95%% CIs")
     p.add_argument("--out", default=None, help="also write the result as JSON here (--suite all: the folder, "
                                                "default results/bench)")
     p.set_defaults(func=_cmd_bench)

@@ -40,7 +40,7 @@ import torch
 from torch.utils import benchmark
 
 from harness.drivers import run_early_exit
-from harness.paired import TRIM, percent_less, rotated, round_ratio
+from harness.paired import estimator, percent_less, rotated, round_ratio
 from harness.policy import ExitPolicy
 from harness.results import LATENCY_CONTROL
 from harness.scoring import FullDepth, outcome_flops
@@ -109,7 +109,7 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
                 row[f"{mode}_saving"], row[f"{mode}_saving_ci"] = mean, ci
                 row[f"{mode}_realized"] = mean / flops_saving[name] if abs(flops_saving[name]) >= 1.0 else None
         methods[name] = row
-    return {"timer": "torch.utils.benchmark.timer", "estimator": f"{TRIM:.0%} trimmed mean over rounds, 95% CI",
+    return {"timer": "torch.utils.benchmark.timer", "estimator": estimator(rounds),
             "threads": torch.get_num_threads(), "images": count,
             "throughput_batch": count, "rounds": rounds, "target_ci_halfwidth": target,
             "target_reached": reached, "seconds": round(time.perf_counter() - started, 1), "methods": methods}

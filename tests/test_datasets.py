@@ -473,6 +473,13 @@ def test_kept_workers_serve_every_pass_with_the_same_batches(emb: Dataset, keep:
     assert [idx.tolist() for _, _, idx in passes[0]] == [idx.tolist() for _, _, idx in passes[1]]
     assert [idx.tolist() for _, _, idx in batches.subset(4, 12)] == [split.indices[4:8].tolist(),
                                                                      split.indices[8:12].tolist()]
+    first = iter(batches)
+    next(first)  # one iteration half done
+    if keep:  # a second one would share its workers and take batches from it: refused
+        with pytest.raises(RuntimeError, match="another iteration over it is still running"):
+            next(iter(batches))
+        first.close()
+    assert [idx.tolist() for _, _, idx in batches] == [idx.tolist() for _, _, idx in passes[0]]
 
 
 def test_image_batches_reject_wrong_part_and_batch_size(emb: Dataset) -> None:

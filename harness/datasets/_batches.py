@@ -88,7 +88,9 @@ class ImageBatches:
             (the DataLoader's ``persistent_workers``), for passes repeated over the same split. Each
             iteration otherwise starts its own: a fixed cost a long pass does not notice (forking a
             process that holds a model, then re-copying the pages it writes; ``bench --suite data``
-            measures it).
+            measures it). The workers hold the dataset, split and transform of the first iteration
+            and live until the reader is garbage-collected; one iteration may run at a time (a second
+            one started before the first ends raises ``RuntimeError``; they share the workers).
 
     Attributes:
         bad_images: ``{"sample", "index", "reason"}`` of each image skipped so far
@@ -127,6 +129,7 @@ class ImageBatches:
         self.keep_workers = keep_workers
         self.bad_images: list[dict] = []
         self._kept_loader: "DataLoader | None" = None
+        self._kept_loader_busy = False
 
     def __len__(self) -> int:
         """Number of batches when no image is skipped (an upper bound otherwise)."""
@@ -140,11 +143,22 @@ class ImageBatches:
 
     def __iter__(self) -> Iterator[tuple["torch.Tensor", "torch.Tensor", np.ndarray]]:
         """Yield ``(images [B, 3, H, W], int64 labels [B], int64 indices [B])``."""
-        import torch
-
+        if self._kept_loader_busy:
+            raise RuntimeError("this reader keeps its workers, and another iteration over it is still running; "
+                               "finish or close that one first")
         self.bad_images = []
         labels = self.dataset.labels(self.split.part)
-        loader = self._kept_loader or self._loader()
+        loader = self._loader() if self._kept_loader is None else self._kept_loader
+        self._kept_loader_busy = self.keep_workers
+        try:
+            yield from self._batches(loader, labels)
+        finally:
+            self._kept_loader_busy = False
+
+    def _batches(self, loader: "DataLoader", labels: np.ndarray) -> Iterator[tuple["torch.Tensor", "torch.Tensor", np.ndarray]]:
+        """Exact batches in split order from ``loader``'s chunks (see the class docstring)."""
+        import torch
+
         pending: list[torch.Tensor] = []  # good images decoded and not yet batched, in split order
         kept: list[int] = []
         for chunk_indices, chunk_images, bad in loader:

@@ -59,15 +59,10 @@ def write_imagenet_layout(root: str | Path, per_class: int, size: tuple[int, int
         raise DataError(f"a synthetic folder needs at least 1 class and 1 image per class, not {classes} and {per_class}")
     if root.exists() and any(root.iterdir()):
         raise DataError(f"{root} is not empty; pass a new folder")
-    columns = list(zip(*[(root, wnid, index, per_class, size, seed) for index, wnid in enumerate(wnids(classes))]))
-    pool = ProcessPoolExecutor(workers) if workers else None
-    with pool or contextlib.nullcontext(), tqdm(total=classes, desc=f"write {root}", unit="class",
-                                                disable=not progress) as bar:
-        try:
-            for _ in pool.map(_write_class, *columns, chunksize=8) if pool else map(_write_class, *columns):
-                bar.update()
-        except BaseException:  # a failed class (or Ctrl-C) stops the classes not yet started
-            if pool:
-                pool.shutdown(cancel_futures=True)
-            raise
+    columns = zip(*[(root, wnid, index, per_class, size, seed) for index, wnid in enumerate(wnids(classes))])
+    pool = ProcessPoolExecutor(workers) if workers else contextlib.nullcontext()
+    # a class that fails ends the map: its iterator cancels the classes not yet started
+    with pool, tqdm(total=classes, desc=f"write {root}", unit="class", disable=not progress) as bar:
+        for _ in pool.map(_write_class, *columns, chunksize=8) if workers else map(_write_class, *columns):
+            bar.update()
     return classes * per_class
