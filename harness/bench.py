@@ -32,6 +32,7 @@ Compare ratios, not absolute numbers, across machines.
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Callable
 
 import numpy as np
@@ -39,7 +40,7 @@ import torch
 import torch.utils.benchmark as benchmark
 
 from harness.backbones import Backbone
-from harness.paired import Ratio, estimator, percent_less, percent_more, rotated, round_ratio
+from harness.paired import Ratio, estimator, percent, percent_less, percent_more, rotated, round_ratio
 from harness.session import Session
 
 
@@ -174,6 +175,17 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     ``worker_start_percent`` the share of a fed pass's time that starting its workers costs (the same two
     passes compared), ``decode_once_saving_percent`` the time that decoding once saves the two traces; each
     with its 95% CI over rounds (``..._ci``, :func:`paired_ratio`).
+
+    Whether the trace is input-bound, the gap aside:
+
+    - ``input_wait_percent`` and ``input_wait_started_percent``: the share of a fed pass (new workers, workers
+      started once) that the trace loop spends blocked on its next batch, the pipeline's fill at the start of a
+      pass included: near 0, the trace never waits for images and is not input-bound;
+    - ``input_gap_floor_percent`` (CPU only): the gap if decoding took its CPU time from the tower's cores and
+      nothing else were lost, i.e. ``encode_image``'s time against the pre-decoded trace's time plus the
+      single-process decode pass's time divided by the torch threads. Where the tower keeps every core busy (it
+      does on the CPU), no decoding pipeline on those cores does better without cheaper decoding; a fed gap
+      near it means what is left is the decoding's own work, not waiting.
     """
     from harness.datasets import ImageBatches
     from harness.trace import trace_batch
@@ -187,10 +199,25 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
         return ImageBatches(session.dataset, split, backbone.preprocess, batch_size, workers=count, idle_workers=idle,
                             keep_workers=keep)
 
-    def fed(idle: bool, reader: ImageBatches | None = None) -> Callable[[], list]:
-        """A traced pass fed by ``reader``, or by a new reader (new workers) each pass."""
-        return lambda: [trace_batch(backbone, images.to(backbone.device), classifier)
-                        for images, _, _ in (batches(workers, idle) if reader is None else reader)]
+    waits: dict[str, list[float]] = {}  # per fed contender, each pass's seconds blocked on its next batch
+
+    def fed(name: str, idle: bool, reader: ImageBatches | None = None) -> Callable[[], None]:
+        """A traced pass fed by ``reader``, or by a new reader (new workers) each pass; the time it waits for
+        each batch is added up in ``waits[name]`` (host clock, no GPU sync: how long the loop is starved)."""
+        waits[name] = []
+
+        def traced_pass() -> None:
+            source, waited = iter(batches(workers, idle) if reader is None else reader), 0.0
+            while True:
+                start = time.perf_counter()
+                batch = next(source, None)
+                waited += time.perf_counter() - start
+                if batch is None:
+                    break
+                trace_batch(backbone, batch[0].to(backbone.device), classifier)
+            waits[name].append(waited)
+
+        return traced_pass
 
     decoded = [images.to(backbone.device) for images, _, _ in batches(workers)]
     contenders = {
@@ -198,14 +225,14 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
         f"decode, {workers} workers": lambda: [None for _ in batches(workers)],
         "encode_image, pre-decoded": lambda: [backbone.visual(images) for images in decoded],
         "trace, pre-decoded": lambda: [trace_batch(backbone, images, classifier) for images in decoded],
-        f"trace + decode, {workers} workers": fed(on_cpu),
     }
-    normal = f"trace + decode, {workers} workers at normal priority"
+    new, normal = f"trace + decode, {workers} workers", f"trace + decode, {workers} workers at normal priority"
     started = f"trace + decode, {workers} workers started once"
+    contenders[new] = fed(new, on_cpu)
     if on_cpu and workers:
-        contenders[normal] = fed(False)
+        contenders[normal] = fed(normal, False)
     if workers:  # one reader for every round: its workers start in the warm-up
-        contenders[started] = fed(on_cpu, batches(workers, keep=True))
+        contenders[started] = fed(started, on_cpu, batches(workers, keep=True))
     both = f"fp32 + {session.config.quant} traces"
     if session.config.quant != "fp32":
         pair = (session.quantized("fp32")[0], backbone)
@@ -222,14 +249,29 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
         """How much less time (%) ``name`` takes than ``reference``, round by round, with its CI."""
         return percent_less(paired_ratio(timed, name, reference)) if name in timed and reference in timed else (None, None)
 
+    def waiting(name: str) -> tuple[float | None, list[float] | None]:
+        """The share (%) of ``name``'s passes spent waiting for input, round by round (the warm-up left out)."""
+        return percent(round_ratio(waits[name][1:], timed[name]["seconds_per_round"])) if name in waits else (None, None)
+
     bare = "encode_image, pre-decoded"
-    gap, gap_ci = saving(bare, f"trace + decode, {workers} workers")
+    floor, floor_ci = None, None
+    if on_cpu:  # the trace's time plus decoding's single-process time spread over the tower's threads
+        shared = [trace + decode / torch.get_num_threads() for trace, decode in
+                  zip(timed["trace, pre-decoded"]["seconds_per_round"], timed["decode, 0 workers"]["seconds_per_round"])]
+        floor, floor_ci = percent_less(round_ratio(timed[bare]["seconds_per_round"], shared))
+    gap, gap_ci = saving(bare, new)
     gap_normal, gap_normal_ci = saving(bare, normal)
     gap_started, gap_started_ci = saving(bare, started)
     start, start_ci = saving(started, f"trace + decode, {workers} workers")
     once, once_ci = saving(f"{both}, decoded once", f"{both}, decoded twice")
-    return {"images": images, "batch_size": batch_size, "workers": workers, "rounds": rounds, "timings": result,
+    wait, wait_ci = waiting(new)
+    wait_started, wait_started_ci = waiting(started)
+    return {"images": images, "batch_size": batch_size, "workers": workers, "threads": torch.get_num_threads(),
+            "rounds": rounds, "timings": result,
             "input_gap_percent": gap, "input_gap_ci": gap_ci,
+            "input_gap_floor_percent": floor, "input_gap_floor_ci": floor_ci,
+            "input_wait_percent": wait, "input_wait_ci": wait_ci,
+            "input_wait_started_percent": wait_started, "input_wait_started_ci": wait_started_ci,
             "input_gap_normal_priority_percent": gap_normal, "input_gap_normal_priority_ci": gap_normal_ci,
             "input_gap_started_percent": gap_started, "input_gap_started_ci": gap_started_ci,
             "worker_start_percent": start, "worker_start_ci": start_ci,
@@ -305,6 +347,13 @@ def format_result(suite: str, result: dict) -> str:
                    f", {result['input_gap_started_percent']:.1f}%{ci(result['input_gap_started_ci'])} with its workers"
                    f" started once (starting them took {result['worker_start_percent']:.1f}%"
                    f"{ci(result['worker_start_ci'])} of a pass)")
+                + ("" if result.get("input_gap_floor_percent") is None else
+                   f"; decoding's own CPU time on the tower's {result['threads']} threads sets a floor of "
+                   f"{result['input_gap_floor_percent']:.1f}%{ci(result['input_gap_floor_ci'])}")
+                + f"; the trace waited for input {result['input_wait_percent']:.1f}%{ci(result['input_wait_ci'])} of a pass"
+                + ("" if result.get("input_wait_started_percent") is None else
+                   f" ({result['input_wait_started_percent']:.1f}%{ci(result['input_wait_started_ci'])} with its"
+                   " workers started once)")
                 + ("" if result.get("decode_once_saving_percent") is None else
                    f"; decoding once for the fp32 and quantized traces saves {result['decode_once_saving_percent']:.1f}%"
                    f"{ci(result['decode_once_saving_ci'])} of their time")

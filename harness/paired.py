@@ -59,6 +59,12 @@ def round_ratio(times: list[float], reference: list[float]) -> Ratio:
     return mean, None if math.isnan(low) else [low, high]
 
 
+def percent(ratio: Ratio) -> Ratio:
+    """A ratio (with its CI) in percent: a share."""
+    mean, ci = ratio
+    return 100 * mean, ci and [100 * ci[0], 100 * ci[1]]
+
+
 def percent_less(ratio: Ratio) -> Ratio:
     """A time ratio (with its CI) as percent less time: a saving."""
     mean, ci = ratio

@@ -96,12 +96,20 @@ def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_p
         expected = 100 * (1 - _per_round_ratio(timings, name, reference))
         assert result[key] == pytest.approx(expected)
         assert result[key.replace("_percent", "_ci")][0] < expected < result[key.replace("_percent", "_ci")][1]
+    threads = result["threads"]
+    shared = {"seconds_per_round": [t + d / threads for t, d in zip(timings["trace, pre-decoded"]["seconds_per_round"],
+                                                                    timings["decode, 0 workers"]["seconds_per_round"])]}
+    expected = 100 * (1 - _per_round_ratio({**timings, "shared": shared}, "encode_image, pre-decoded", "shared"))
+    assert result["input_gap_floor_percent"] == pytest.approx(expected)
+    for key in ("input_wait_percent", "input_wait_started_percent"):  # a share of the pass, waiting for batches
+        assert 0 < result[key] < 100 and result[key.replace("_percent", "_ci")][0] < result[key]
     expected = 100 * (1 - _per_round_ratio(timings, "fp32 + fake-w8a8 traces, decoded once",
                                            "fp32 + fake-w8a8 traces, decoded twice"))
     assert result["decode_once_saving_percent"] == pytest.approx(expected)
     printed = capsys.readouterr().out
     assert "throughput is" in printed and "below encode_image's on pre-decoded images" in printed and "decoding once" in printed
     assert "with its workers started once (starting them took" in printed
+    assert "sets a floor of" in printed and "the trace waited for input" in printed
 
 
 def test_a_synthetic_imagenet_folder_is_an_imagenet_layout(tmp_path):

@@ -10,7 +10,7 @@ from scipy import stats
 
 from harness.config import HarnessConfig
 from harness.latency import measure_latency
-from harness.paired import percent_less, percent_more, round_ratio, trimmed_interval
+from harness.paired import percent, percent_less, percent_more, round_ratio, trimmed_interval
 from harness.results import LATENCY_CONTROL
 from harness.session import Session
 
@@ -38,6 +38,8 @@ def test_a_time_ratio_reads_as_a_saving_or_an_overhead_with_its_interval_turned_
     assert saving == pytest.approx(25.0) and low == pytest.approx(100 * (0.25 - half)) and low < saving < high
     overhead, (low, high) = percent_more(ratio)
     assert overhead == pytest.approx(-25.0) and high == pytest.approx(100 * (half - 0.25)) and low < overhead < high
+    share, (low, high) = percent(ratio)  # as a share of the reference's time
+    assert share == pytest.approx(75.0) and low == pytest.approx(100 * (0.75 - half)) and low < share < high
     assert round_ratio([3.0], [2.0]) == (1.5, None) and percent_less((1.5, None)) == pytest.approx((-50.0, None))
     with pytest.raises(ValueError):  # rounds are paired: unequal counts are a bug, not a shorter comparison
         round_ratio([1.0, 2.0], [1.0])
