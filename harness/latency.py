@@ -92,8 +92,8 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
             for mode in MODES:
                 times[name, mode].append(seconds(name, mode) / count)
         rounds += 1
-        intervals = [_saving(times, name, mode) for name in names[1:] for mode in MODES]
-        reached = rounds >= min_rounds and all(ci and ci[1] - mean <= target for mean, ci in intervals)
+        savings = {(name, mode): _saving(times, name, mode) for name in names[1:] for mode in MODES}
+        reached = rounds >= min_rounds and all(ci and ci[1] - mean <= target for mean, ci in savings.values())
         if reached or time.perf_counter() - started > max_seconds:
             break
 
@@ -105,7 +105,7 @@ def measure_latency(session: Session, policies: dict[str, ExitPolicy], images: t
         if name != "full-depth":
             row["flops_saving"] = flops_saving[name]
             for mode in MODES:
-                mean, ci = _saving(times, name, mode)
+                mean, ci = savings[name, mode]
                 row[f"{mode}_saving"], row[f"{mode}_saving_ci"] = mean, ci
                 row[f"{mode}_realized"] = mean / flops_saving[name] if abs(flops_saving[name]) >= 1.0 else None
         methods[name] = row

@@ -14,8 +14,6 @@ mean lets a few such rounds set the interval.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 # share of rounds cut from each end before averaging
@@ -30,24 +28,29 @@ def rotated(names: list[str], shift: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-def trimmed_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+def _trims(rounds: int) -> bool:
+    """Whether :data:`TRIM` cuts any of ``rounds`` rounds (from 5 on)."""
+    return int(TRIM * rounds) > 0
+
+
+def trimmed_interval(values: list[float], level: float = 0.95) -> Ratio:
     """The :data:`TRIM` trimmed mean of per-round ``values`` and its ``level`` CI (Tukey-McLaughlin / Yuen:
     winsorized standard error, Student-t with one less degree of freedom than the rounds kept). With too few
-    rounds to cut any (under 5), the plain mean and its Student-t CI; NaN bounds with fewer than 2 rounds."""
+    rounds to cut any (under 5), the plain mean and its Student-t CI; no CI (None) from a single round."""
     from scipy.stats import mstats
 
     array = np.asarray(values, dtype=np.float64)
-    limits = (TRIM, TRIM) if int(TRIM * len(array)) else None
+    limits = (TRIM, TRIM) if _trims(len(array)) else None
     mean = float(mstats.trimmed_mean(array, limits=limits))
     if len(array) < 2:
-        return mean, math.nan, math.nan
+        return mean, None
     low, high = mstats.trimmed_mean_ci(array, limits=limits, alpha=1 - level)
-    return mean, float(low), float(high)
+    return mean, [float(low), float(high)]
 
 
 def estimator(rounds: int) -> str:
     """What :func:`round_ratio` reports from ``rounds`` rounds, in words."""
-    if int(TRIM * rounds):
+    if _trims(rounds):
         return f"{TRIM:.0%} trimmed means of per-round ratios, 95% CIs"
     return "means of per-round ratios, 95% CIs" if rounds > 1 else "one round: no CIs"
 
@@ -55,8 +58,7 @@ def estimator(rounds: int) -> str:
 def round_ratio(times: list[float], reference: list[float]) -> Ratio:
     """``times`` over ``reference``, round by round: the trimmed mean of the per-round ratios and its 95% CI
     (:func:`trimmed_interval`); no CI from a single round."""
-    mean, low, high = trimmed_interval([t / r for t, r in zip(times, reference, strict=True)])
-    return mean, None if math.isnan(low) else [low, high]
+    return trimmed_interval([t / r for t, r in zip(times, reference, strict=True)])
 
 
 def percent(ratio: Ratio) -> Ratio:
