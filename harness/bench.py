@@ -178,14 +178,19 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
 
     Whether the trace is input-bound, the gap aside:
 
-    - ``input_wait_percent`` and ``input_wait_started_percent``: the share of a fed pass (new workers, workers
-      started once) that the trace loop spends blocked on its next batch, the pipeline's fill at the start of a
-      pass included: near 0, the trace never waits for images and is not input-bound;
-    - ``input_gap_floor_percent`` (CPU only): the gap if decoding took its CPU time from the tower's cores and
-      nothing else were lost, i.e. ``encode_image``'s time against the pre-decoded trace's time plus the
-      single-process decode pass's time divided by the torch threads. Where the tower keeps every core busy (it
-      does on the CPU), no decoding pipeline on those cores does better without cheaper decoding; a fed gap
-      near it means what is left is the decoding's own work, not waiting.
+    - ``input_wait_percent`` (new workers), ``input_wait_normal_priority_percent`` and
+      ``input_wait_started_percent`` (workers started once): the share of a fed pass that its loop spends
+      blocked on a batch after the first, i.e. starved of input (near 0: the trace does not wait for images).
+      The first batch's wait (starting new workers, filling the pipeline) and the pass's end (joining new
+      workers) are not in it; the first is kept per round (``first_batch_wait_seconds_per_round``). With 0
+      workers it is the loop's own decoding. Timed on the host without a GPU sync, so on a GPU it is an upper
+      bound on the GPU's idle time (kernels of the last batch may still run while the loop waits);
+    - ``input_gap_floor_percent`` (CPU only): the gap if decoding's CPU time were taken from the tower's threads
+      and nothing else were lost: ``encode_image``'s time against the pre-decoded trace's time plus the CPU
+      seconds of the single-process decode pass (``time.process_time``) divided by the torch threads. It is a
+      floor where the tower keeps every thread's core busy, which ``tower_busy_threads`` (``encode_image``'s CPU
+      seconds a second, spin-waiting threads included) tells; there no pipeline on those cores does better
+      without cheaper decoding, and a fed gap near it is decoding's own work, not waiting.
     """
     from harness.datasets import ImageBatches
     from harness.trace import trace_batch
@@ -199,31 +204,53 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
         return ImageBatches(session.dataset, split, backbone.preprocess, batch_size, workers=count, idle_workers=idle,
                             keep_workers=keep)
 
-    waits: dict[str, list[float]] = {}  # per fed contender, each pass's seconds blocked on its next batch
+    # per fed contender and pass, the seconds its loop was blocked on the first batch (starting the workers and
+    # filling the pipeline) and on the later ones (starved of input); host clock, no GPU sync
+    waits: dict[str, list[tuple[float, float]]] = {}
+    cpu: dict[str, list[float]] = {}  # per contender so wrapped, each pass's CPU seconds in this process
 
     def fed(name: str, idle: bool, reader: ImageBatches | None = None) -> Callable[[], None]:
-        """A traced pass fed by ``reader``, or by a new reader (new workers) each pass; the time it waits for
-        each batch is added up in ``waits[name]`` (host clock, no GPU sync: how long the loop is starved)."""
+        """A traced pass fed by ``reader``, or by a new reader (new workers) each pass, its waits kept in
+        ``waits[name]``."""
         waits[name] = []
 
         def traced_pass() -> None:
-            source, waited = iter(batches(workers, idle) if reader is None else reader), 0.0
-            while True:
-                start = time.perf_counter()
-                batch = next(source, None)
-                waited += time.perf_counter() - start
-                if batch is None:
-                    break
-                trace_batch(backbone, batch[0].to(backbone.device), classifier)
-            waits[name].append(waited)
+            source = iter(batches(workers, idle) if reader is None else reader)
+            first, later = None, 0.0
+            try:
+                while True:
+                    start = time.perf_counter()
+                    batch = next(source, None)
+                    if batch is None:  # the end of the pass (joining new workers), not a wait for images
+                        break
+                    if first is None:
+                        first = time.perf_counter() - start
+                    else:
+                        later += time.perf_counter() - start
+                    trace_batch(backbone, batch[0].to(backbone.device), classifier)
+            finally:  # a kept reader is free for the next pass even if this one failed
+                source.close()
+            waits[name].append((first or 0.0, later))
 
         return traced_pass
 
+    def process_cpu(name: str, fn: Callable[[], object]) -> Callable[[], None]:
+        """``fn``, its CPU seconds (every thread of this process, no worker) kept in ``cpu[name]``."""
+        cpu[name] = []
+
+        def measured() -> None:
+            start = time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - start)
+
+        return measured
+
     decoded = [images.to(backbone.device) for images, _, _ in batches(workers)]
     contenders = {
-        "decode, 0 workers": lambda: [None for _ in batches(0)],
+        "decode, 0 workers": process_cpu("decode, 0 workers", lambda: [None for _ in batches(0)]),
         f"decode, {workers} workers": lambda: [None for _ in batches(workers)],
-        "encode_image, pre-decoded": lambda: [backbone.visual(images) for images in decoded],
+        "encode_image, pre-decoded": process_cpu("encode_image, pre-decoded",
+                                                 lambda: [backbone.visual(images) for images in decoded]),
         "trace, pre-decoded": lambda: [trace_batch(backbone, images, classifier) for images in decoded],
     }
     new, normal = f"trace + decode, {workers} workers", f"trace + decode, {workers} workers at normal priority"
@@ -244,33 +271,44 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     timed = compare(contenders, images, rounds, min_run_time=0.0)
     result = {name: {"seconds_per_pass": t["seconds_per_batch"], "images_per_s": t["images_per_s"],
                      "seconds_per_round": t["seconds_per_round"]} for name, t in timed.items()}
+    for name, passes in waits.items():  # the warm-up's pass left out, so that they line up with the rounds
+        result[name]["first_batch_wait_seconds_per_round"] = [first for first, _ in passes[1:]]
+        result[name]["wait_seconds_per_round"] = [later for _, later in passes[1:]]
+    for name, passes in cpu.items():
+        result[name]["cpu_seconds_per_round"] = passes[1:]
 
     def saving(name: str, reference: str) -> tuple[float | None, list[float] | None]:
         """How much less time (%) ``name`` takes than ``reference``, round by round, with its CI."""
         return percent_less(paired_ratio(timed, name, reference)) if name in timed and reference in timed else (None, None)
 
     def waiting(name: str) -> tuple[float | None, list[float] | None]:
-        """The share (%) of ``name``'s passes spent waiting for input, round by round (the warm-up left out)."""
-        return percent(round_ratio(waits[name][1:], timed[name]["seconds_per_round"])) if name in waits else (None, None)
+        """The share (%) of ``name``'s passes its loop was blocked on a batch after the first, round by round."""
+        return (percent(round_ratio(result[name]["wait_seconds_per_round"], result[name]["seconds_per_round"]))
+                if name in waits else (None, None))
 
-    bare = "encode_image, pre-decoded"
-    floor, floor_ci = None, None
-    if on_cpu:  # the trace's time plus decoding's single-process time spread over the tower's threads
-        shared = [trace + decode / torch.get_num_threads() for trace, decode in
-                  zip(timed["trace, pre-decoded"]["seconds_per_round"], timed["decode, 0 workers"]["seconds_per_round"])]
-        floor, floor_ci = percent_less(round_ratio(timed[bare]["seconds_per_round"], shared))
+    bare, threads = "encode_image, pre-decoded", torch.get_num_threads()
+    floor, floor_ci, busy, busy_ci = None, None, None, None
+    if on_cpu:  # the trace's time plus decoding's CPU time taken from the tower's threads
+        decode_cpu = result["decode, 0 workers"]["cpu_seconds_per_round"]
+        shared = [trace + decode / threads for trace, decode in zip(result["trace, pre-decoded"]["seconds_per_round"],
+                                                                    decode_cpu)]
+        floor, floor_ci = percent_less(round_ratio(result[bare]["seconds_per_round"], shared))
+        busy, busy_ci = round_ratio(result[bare]["cpu_seconds_per_round"], result[bare]["seconds_per_round"])
     gap, gap_ci = saving(bare, new)
     gap_normal, gap_normal_ci = saving(bare, normal)
     gap_started, gap_started_ci = saving(bare, started)
-    start, start_ci = saving(started, f"trace + decode, {workers} workers")
+    start, start_ci = saving(started, new)
     once, once_ci = saving(f"{both}, decoded once", f"{both}, decoded twice")
     wait, wait_ci = waiting(new)
+    wait_normal, wait_normal_ci = waiting(normal)
     wait_started, wait_started_ci = waiting(started)
-    return {"images": images, "batch_size": batch_size, "workers": workers, "threads": torch.get_num_threads(),
+    return {"images": images, "batch_size": batch_size, "workers": workers, "threads": threads,
             "rounds": rounds, "timings": result,
             "input_gap_percent": gap, "input_gap_ci": gap_ci,
             "input_gap_floor_percent": floor, "input_gap_floor_ci": floor_ci,
+            "tower_busy_threads": busy, "tower_busy_threads_ci": busy_ci,
             "input_wait_percent": wait, "input_wait_ci": wait_ci,
+            "input_wait_normal_priority_percent": wait_normal, "input_wait_normal_priority_ci": wait_normal_ci,
             "input_wait_started_percent": wait_started, "input_wait_started_ci": wait_started_ci,
             "input_gap_normal_priority_percent": gap_normal, "input_gap_normal_priority_ci": gap_normal_ci,
             "input_gap_started_percent": gap_started, "input_gap_started_ci": gap_started_ci,
@@ -306,6 +344,20 @@ def run_suite(suite: str, session: Session, rounds: int | None = None,
     if suite == "data":
         return input_pipeline(session, rounds)
     raise ValueError(f"unknown bench suite {suite!r}; suites: {', '.join(SUITES)}, all")
+
+
+def _waits(result: dict, ci: Callable[[list[float] | None], str]) -> str:
+    """The data suite's waits for input, as a clause of its summary (none in results made before they were kept)."""
+    if result.get("input_wait_percent") is None:
+        return ""
+    if not result["workers"]:
+        return f"; decoding in the loop took {result['input_wait_percent']:.1f}%{ci(result['input_wait_ci'])} of a pass"
+    others = [f"{result[key]:.1f}%{ci(result[key.replace('_percent', '_ci')])} {label}"
+              for key, label in (("input_wait_normal_priority_percent", "with its workers at normal priority"),
+                                 ("input_wait_started_percent", "with its workers started once"))
+              if result.get(key) is not None]
+    return (f"; after its first batch the fed trace waited for input {result['input_wait_percent']:.1f}%"
+            f"{ci(result['input_wait_ci'])} of a pass" + (f" ({', '.join(others)})" if others else ""))
 
 
 def format_result(suite: str, result: dict) -> str:
@@ -348,12 +400,11 @@ def format_result(suite: str, result: dict) -> str:
                    f" started once (starting them took {result['worker_start_percent']:.1f}%"
                    f"{ci(result['worker_start_ci'])} of a pass)")
                 + ("" if result.get("input_gap_floor_percent") is None else
-                   f"; decoding's own CPU time on the tower's {result['threads']} threads sets a floor of "
-                   f"{result['input_gap_floor_percent']:.1f}%{ci(result['input_gap_floor_ci'])}")
-                + f"; the trace waited for input {result['input_wait_percent']:.1f}%{ci(result['input_wait_ci'])} of a pass"
-                + ("" if result.get("input_wait_started_percent") is None else
-                   f" ({result['input_wait_started_percent']:.1f}%{ci(result['input_wait_started_ci'])} with its"
-                   " workers started once)")
+                   f"; with the tower keeping {result['tower_busy_threads']:.2f}"
+                   f"{ci(result['tower_busy_threads_ci'], 'x')} of its {result['threads']} threads busy, decoding's own"
+                   f" CPU time sets a floor of {result['input_gap_floor_percent']:.1f}%"
+                   f"{ci(result['input_gap_floor_ci'])} on that gap")
+                + _waits(result, ci)
                 + ("" if result.get("decode_once_saving_percent") is None else
                    f"; decoding once for the fp32 and quantized traces saves {result['decode_once_saving_percent']:.1f}%"
                    f"{ci(result['decode_once_saving_ci'])} of their time")

@@ -96,20 +96,33 @@ def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_p
         expected = 100 * (1 - _per_round_ratio(timings, name, reference))
         assert result[key] == pytest.approx(expected)
         assert result[key.replace("_percent", "_ci")][0] < expected < result[key.replace("_percent", "_ci")][1]
-    threads = result["threads"]
-    shared = {"seconds_per_round": [t + d / threads for t, d in zip(timings["trace, pre-decoded"]["seconds_per_round"],
-                                                                    timings["decode, 0 workers"]["seconds_per_round"])]}
-    expected = 100 * (1 - _per_round_ratio({**timings, "shared": shared}, "encode_image, pre-decoded", "shared"))
+    # the floor: the pre-decoded trace plus the single-process decoding's CPU seconds spread over the threads
+    shared = [t + cpu / result["threads"] for t, cpu in zip(timings["trace, pre-decoded"]["seconds_per_round"],
+                                                          timings["decode, 0 workers"]["cpu_seconds_per_round"])]
+    expected = 100 * (1 - _per_round_ratio({**timings, "shared": {"seconds_per_round": shared}},
+                                           "encode_image, pre-decoded", "shared"))
     assert result["input_gap_floor_percent"] == pytest.approx(expected)
-    for key in ("input_wait_percent", "input_wait_started_percent"):  # a share of the pass, waiting for batches
-        assert 0 < result[key] < 100 and result[key.replace("_percent", "_ci")][0] < result[key]
+    assert result["input_gap_floor_ci"][0] < expected < result["input_gap_floor_ci"][1]
+    encode = timings["encode_image, pre-decoded"]
+    busy = [cpu / wall for cpu, wall in zip(encode["cpu_seconds_per_round"], encode["seconds_per_round"])]
+    assert result["tower_busy_threads"] == pytest.approx(sum(busy) / 2) and 0 < result["tower_busy_threads"]
+    for key, name in (("input_wait_percent", "trace + decode, 2 workers"),
+                      ("input_wait_normal_priority_percent", "trace + decode, 2 workers at normal priority"),
+                      ("input_wait_started_percent", "trace + decode, 2 workers started once")):
+        fed = timings[name]  # waits after the first batch, as a share of the pass, one per round (no warm-up)
+        assert len(fed["wait_seconds_per_round"]) == len(fed["first_batch_wait_seconds_per_round"]) == 2
+        assert all(first > 0 for first in fed["first_batch_wait_seconds_per_round"])
+        shares = [100 * w / t for w, t in zip(fed["wait_seconds_per_round"], fed["seconds_per_round"])]
+        assert result[key] == pytest.approx(sum(shares) / 2)
+        assert all(0 <= w + first < t for w, first, t in zip(fed["wait_seconds_per_round"],
+                                                          fed["first_batch_wait_seconds_per_round"], fed["seconds_per_round"]))
     expected = 100 * (1 - _per_round_ratio(timings, "fp32 + fake-w8a8 traces, decoded once",
                                            "fp32 + fake-w8a8 traces, decoded twice"))
     assert result["decode_once_saving_percent"] == pytest.approx(expected)
     printed = capsys.readouterr().out
     assert "throughput is" in printed and "below encode_image's on pre-decoded images" in printed and "decoding once" in printed
     assert "with its workers started once (starting them took" in printed
-    assert "sets a floor of" in printed and "the trace waited for input" in printed
+    assert "sets a floor of" in printed and "the fed trace waited for input" in printed
 
 
 def test_a_synthetic_imagenet_folder_is_an_imagenet_layout(tmp_path):
