@@ -13,7 +13,9 @@
   95% CIs, realized latency / FLOPs saving at batch 1 and at the batch).
 - ``data``: the input pipeline: decoding alone (in this process and with
   ``--workers`` DataLoader processes), and the trace fed by the workers
-  against ``encode_image`` on pre-decoded images (is tracing input-bound?).
+  against ``encode_image`` on pre-decoded images (is tracing input-bound?),
+  with how long the fed trace waits for its batches and, on the CPU, the
+  floor that decoding's own CPU time sets on the gap.
 - ``all``: the four, each with its own settings (``quant`` on the random-init
   ViT-B-32 at batch 32; ``data`` on the same tower fed a synthetic ImageNet
   val folder; the others on the given config), written to
@@ -185,11 +187,13 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
       workers) are not in it; the first is kept per round (``first_batch_wait_seconds_per_round``). With 0
       workers it is the loop's own decoding. Timed on the host without a GPU sync, so on a GPU it is an upper
       bound on the GPU's idle time (kernels of the last batch may still run while the loop waits);
-    - ``input_gap_floor_percent`` (CPU only): the gap if decoding's CPU time were taken from the tower's threads
-      and nothing else were lost: ``encode_image``'s time against the pre-decoded trace's time plus the CPU
-      seconds of the single-process decode pass (``time.process_time``) divided by the torch threads. It is a
-      floor where the tower keeps every thread's core busy, which ``tower_busy_threads`` (``encode_image``'s CPU
-      seconds a second, spin-waiting threads included) tells; there no pipeline on those cores does better
+    - ``input_gap_floor_percent`` (CPU, with workers): the gap if decoding's CPU time were taken from the
+      tower's threads and nothing else were lost: ``encode_image``'s time against the pre-decoded trace's time
+      plus the CPU seconds the workers of a decode pass spent (their reaped rusage, at one torch thread each;
+      this process's own CPU time while it decodes would count its idle intra-op threads spinning, twice the
+      pass's wall time on a 2-core machine) divided by the torch threads. It is a floor where the tower keeps every
+      thread's core busy, which ``tower_busy_threads`` (``encode_image``'s CPU seconds a second, spin-waiting
+      threads included, since they hold the core too) tells; there no pipeline on those cores does better
       without cheaper decoding, and a fed gap near it is decoding's own work, not waiting.
     """
     from harness.datasets import ImageBatches
@@ -207,7 +211,7 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     # per fed contender and pass, the seconds its loop was blocked on the first batch (starting the workers and
     # filling the pipeline) and on the later ones (starved of input); host clock, no GPU sync
     waits: dict[str, list[tuple[float, float]]] = {}
-    cpu: dict[str, list[float]] = {}  # per contender so wrapped, each pass's CPU seconds in this process
+    cpu: dict[str, list[float]] = {}  # per contender so wrapped, each pass's CPU seconds (see measured_cpu)
 
     def fed(name: str, idle: bool, reader: ImageBatches | None = None) -> Callable[[], None]:
         """A traced pass fed by ``reader``, or by a new reader (new workers) each pass, its waits kept in
@@ -234,23 +238,29 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
 
         return traced_pass
 
-    def process_cpu(name: str, fn: Callable[[], object]) -> Callable[[], None]:
-        """``fn``, its CPU seconds (every thread of this process, no worker) kept in ``cpu[name]``."""
+    def measured_cpu(name: str, fn: Callable[[], object], workers_only: bool = False) -> Callable[[], None]:
+        """``fn``, its CPU seconds kept in ``cpu[name]``: this process's (every thread, spin-waiting included), or
+        with ``workers_only`` those of the worker processes it started and joined (decoding at one thread each)."""
+        import resource
+
+        who = resource.RUSAGE_CHILDREN if workers_only else resource.RUSAGE_SELF
         cpu[name] = []
 
         def measured() -> None:
-            start = time.process_time()
+            before = resource.getrusage(who)
             fn()
-            cpu[name].append(time.process_time() - start)
+            after = resource.getrusage(who)
+            cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 
         return measured
 
     decoded = [images.to(backbone.device) for images, _, _ in batches(workers)]
     contenders = {
-        "decode, 0 workers": process_cpu("decode, 0 workers", lambda: [None for _ in batches(0)]),
-        f"decode, {workers} workers": lambda: [None for _ in batches(workers)],
-        "encode_image, pre-decoded": process_cpu("encode_image, pre-decoded",
-                                                 lambda: [backbone.visual(images) for images in decoded]),
+        "decode, 0 workers": lambda: [None for _ in batches(0)],
+        f"decode, {workers} workers": measured_cpu(f"decode, {workers} workers",
+                                                   lambda: [None for _ in batches(workers)], workers_only=True),
+        "encode_image, pre-decoded": measured_cpu("encode_image, pre-decoded",
+                                                  lambda: [backbone.visual(images) for images in decoded]),
         "trace, pre-decoded": lambda: [trace_batch(backbone, images, classifier) for images in decoded],
     }
     new, normal = f"trace + decode, {workers} workers", f"trace + decode, {workers} workers at normal priority"
@@ -288,12 +298,13 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
 
     bare, threads = "encode_image, pre-decoded", torch.get_num_threads()
     floor, floor_ci, busy, busy_ci = None, None, None, None
-    if on_cpu:  # the trace's time plus decoding's CPU time taken from the tower's threads
-        decode_cpu = result["decode, 0 workers"]["cpu_seconds_per_round"]
+    if on_cpu:
+        busy, busy_ci = round_ratio(result[bare]["cpu_seconds_per_round"], result[bare]["seconds_per_round"])
+    if on_cpu and workers:  # the trace's time plus the decoding workers' CPU time taken from the tower's threads
+        decode_cpu = result[f"decode, {workers} workers"]["cpu_seconds_per_round"]
         shared = [trace + decode / threads for trace, decode in zip(result["trace, pre-decoded"]["seconds_per_round"],
                                                                     decode_cpu)]
         floor, floor_ci = percent_less(round_ratio(result[bare]["seconds_per_round"], shared))
-        busy, busy_ci = round_ratio(result[bare]["cpu_seconds_per_round"], result[bare]["seconds_per_round"])
     gap, gap_ci = saving(bare, new)
     gap_normal, gap_normal_ci = saving(bare, normal)
     gap_started, gap_started_ci = saving(bare, started)

@@ -96,9 +96,11 @@ def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_p
         expected = 100 * (1 - _per_round_ratio(timings, name, reference))
         assert result[key] == pytest.approx(expected)
         assert result[key.replace("_percent", "_ci")][0] < expected < result[key.replace("_percent", "_ci")][1]
-    # the floor: the pre-decoded trace plus the single-process decoding's CPU seconds spread over the threads
+    # the floor: the pre-decoded trace plus the decoding workers' CPU seconds spread over the threads
+    decode_cpu = timings["decode, 2 workers"]["cpu_seconds_per_round"]
+    assert len(decode_cpu) == 2 and all(cpu > 0 for cpu in decode_cpu)  # the workers' CPU time was reaped
     shared = [t + cpu / result["threads"] for t, cpu in zip(timings["trace, pre-decoded"]["seconds_per_round"],
-                                                          timings["decode, 0 workers"]["cpu_seconds_per_round"])]
+                                                          decode_cpu)]
     expected = 100 * (1 - _per_round_ratio({**timings, "shared": {"seconds_per_round": shared}},
                                            "encode_image, pre-decoded", "shared"))
     assert result["input_gap_floor_percent"] == pytest.approx(expected)
