@@ -15,7 +15,7 @@
   ``--workers`` DataLoader processes), and the trace fed by the workers
   against ``encode_image`` on pre-decoded images (is tracing input-bound?),
   with how long the fed trace waits for its batches and, on the CPU, the
-  floor that decoding's own CPU time sets on the gap.
+  floor that decoding's own CPU time sets on the gap (an estimate).
 - ``all``: the four, each with its own settings (``quant`` on the random-init
   ViT-B-32 at batch 32; ``data`` on the same tower fed a synthetic ImageNet
   val folder; the others on the given config), written to
@@ -174,8 +174,8 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
     ``input_gap_percent`` is how far the fed trace's throughput (images/s) falls below ``encode_image``'s on
     pre-decoded images (the goal: at most 10), ``input_gap_normal_priority_percent`` the same with the workers at
     normal priority (on the CPU only), ``input_gap_started_percent`` with the workers started once,
-    ``worker_start_percent`` the share of a fed pass's time that starting its workers costs (the same two
-    passes compared), ``decode_once_saving_percent`` the time that decoding once saves the two traces; each
+    ``worker_start_percent`` the share of a fed pass's time that starting and joining its workers costs (the
+    same two passes compared), ``decode_once_saving_percent`` the time that decoding once saves the two traces; each
     with its 95% CI over rounds (``..._ci``, :func:`paired_ratio`).
 
     Whether the trace is input-bound, the gap aside:
@@ -185,16 +185,19 @@ def input_pipeline(session: Session, rounds: int = 3) -> dict:
       blocked on a batch after the first, i.e. starved of input (near 0: the trace does not wait for images).
       The first batch's wait (starting new workers, filling the pipeline) and the pass's end (joining new
       workers) are not in it; the first is kept per round (``first_batch_wait_seconds_per_round``). With 0
-      workers it is the loop's own decoding. Timed on the host without a GPU sync, so on a GPU it is an upper
-      bound on the GPU's idle time (kernels of the last batch may still run while the loop waits);
+      workers it is the loop's own decoding. Timed on the host without a GPU sync, so on a GPU it bounds from
+      above the GPU's idle time that waiting for input causes (kernels of the last batch may still run while
+      the loop waits);
     - ``input_gap_floor_percent`` (CPU, with workers): the gap if decoding's CPU time were taken from the
       tower's threads and nothing else were lost: ``encode_image``'s time against the pre-decoded trace's time
       plus the CPU seconds the workers of a decode pass spent (their reaped rusage, at one torch thread each;
       this process's own CPU time while it decodes would count its idle intra-op threads spinning, twice the
-      pass's wall time on a 2-core machine) divided by the torch threads. It is a floor where the tower keeps every
-      thread's core busy, which ``tower_busy_threads`` (``encode_image``'s CPU seconds a second, spin-waiting
-      threads included, since they hold the core too) tells; there no pipeline on those cores does better
-      without cheaper decoding, and a fed gap near it is decoding's own work, not waiting.
+      pass's wall time on a 2-core machine) divided by the torch threads. It includes the trace driver's own overhead
+      over ``encode_image`` and the workers' start-up (the decode pass starts new ones). It estimates a floor
+      where the tower keeps every thread's core busy, which ``tower_busy_threads`` (``encode_image``'s CPU
+      seconds a second, spin-waiting threads included, since they hold the core too) tells; there hardly any
+      pipeline on those cores does better without cheaper decoding or hand-over, and a fed gap near it is
+      decoding's own work, not waiting.
     """
     from harness.datasets import ImageBatches
     from harness.trace import trace_batch
@@ -362,12 +365,13 @@ def _waits(result: dict, ci: Callable[[list[float] | None], str]) -> str:
     if result.get("input_wait_percent") is None:
         return ""
     if not result["workers"]:
-        return f"; decoding in the loop took {result['input_wait_percent']:.1f}%{ci(result['input_wait_ci'])} of a pass"
+        return (f"; after its first batch, decoding in the loop took {result['input_wait_percent']:.1f}%"
+                f"{ci(result['input_wait_ci'])} of a pass")
     others = [f"{result[key]:.1f}%{ci(result[key.replace('_percent', '_ci')])} {label}"
               for key, label in (("input_wait_normal_priority_percent", "with its workers at normal priority"),
                                  ("input_wait_started_percent", "with its workers started once"))
               if result.get(key) is not None]
-    return (f"; after its first batch the fed trace waited for input {result['input_wait_percent']:.1f}%"
+    return (f"; after its first batch the fed trace waited for input for {result['input_wait_percent']:.1f}%"
             f"{ci(result['input_wait_ci'])} of a pass" + (f" ({', '.join(others)})" if others else ""))
 
 
@@ -408,13 +412,13 @@ def format_result(suite: str, result: dict) -> str:
                    " with its workers at normal priority)")
                 + ("" if result.get("input_gap_started_percent") is None else
                    f", {result['input_gap_started_percent']:.1f}%{ci(result['input_gap_started_ci'])} with its workers"
-                   f" started once (starting them took {result['worker_start_percent']:.1f}%"
-                   f"{ci(result['worker_start_ci'])} of a pass)")
+                   f" started once (starting and joining them took {result['worker_start_percent']:.1f}%"
+                   f"{ci(result['worker_start_ci'])} of a pass with new workers)")
                 + ("" if result.get("input_gap_floor_percent") is None else
                    f"; with the tower keeping {result['tower_busy_threads']:.2f}"
-                   f"{ci(result['tower_busy_threads_ci'], 'x')} of its {result['threads']} threads busy, decoding's own"
-                   f" CPU time sets a floor of {result['input_gap_floor_percent']:.1f}%"
-                   f"{ci(result['input_gap_floor_ci'])} on that gap")
+                   f"{ci(result['tower_busy_threads_ci'], 'x')} of its {result['threads']} threads busy, the workers'"
+                   f" CPU time taken from them would alone put the fed trace's gap at about"
+                   f" {result['input_gap_floor_percent']:.1f}%{ci(result['input_gap_floor_ci'])}")
                 + _waits(result, ci)
                 + ("" if result.get("decode_once_saving_percent") is None else
                    f"; decoding once for the fp32 and quantized traces saves {result['decode_once_saving_percent']:.1f}%"

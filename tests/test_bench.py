@@ -123,8 +123,8 @@ def test_data_suite_times_decoding_and_the_fed_trace_on_a_synthetic_folder(tmp_p
     assert result["decode_once_saving_percent"] == pytest.approx(expected)
     printed = capsys.readouterr().out
     assert "throughput is" in printed and "below encode_image's on pre-decoded images" in printed and "decoding once" in printed
-    assert "with its workers started once (starting them took" in printed
-    assert "sets a floor of" in printed and "the fed trace waited for input" in printed
+    assert "with its workers started once (starting and joining them took" in printed
+    assert "would alone put the fed trace's gap at about" in printed and "the fed trace waited for input for" in printed
 
 
 def test_a_synthetic_imagenet_folder_is_an_imagenet_layout(tmp_path):
